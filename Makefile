@@ -1,0 +1,28 @@
+# Two entry points that work on a fresh clone with only Python 3.11 and make.
+#   make repro  - create .venv if missing, install, run the default pipeline with `dvc repro`
+#   make test   - same set-up, then the test suite (offline)
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+export HF_HUB_OFFLINE := 1
+export HF_DATASETS_OFFLINE := 1
+export TOKENIZERS_PARALLELISM := false
+
+.PHONY: setup repro test clean
+
+$(BIN)/rlhf: pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[dev]'
+	touch $(BIN)/rlhf
+
+setup: $(BIN)/rlhf
+
+repro: setup
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/dvc repro
+
+test: setup
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m pytest -q
+
+clean:
+	rm -rf models data/prepared data/samples data/rankings checkpoints plots reports .dvc/tmp

@@ -1,0 +1,5 @@
+"""`python -m cli` is the same as the `rlhf` console script."""
+
+from cli.main import app
+
+app()

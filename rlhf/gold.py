@@ -1,0 +1,40 @@
+"""Scoring model responses with the world's gold judge (the default world only).
+
+The gold judge is the hidden truth of the default world: stages use it to report how good responses
+really are (never to train on). With user data there is no gold judge and these numbers are skipped.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+AXES = ("helpful", "truthful", "harmless", "total")
+
+
+def load_judge(world: Path | None):
+    """The gold judge of `world` (data/raw/world.json), or None when the data has no world file."""
+    if world is None or not Path(world).is_file():
+        return None
+    from rlhf.judge import GoldJudge
+
+    return GoldJudge.from_file(world)
+
+
+def summarize(judge, prompts: list[str], responses: list[str]) -> dict[str, Any]:
+    """Mean gold score per axis, and the mean total per task family."""
+    sums: dict[str, float] = defaultdict(float)
+    fam_sum: dict[str, float] = defaultdict(float)
+    fam_n: dict[str, int] = defaultdict(int)
+    for p, r in zip(prompts, responses, strict=True):
+        s = judge.score(p, r)
+        for axis in AXES:
+            sums[axis] += s[axis]
+        fam = judge.family(p)
+        fam_sum[fam] += s["total"]
+        fam_n[fam] += 1
+    n = max(1, len(prompts))
+    out: dict[str, Any] = {axis: round(sums[axis] / n, 4) for axis in AXES}
+    out["by_family"] = {f: round(fam_sum[f] / fam_n[f], 4) for f in sorted(fam_n)}
+    return out

@@ -1,0 +1,413 @@
+"""Models and tokenizers: building, loading, saving, chat formatting, scoring and sampling.
+
+Every stage goes through these helpers so the chat format, the padding rules and the safety rules
+(safetensors only, `trust_remote_code` off unless params turn it on) live in one place.
+
+Conventions (PPO_DETAILS.md items 6-8):
+- PAD differs from EOS, and EOS is never treated as padding.
+- Batches are left-padded; forward passes take `position_ids = cumsum(mask) - mask`, so a padded
+  sequence gets the same logits as the same sequence unpadded.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from rlhf.errors import StageError
+
+BOS, EOS, PAD, USER, ASSISTANT = "<|bos|>", "<|eos|>", "<|pad|>", "<|user|>", "<|assistant|>"
+SPECIAL_TOKENS = [BOS, EOS, PAD, USER, ASSISTANT]
+
+# One user turn, one assistant turn; the assistant's turn ends with EOS. Jinja, as transformers expects.
+CHAT_TEMPLATE = (
+    "{{ bos_token }}"
+    "{% for message in messages %}"
+    "{% if message['role'] == 'user' %}" + USER + "{{ message['content'] }}"
+    "{% elif message['role'] == 'assistant' %}" + ASSISTANT + "{{ message['content'] }}{{ eos_token }}"
+    "{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}" + ASSISTANT + "{% endif %}"
+)
+
+
+# ----------------------------------------------------------------------------------------------
+# Devices and numerics
+
+
+def pick_device(requested: str = "auto") -> torch.device:
+    """'auto' takes CUDA when present, else CPU."""
+    if requested == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if requested.startswith("cuda") and not torch.cuda.is_available():
+        raise StageError(f"device '{requested}' requested but CUDA is not available; set device: auto or cpu")
+    return torch.device(requested)
+
+
+def setup_torch(threads: int, device: torch.device) -> None:
+    """Thread count for CPU runs (a third thread only slows a 2-core machine) and TF32 on CUDA."""
+    if threads > 0:
+        torch.set_num_threads(threads)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+
+
+def autocast(device: torch.device):
+    """bf16 autocast on CUDA; a no-op context on CPU (fp32 there is faster and exact)."""
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return torch.autocast("cpu", enabled=False)
+
+
+def make_optimizer(params, lr: float, weight_decay: float, device: torch.device, betas=(0.9, 0.95)):
+    fused = device.type == "cuda"
+    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, betas=betas, fused=fused)
+
+
+# ----------------------------------------------------------------------------------------------
+# Tokenizers
+
+
+def train_tokenizer(texts: Sequence[str], vocab_size: int):
+    """Byte-level BPE trained from scratch, wrapped as a transformers fast tokenizer with a chat template."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(texts, trainer=trainer)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token=BOS, eos_token=EOS, pad_token=PAD,
+        additional_special_tokens=[USER, ASSISTANT],
+    )
+    fast.chat_template = CHAT_TEMPLATE
+    fast.padding_side = "left"
+    return fast
+
+
+def prepare_tokenizer(tokenizer) -> bool:
+    """Make a loaded tokenizer usable here: left padding, PAD != EOS, a chat template.
+
+    Returns True when a token was added (the model's embeddings must then be resized).
+    """
+    added = False
+    if tokenizer.eos_token is None:
+        raise StageError("tokenizer has no EOS token; responses could never end. Pick a model with one")
+    if tokenizer.pad_token is None or tokenizer.pad_token_id == tokenizer.eos_token_id:
+        # PPO_DETAILS item 7: padding that shares EOS's id would mask the real EOS.
+        tokenizer.add_special_tokens({"pad_token": PAD})
+        added = True
+    if tokenizer.bos_token is None:
+        tokenizer.add_special_tokens({"bos_token": BOS})
+        added = True
+    if not tokenizer.chat_template:
+        tokenizer.chat_template = CHAT_TEMPLATE
+        if USER not in tokenizer.get_vocab():
+            tokenizer.add_special_tokens({"additional_special_tokens": [USER, ASSISTANT]})
+            added = True
+    tokenizer.padding_side = "left"
+    return added
+
+
+def chat_prompt(tokenizer, prompt: str) -> str:
+    """The text a model sees before its response: the chat template with the generation prompt."""
+    return tokenizer.apply_chat_template(
+        [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
+    )
+
+
+def encode_prompt(tokenizer, prompt: str) -> list[int]:
+    return tokenizer(chat_prompt(tokenizer, prompt), add_special_tokens=False)["input_ids"]
+
+
+def encode_response(tokenizer, response: str, *, add_eos: bool = True) -> list[int]:
+    ids = tokenizer(response, add_special_tokens=False)["input_ids"]
+    return ids + [tokenizer.eos_token_id] if add_eos else ids
+
+
+def decode_response(tokenizer, ids: Sequence[int]) -> tuple[str, bool]:
+    """Text of a response cut at its first EOS (PPO_DETAILS item 10), and whether an EOS was found."""
+    ids = list(ids)
+    ended = tokenizer.eos_token_id in ids
+    if ended:
+        ids = ids[: ids.index(tokenizer.eos_token_id)]
+    ids = [i for i in ids if i != tokenizer.pad_token_id]
+    return tokenizer.decode(ids, skip_special_tokens=True).strip(), ended
+
+
+# ----------------------------------------------------------------------------------------------
+# Models
+
+
+def is_model_dir(path: str | Path) -> bool:
+    path = Path(path)
+    return (path / "config.json").is_file()
+
+
+def check_model_dir(path: str | Path, what: str = "model") -> Path:
+    path = Path(path)
+    if not path.is_dir():
+        raise StageError(f"{path}: {what} folder not found; run the stage that writes it first")
+    if not (path / "config.json").is_file():
+        raise StageError(f"{path}: not a Hugging Face {what} folder (no config.json)")
+    if not any(path.glob("*.safetensors")):
+        raise StageError(
+            f"{path}: no *.safetensors weights; only safetensors are loaded (re-save the model with "
+            "save_pretrained(..., safe_serialization=True))"
+        )
+    return path
+
+
+def _load_kwargs(trust_remote_code: bool) -> dict[str, Any]:
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    # Safe loading: safetensors only, no remote code unless params say so.
+    return {"use_safetensors": True, "trust_remote_code": trust_remote_code}
+
+
+def load_tokenizer(path: str | Path, *, trust_remote_code: bool = False):
+    from transformers import AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as exc:
+        raise StageError(f"{path}: cannot load a tokenizer ({str(exc).splitlines()[0]})") from None
+    prepare_tokenizer(tok)
+    return tok
+
+
+def load_causal_lm(path: str | Path, *, trust_remote_code: bool = False, local_only: bool = True):
+    from transformers import AutoModelForCausalLM
+
+    if local_only:
+        check_model_dir(path)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32, **_load_kwargs(trust_remote_code))
+    except (OSError, ValueError) as exc:
+        raise StageError(f"{path}: cannot load a causal LM ({str(exc).splitlines()[0]})") from None
+    return model
+
+
+def load_reward_model(path: str | Path, *, trust_remote_code: bool = False):
+    from transformers import AutoModelForSequenceClassification
+
+    check_model_dir(path, "reward model")
+    try:
+        model = AutoModelForSequenceClassification.from_pretrained(
+            str(path), dtype=torch.float32, **_load_kwargs(trust_remote_code)
+        )
+    except (OSError, ValueError) as exc:
+        raise StageError(f"{path}: cannot load a reward model ({str(exc).splitlines()[0]})") from None
+    if model.config.num_labels != 1:
+        raise StageError(f"{path}: reward model must have num_labels=1, has {model.config.num_labels}")
+    return model
+
+
+def build_llama(tokenizer, *, hidden: int, layers: int, heads: int, intermediate: int, max_len: int, seed: int):
+    """A Llama-architecture decoder built from a config (no downloaded weights)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden,
+        intermediate_size=intermediate,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=heads,
+        max_position_embeddings=max_len,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=True,
+        attention_dropout=0.0,
+    )
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        model = LlamaForCausalLM(config)
+    return model
+
+
+def save_model(model, tokenizer, out: str | Path) -> None:
+    """Write a standard HF folder (config, safetensors, tokenizer with chat template) atomically."""
+    from transformers.utils import logging as hf_logging
+
+    from rlhf.io import atomic_dir
+
+    hf_logging.disable_progress_bar()  # our own progress bars are enough; keep the log one line per stage
+
+    with atomic_dir(out) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+
+
+def same_tokenizer(a, b) -> bool:
+    return a.get_vocab() == b.get_vocab() and a.eos_token_id == b.eos_token_id and a.pad_token_id == b.pad_token_id
+
+
+def param_count(model) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+# ----------------------------------------------------------------------------------------------
+# Batching and scoring
+
+
+def left_pad(seqs: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, T) ids and mask, padded on the left."""
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        if len(s):
+            ids[i, width - len(s):] = torch.tensor(list(s), dtype=torch.long)
+            mask[i, width - len(s):] = 1
+    return ids, mask
+
+
+def right_pad(seqs: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        ids[i, : len(s)] = torch.tensor(list(s), dtype=torch.long)
+        mask[i, : len(s)] = 1
+    return ids, mask
+
+
+def position_ids(mask: torch.Tensor) -> torch.Tensor:
+    """PPO_DETAILS item 6: positions count real tokens only, so left padding does not shift them."""
+    return (mask.cumsum(-1) - mask).clamp(min=0)
+
+
+def forward_logits(model, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    return model(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask), use_cache=False).logits
+
+
+def token_logprobs(logits: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """log p(target) under logits / temperature; logits (B, T, V), targets (B, T) -> (B, T)."""
+    logp = torch.log_softmax(logits.float() / temperature, dim=-1)
+    return logp.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+
+
+@torch.no_grad()
+def continuation_loglik(
+    model, tokenizer, pairs: Sequence[tuple[Sequence[int], Sequence[int]]], *, batch_size: int,
+    device: torch.device,
+) -> list[float]:
+    """Summed log-likelihood of each continuation given its context (lm-evaluation-harness style)."""
+    out: list[float] = []
+    for start in range(0, len(pairs), batch_size):
+        chunk = pairs[start: start + batch_size]
+        seqs = [list(c) + list(x) for c, x in chunk]
+        ids, mask = left_pad(seqs, tokenizer.pad_token_id)
+        ids, mask = ids.to(device), mask.to(device)
+        with autocast(device):
+            logits = forward_logits(model, ids, mask)
+        lp = token_logprobs(logits[:, :-1], ids[:, 1:])  # (B, T-1): log p(token t+1 | ..t)
+        width = ids.shape[1]
+        for i, (_, x) in enumerate(chunk):
+            n = len(x)
+            out.append(float(lp[i, width - 1 - n: width - 1].sum()) if n else 0.0)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Sampling with the KV cache
+
+
+@torch.no_grad()
+def sample_tokens(
+    model,
+    queries: Sequence[Sequence[int]],
+    *,
+    pad_id: int,
+    eos_id: int,
+    max_new_tokens: int,
+    temperature: float,
+    generator: torch.Generator | None,
+    device: torch.device,
+) -> torch.Tensor:
+    """Sample responses for a batch of queries with the KV cache; returns (B, max_new_tokens) ids.
+
+    Temperature 0 means greedy. Sampling uses no top-k / top-p (PPO_DETAILS item 8). Positions after
+    a sequence's first EOS are filled with PAD. The loop stops early once every sequence has ended.
+    """
+    ids, mask = left_pad(queries, pad_id)
+    ids, mask = ids.to(device), mask.to(device)
+    batch = ids.shape[0]
+    out = torch.full((batch, max_new_tokens), pad_id, dtype=torch.long, device=device)
+    done = torch.zeros(batch, dtype=torch.bool, device=device)
+    pos = position_ids(mask)
+    past = None
+    step_ids = ids
+    for t in range(max_new_tokens):
+        with autocast(device):
+            # logits_to_keep=1: only the last position's logits are needed to pick the next token.
+            res = model(input_ids=step_ids, attention_mask=mask, position_ids=pos, cache=past, use_cache=True,
+                        logits_to_keep=1)
+        past = res.cache
+        logits = res.logits[:, -1, :].float()
+        if temperature > 0:
+            probs = torch.softmax(logits / temperature, dim=-1)
+            nxt = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+        else:
+            nxt = logits.argmax(-1)
+        nxt = torch.where(done, torch.full_like(nxt, pad_id), nxt)
+        out[:, t] = nxt
+        done |= nxt == eos_id
+        if bool(done.all()):
+            break
+        step_ids = nxt.unsqueeze(-1)
+        pos = pos[:, -1:] + 1
+        mask = torch.cat([mask, torch.ones((batch, 1), dtype=mask.dtype, device=device)], dim=1)
+    return out.cpu()
+
+
+def generate_responses(
+    model,
+    tokenizer,
+    prompts: Sequence[str],
+    *,
+    max_new_tokens: int,
+    temperature: float,
+    batch_size: int,
+    seed: int,
+    device: torch.device,
+    on_batch: Callable[[int], None] | None = None,
+) -> list[dict[str, Any]]:
+    """Responses (text cut at EOS, and whether it ended) for `prompts`, in order, reproducible from `seed`."""
+    model.eval()
+    gen = torch.Generator(device=device.type if device.type != "cuda" else device)
+    gen.manual_seed(seed)
+    results: list[dict[str, Any]] = []
+    for start in range(0, len(prompts), batch_size):
+        chunk = prompts[start: start + batch_size]
+        queries = [encode_prompt(tokenizer, p) for p in chunk]
+        toks = sample_tokens(
+            model, queries, pad_id=tokenizer.pad_token_id, eos_id=tokenizer.eos_token_id,
+            max_new_tokens=max_new_tokens, temperature=temperature, generator=gen, device=device,
+        )
+        for row in toks.tolist():
+            text, ended = decode_response(tokenizer, row)
+            results.append({"response": text, "ended": ended})
+        if on_batch:
+            on_batch(len(chunk))
+    return results
+
+
+def offline_hub() -> None:
+    """Tests and CI never reach the Hub: a hub id would otherwise hang ~47 s before failing."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")

@@ -1,0 +1,230 @@
+"""Pieces shared by the training stages: LR schedule, masked LM loss, checkpoints that survive SIGKILL.
+
+A checkpoint holds everything needed to continue bit-for-bit on the same machine: model and optimizer
+state, the step, the data order position and every RNG state. It is written to a temporary sibling and
+moved into place (`os.replace`), so a kill during the write leaves the previous checkpoint intact. It
+carries a fingerprint of the params and inputs; a checkpoint from other params is ignored, not resumed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import random
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from rlhf.errors import StageError
+from rlhf.io import atomic_path
+
+IGNORE_INDEX = -100
+
+
+def cosine_lr(step: int, total: int, *, lr: float, warmup: int, min_ratio: float = 0.1) -> float:
+    """Linear warm-up then cosine decay to `min_ratio * lr` (nanoGPT; min lr ~ lr/10 per Chinchilla)."""
+    if warmup > 0 and step < warmup:
+        return lr * (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return lr * (min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+
+
+def masked_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross-entropy over positions whose label is not IGNORE_INDEX.
+
+    logits (B, T, V) predict labels shifted by one: logits[:, t] scores labels[:, t + 1].
+    """
+    shift_logits = logits[:, :-1].reshape(-1, logits.shape[-1]).float()
+    shift_labels = labels[:, 1:].reshape(-1)
+    return torch.nn.functional.cross_entropy(shift_logits, shift_labels, ignore_index=IGNORE_INDEX)
+
+
+def check_finite(value: torch.Tensor | float, what: str, step: int, checkpoint_dir: Path | None) -> None:
+    """Numerical faults stop the stage with a clear error; the last good checkpoint stays on disk."""
+    v = float(value.detach()) if isinstance(value, torch.Tensor) else float(value)
+    if not math.isfinite(v):
+        kept = f"; the last good checkpoint is kept in {checkpoint_dir}" if checkpoint_dir else ""
+        raise StageError(f"{what} became {v} at step {step}: lower the learning rate or check the data{kept}")
+
+
+def fingerprint(*parts: Any) -> str:
+    """Stable hash of params and input identities: a checkpoint only resumes the run that wrote it."""
+    h = hashlib.sha256()
+    for part in parts:
+        h.update(json.dumps(part, sort_keys=True, default=str).encode())
+    return h.hexdigest()[:16]
+
+
+def file_digest(path: str | Path) -> str:
+    path = Path(path)
+    h = hashlib.sha256()
+    if path.is_dir():
+        for p in sorted(path.rglob("*")):
+            if p.is_file():
+                h.update(p.relative_to(path).as_posix().encode())
+                h.update(p.read_bytes())
+    elif path.exists():
+        h.update(path.read_bytes())
+    return h.hexdigest()[:16]
+
+
+def rng_state() -> dict[str, Any]:
+    state = {"torch": torch.get_rng_state(), "python": repr(random.getstate())}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    import ast
+
+    random.setstate(ast.literal_eval(state["python"]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class Checkpointer:
+    """Periodic atomic checkpoints in `directory`, tagged with a fingerprint of the run."""
+
+    def __init__(self, directory: str | Path | None, tag: str):
+        self.directory = Path(directory) if directory else None
+        self.tag = tag
+
+    @property
+    def path(self) -> Path | None:
+        return self.directory / "checkpoint.pt" if self.directory else None
+
+    def save(self, state: dict[str, Any]) -> None:
+        if self.path is None:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_path(self.path) as tmp:
+            torch.save({"tag": self.tag, **state}, tmp)
+
+    def load(self) -> dict[str, Any] | None:
+        """The saved state of this same run, or None (no checkpoint, or one from other params)."""
+        if self.path is None or not self.path.is_file():
+            return None
+        try:
+            # weights_only: tensors and plain containers only, nothing arbitrary is unpickled.
+            state = torch.load(self.path, map_location="cpu", weights_only=True)
+        except Exception as exc:  # a truncated or foreign file: start over rather than crash
+            from rlhf.progress import console
+
+            console.print(f"[yellow]ignoring unreadable checkpoint {self.path}: {exc}")
+            return None
+        if state.get("tag") != self.tag:
+            from rlhf.progress import console
+
+            console.print(f"[yellow]ignoring checkpoint {self.path}: written with other params or inputs")
+            return None
+        return state
+
+    def clear(self) -> None:
+        if self.directory and self.directory.exists():
+            shutil.rmtree(self.directory)
+
+
+def open_live(directory: str | Path, resume: bool = False):
+    """dvclive logger for a stage's curves (plots declared in dvc.yaml, no DVC side effects)."""
+    from dvclive import Live
+
+    directory = Path(directory)
+    if not resume and directory.exists():
+        shutil.rmtree(directory)
+    return Live(str(directory), dvcyaml=None, save_dvc_exp=False, report=None, resume=resume)
+
+
+def require_file(path: str | Path, hint: str) -> Path:
+    path = Path(path)
+    if not path.exists():
+        raise StageError(f"{path}: not found; {hint}")
+    return path
+
+
+def epoch_batches(n_items: int, batch_size: int, step: int, seed: int) -> list[int]:
+    """Indices of the batch at global `step`: epochs are fresh permutations seeded by (seed, epoch).
+
+    Deriving the batch from the step alone makes the data position part of the step counter, so a
+    resumed run sees exactly the batches the uninterrupted run would have seen.
+    """
+    per_epoch = max(1, n_items // batch_size)
+    epoch, offset = divmod(step, per_epoch)
+    gen = torch.Generator().manual_seed(seed * 100_003 + epoch)
+    perm = torch.randperm(n_items, generator=gen)
+    return perm[offset * batch_size: (offset + 1) * batch_size].tolist()
+
+
+def train_loop(
+    *,
+    model,
+    optimizer,
+    loss_fn,
+    total_steps: int,
+    lr_at,
+    checkpointer: Checkpointer,
+    checkpoint_every: int,
+    live,
+    description: str,
+    evaluate=None,
+    eval_every: int = 0,
+    dist=None,
+    device: torch.device | None = None,
+) -> dict[str, Any]:
+    """The shared loop of pretrain and sft: step, clip, log, evaluate, checkpoint, resume.
+
+    `loss_fn(step, net) -> loss tensor` builds this rank's share of the batch of `step` and runs
+    `net` (the model, wrapped for DDP when several processes run). `evaluate() -> dict` returns scalar
+    metrics logged next to the training loss. Only rank 0 logs and checkpoints. Returns the last values.
+    """
+    from rlhf.dist import Dist
+    from rlhf.progress import progress
+
+    dist = dist or Dist()
+    start = 0
+    state = checkpointer.load()
+    if state is not None:
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        set_rng_state(state["rng"])
+        start = state["step"]
+    net = dist.wrap(model, device or torch.device("cpu"))
+    last: dict[str, Any] = {}
+    model.train()
+    with progress() as bar:
+        task = bar.add_task(description, total=total_steps, completed=start, info="", visible=dist.is_main)
+        for step in range(start, total_steps):
+            set_lr(optimizer, lr_at(step))
+            loss = loss_fn(step, net)
+            check_finite(loss, f"{description} loss", step, checkpointer.directory)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            optimizer.step()
+            last["train_loss"] = dist.mean(float(loss.detach()))
+            if evaluate is not None and eval_every and ((step + 1) % eval_every == 0 or step + 1 == total_steps):
+                model.eval()
+                for k, v in evaluate().items():
+                    last[k] = v
+                    if dist.is_main:
+                        live.log_metric(f"eval/{k}", round(v, 6))
+                model.train()
+            if dist.is_main:
+                live.log_metric("train/loss", round(last["train_loss"], 6))
+                live.log_metric("train/lr", lr_at(step))
+                live.next_step()
+            bar.update(task, advance=1, info=f"loss {last['train_loss']:.3f}")
+            if dist.is_main and checkpoint_every and (step + 1) % checkpoint_every == 0 and step + 1 < total_steps:
+                checkpointer.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                                   "rng": rng_state(), "step": step + 1})
+    model.eval()
+    return last

@@ -1,0 +1,195 @@
+"""pretrain: the base language model — trained from scratch on the corpus, or taken from Hugging Face.
+
+Reads  data/prepared/corpus.jsonl
+Writes models/base (HF folder: config, safetensors, tokenizer with chat template, PAD != EOS),
+       metrics/pretrain.json, plots/pretrain (dvclive curves)
+Run    rlhf pretrain            (or set pretrain.base_model to a hub id or local folder)
+
+From scratch: a byte-level BPE tokenizer and a small Llama-architecture decoder are trained on the
+corpus packed into fixed-length blocks (`<|bos|> doc <|eos|>` back to back). A slice of blocks is held
+out for validation loss. With `base_model` set, that model and tokenizer are loaded (safetensors only,
+remote code only if `trust_remote_code`), given a PAD token distinct from EOS and a chat template, and
+saved unchanged otherwise.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from rlhf.io import CORPUS_SCHEMA, read_jsonl, write_json
+from rlhf.params import require, to_dict
+
+
+@dataclass(frozen=True)
+class Params:
+    base_model: str
+    """Hugging Face id or local folder to start from; empty trains a model from scratch."""
+    trust_remote_code: bool
+    """Allow a hub model's own Python code to run; off unless you trust its author."""
+    vocab_size: int
+    """BPE vocabulary size (tiny: the world has a small vocabulary)."""
+    hidden: int
+    """Model width."""
+    layers: int
+    """Transformer blocks."""
+    heads: int
+    """Attention heads (hidden must divide by heads)."""
+    intermediate: int
+    """MLP width (Llama's SwiGLU)."""
+    seq_len: int
+    """Tokens per training block; also the model's max position embeddings."""
+    batch_size: int
+    """Blocks per optimizer step."""
+    lr: float
+    """Peak AdamW learning rate; cosine decay to lr/10 (nanoGPT)."""
+    warmup_steps: int
+    """Linear warm-up steps."""
+    max_steps: int
+    """Optimizer steps: on 2 CPU cores steps matter more than parameters (DESIGN.md)."""
+    weight_decay: float
+    """AdamW weight decay."""
+    val_fraction: float
+    """Share of blocks held out for validation loss."""
+    eval_every: int
+    """Steps between validation-loss measurements."""
+    checkpoint_every: int
+    """Steps between resumable checkpoints (0 disables)."""
+    seed: int
+    """Initialization and data-order seed."""
+    threads: int
+    """torch CPU threads (2 on this machine; more only slows it down). 0 leaves torch's default."""
+    device: str
+    """'auto' (CUDA when present), 'cpu' or 'cuda'."""
+
+    def validate(self) -> None:
+        if self.base_model:
+            return
+        require(self.hidden % self.heads == 0, "pretrain.heads", f"hidden {self.hidden} must divide by heads")
+        for key in ("vocab_size", "hidden", "layers", "heads", "intermediate", "seq_len", "batch_size", "max_steps"):
+            require(getattr(self, key) > 0, f"pretrain.{key}", "must be > 0")
+        require(self.lr > 0, "pretrain.lr", "must be > 0")
+        require(0 < self.val_fraction < 0.5, "pretrain.val_fraction", "must be in (0, 0.5)")
+        require(self.vocab_size >= 300, "pretrain.vocab_size", "must be >= 300 (256 bytes + special tokens)")
+
+
+def pack_blocks(tokenizer, texts: list[str], seq_len: int) -> torch.Tensor:
+    """(N, seq_len) token blocks: documents as `<|bos|> text <|eos|>`, concatenated, cut into blocks."""
+    ids: list[int] = []
+    for enc in tokenizer(texts, add_special_tokens=False)["input_ids"]:
+        ids += [tokenizer.bos_token_id, *enc, tokenizer.eos_token_id]
+    n = len(ids) // seq_len
+    return torch.tensor(ids[: n * seq_len], dtype=torch.long).view(n, seq_len)
+
+
+def take_hf_model(params: Params, out: Path) -> dict[str, Any]:
+    from rlhf.errors import StageError
+    from rlhf.modeling import load_causal_lm, param_count, prepare_tokenizer, save_model
+
+    from transformers import AutoTokenizer
+
+    local = Path(params.base_model).exists()
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(params.base_model, trust_remote_code=params.trust_remote_code)
+    except (OSError, ValueError) as exc:
+        raise StageError(
+            f"pretrain.base_model '{params.base_model}': cannot load its tokenizer ({str(exc).splitlines()[0]}); "
+            "give a local folder, or a hub id with network access"
+        ) from None
+    model = load_causal_lm(params.base_model, trust_remote_code=params.trust_remote_code, local_only=local)
+    if prepare_tokenizer(tokenizer):
+        model.resize_token_embeddings(len(tokenizer))
+    model.config.pad_token_id = tokenizer.pad_token_id
+    save_model(model, tokenizer, out)
+    return {"source": params.base_model, "params": param_count(model), "trained_steps": 0}
+
+
+def run(params: Params, *, corpus: Path, out: Path, metrics: Path, plots: Path, checkpoints: Path | None) -> dict[str, Any]:
+    from rlhf.modeling import build_llama, forward_logits, make_optimizer, param_count, pick_device, save_model, setup_torch, train_tokenizer, autocast
+    from rlhf.training import Checkpointer, cosine_lr, epoch_batches, file_digest, fingerprint, masked_lm_loss, open_live, train_loop
+
+    t0 = time.time()
+    if params.base_model:
+        result = take_hf_model(params, Path(out))
+        write_json(metrics, result)
+        return result
+
+    from rlhf.dist import init_dist
+
+    dist, device = init_dist(pick_device(params.device))
+    setup_torch(params.threads, device)
+    texts = [r["text"] for r in read_jsonl(corpus, CORPUS_SCHEMA)]
+
+    # 1. Tokenizer and blocks; a seeded permutation holds out the validation blocks.
+    tokenizer = train_tokenizer(texts, params.vocab_size)
+    blocks = pack_blocks(tokenizer, texts, params.seq_len)
+    perm = torch.randperm(len(blocks), generator=torch.Generator().manual_seed(params.seed))
+    n_val = max(1, int(len(blocks) * params.val_fraction))
+    val, train = blocks[perm[:n_val]], blocks[perm[n_val:]]
+    if len(train) < params.batch_size:
+        from rlhf.errors import StageError
+
+        raise StageError(f"{corpus}: only {len(train)} training blocks of {params.seq_len} tokens; add text or lower pretrain.batch_size")
+
+    # 2. Model from a config, AdamW, cosine schedule.
+    model = build_llama(tokenizer, hidden=params.hidden, layers=params.layers, heads=params.heads,
+                        intermediate=params.intermediate, max_len=params.seq_len, seed=params.seed).to(device)
+    optimizer = make_optimizer(model.parameters(), params.lr, params.weight_decay, device)
+    checkpointer = Checkpointer(checkpoints, fingerprint(to_dict(params), file_digest(corpus)))
+
+    def loss_fn(step: int, net) -> torch.Tensor:
+        ids = train[dist.shard(epoch_batches(len(train), params.batch_size, step, params.seed))].to(device)
+        with autocast(device):
+            logits = net(input_ids=ids, use_cache=False).logits
+        return masked_lm_loss(logits, ids)
+
+    @torch.no_grad()
+    def evaluate() -> dict[str, float]:
+        losses = []
+        for i in range(0, len(val), 64):
+            ids = val[i: i + 64].to(device)
+            with autocast(device):
+                losses.append(float(masked_lm_loss(model(input_ids=ids, use_cache=False).logits, ids)) * len(ids))
+        return {"val_loss": sum(losses) / len(val)}
+
+    live = open_live(plots, resume=checkpointer.load() is not None) if dist.is_main else None
+    t_train = time.time()
+    last = train_loop(
+        model=model, optimizer=optimizer, loss_fn=loss_fn, total_steps=params.max_steps,
+        lr_at=lambda s: cosine_lr(s, params.max_steps, lr=params.lr, warmup=params.warmup_steps),
+        checkpointer=checkpointer, checkpoint_every=params.checkpoint_every, live=live,
+        description="pretrain", evaluate=evaluate, eval_every=params.eval_every, dist=dist, device=device,
+    )
+    train_s = time.time() - t_train
+    if dist.is_main:
+        live.end()
+        save_model(model, tokenizer, out)
+        checkpointer.clear()
+    result = {
+        "source": "scratch",
+        "params": param_count(model),
+        "vocab_size": len(tokenizer),
+        "train_blocks": len(train),
+        "trained_steps": params.max_steps,
+        "train_loss": round(last["train_loss"], 4),
+        "val_loss": round(last["val_loss"], 4),
+        "processes": dist.world_size,
+    }
+    if dist.is_main:
+        write_json(metrics, result)
+    # Timings vary run to run: shown in the summary, kept out of the metrics file (which is byte-stable).
+    result["timing"] = {"tokens_per_s": round(params.max_steps * params.batch_size * params.seq_len / max(train_s, 1e-9)),
+                        "wall_s": round(time.time() - t0, 1)}
+    return result
+
+
+def summary(m: dict[str, Any]) -> str:
+    if m.get("source") != "scratch":
+        return f"took {m['source']} ({m['params']:,} params)"
+    t = m["timing"]
+    return (f"{m['params']:,} params, {m['trained_steps']} steps, val loss {m['val_loss']}, "
+            f"{t['tokens_per_s']:,} tokens/s, {t['wall_s']} s")

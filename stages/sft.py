@@ -1,0 +1,193 @@
+"""sft: supervised fine-tuning of the base model on labelers' demonstrations.
+
+Reads  models/base, data/prepared/{sft,sft_val,test}.jsonl, data/raw/world.json (gold judge, optional)
+Writes models/sft (HF folder), metrics/sft.json, plots/sft (dvclive curves)
+Run    rlhf sft
+
+Each example is the chat prompt followed by the demonstration and EOS; the loss counts response
+tokens (and the EOS) only, so the model learns to answer and stop, not to imitate prompts. After
+training, base and SFT answer the held-out test prompts greedily and the world's gold judge scores both.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from rlhf.errors import StageError
+from rlhf.io import read_jsonl, write_json
+from rlhf.params import require, to_dict
+from rlhf.training import IGNORE_INDEX
+
+SFT_SCHEMA = {"prompt": (str, True), "response": (str, True)}
+TEST_SCHEMA = {"id": (str, True), "prompt": (str, True)}
+
+
+@dataclass(frozen=True)
+class Params:
+    epochs: int
+    """Passes over the demonstrations: ~5-10 on ~300 demos works; longer collapses diversity (DESIGN.md)."""
+    batch_size: int
+    """Examples per optimizer step."""
+    lr: float
+    """Peak AdamW learning rate, cosine-annealed to lr/10."""
+    warmup_steps: int
+    """Linear warm-up steps."""
+    weight_decay: float
+    """AdamW weight decay."""
+    max_len: int
+    """Longest prompt+response in tokens; longer examples are truncated on the right."""
+    eval_max_new_tokens: int
+    """Response length cap when answering test prompts for the gold comparison."""
+    eval_prompts: int
+    """How many test prompts the gold judge scores for base vs SFT (0 = all)."""
+    checkpoint_every: int
+    """Steps between resumable checkpoints (0 disables)."""
+    seed: int
+    """Data-order seed."""
+    threads: int
+    """torch CPU threads; 0 leaves torch's default."""
+    device: str
+    """'auto', 'cpu' or 'cuda'."""
+
+    def validate(self) -> None:
+        for key in ("epochs", "batch_size", "max_len", "eval_max_new_tokens"):
+            require(getattr(self, key) > 0, f"sft.{key}", "must be > 0")
+        require(self.lr > 0, "sft.lr", "must be > 0")
+        require(self.eval_prompts >= 0, "sft.eval_prompts", "must be >= 0")
+
+
+def build_example(tokenizer, prompt: str, response: str, max_len: int) -> tuple[list[int], list[int]]:
+    """Token ids and labels; prompt positions are IGNORE_INDEX so only the response is learned."""
+    from rlhf.modeling import encode_prompt, encode_response
+
+    p_ids = encode_prompt(tokenizer, prompt)
+    r_ids = encode_response(tokenizer, response, add_eos=True)
+    ids = (p_ids + r_ids)[:max_len]
+    labels = ([IGNORE_INDEX] * len(p_ids) + r_ids)[:max_len]
+    return ids, labels
+
+
+def collate(examples: list[tuple[list[int], list[int]]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Right-padded (B, T) ids, mask and labels; padding is IGNORE_INDEX in the labels."""
+    width = max(len(ids) for ids, _ in examples)
+    ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    labels = torch.full_like(ids, IGNORE_INDEX)
+    for i, (x, y) in enumerate(examples):
+        ids[i, : len(x)] = torch.tensor(x)
+        mask[i, : len(x)] = 1
+        labels[i, : len(y)] = torch.tensor(y)
+    return ids, mask, labels
+
+
+def gold_compare(models: dict[str, Any], tokenizer, prompts: list[str], judge, *, max_new_tokens: int, device) -> dict[str, Any]:
+    """Greedy responses of each model on `prompts`, scored by the gold judge."""
+    from rlhf.gold import summarize
+    from rlhf.modeling import generate_responses
+
+    out = {}
+    for name, model in models.items():
+        gen = generate_responses(model, tokenizer, prompts, max_new_tokens=max_new_tokens, temperature=0.0,
+                                 batch_size=64, seed=0, device=device)
+        out[name] = summarize(judge, prompts, [g["response"] for g in gen])
+        out[name]["ended_with_eos"] = round(sum(g["ended"] for g in gen) / len(gen), 4)
+    return out
+
+
+def run(params: Params, *, base: Path, data: Path, world: Path | None, out: Path, metrics: Path, plots: Path,
+        checkpoints: Path | None) -> dict[str, Any]:
+    from rlhf.gold import load_judge
+    from rlhf.modeling import autocast, load_causal_lm, load_tokenizer, make_optimizer, pick_device, save_model, setup_torch
+    from rlhf.training import Checkpointer, cosine_lr, epoch_batches, file_digest, fingerprint, masked_lm_loss, open_live, train_loop
+
+    t0 = time.time()
+    from rlhf.dist import init_dist
+
+    dist, device = init_dist(pick_device(params.device))
+    setup_torch(params.threads, device)
+    data = Path(data)
+    tokenizer = load_tokenizer(base)
+    model = load_causal_lm(base).to(device)
+    demos = read_jsonl(data / "sft.jsonl", SFT_SCHEMA)
+    val_demos = read_jsonl(data / "sft_val.jsonl", SFT_SCHEMA, allow_empty=True)
+    test = read_jsonl(data / "test.jsonl", TEST_SCHEMA)
+
+    # 1. Examples: prompt tokens masked out of the loss, EOS appended to every response.
+    train_ex = [build_example(tokenizer, d["prompt"], d["response"], params.max_len) for d in demos]
+    val_ex = [build_example(tokenizer, d["prompt"], d["response"], params.max_len) for d in val_demos]
+    if len(train_ex) < params.batch_size:
+        raise StageError(f"{data / 'sft.jsonl'}: {len(train_ex)} demonstrations, fewer than sft.batch_size={params.batch_size}")
+    steps_per_epoch = len(train_ex) // params.batch_size
+    total_steps = params.epochs * steps_per_epoch
+
+    optimizer = make_optimizer(model.parameters(), params.lr, params.weight_decay, device)
+    checkpointer = Checkpointer(checkpoints, fingerprint(to_dict(params), file_digest(base), file_digest(data / "sft.jsonl")))
+
+    def loss_fn(step: int, net) -> torch.Tensor:
+        batch = [train_ex[i] for i in dist.shard(epoch_batches(len(train_ex), params.batch_size, step, params.seed))]
+        ids, mask, labels = (t.to(device) for t in collate(batch, tokenizer.pad_token_id))
+        with autocast(device):
+            logits = net(input_ids=ids, attention_mask=mask, use_cache=False).logits
+        return masked_lm_loss(logits, labels)
+
+    @torch.no_grad()
+    def evaluate() -> dict[str, float]:
+        if not val_ex:
+            return {}
+        total, count = 0.0, 0
+        for i in range(0, len(val_ex), 64):
+            ids, mask, labels = (t.to(device) for t in collate(val_ex[i: i + 64], tokenizer.pad_token_id))
+            with autocast(device):
+                loss = masked_lm_loss(model(input_ids=ids, attention_mask=mask, use_cache=False).logits, labels)
+            n = int((labels[:, 1:] != IGNORE_INDEX).sum())
+            total, count = total + float(loss) * n, count + n
+        return {"val_loss": total / count}
+
+    live = open_live(plots, resume=checkpointer.load() is not None) if dist.is_main else None
+    last = train_loop(
+        model=model, optimizer=optimizer, loss_fn=loss_fn, total_steps=total_steps,
+        lr_at=lambda s: cosine_lr(s, total_steps, lr=params.lr, warmup=params.warmup_steps),
+        checkpointer=checkpointer, checkpoint_every=params.checkpoint_every, live=live,
+        description="sft", evaluate=evaluate, eval_every=steps_per_epoch, dist=dist, device=device,
+    )
+    result: dict[str, Any] = {
+        "demonstrations": len(train_ex), "val_demonstrations": len(val_ex), "steps": total_steps,
+        "train_loss": round(last["train_loss"], 4), "processes": dist.world_size,
+    }
+    if not dist.is_main:  # rank 0 writes the model and metrics and runs the gold comparison
+        result["timing"] = {"wall_s": round(time.time() - t0, 1)}
+        return result
+    live.end()
+    save_model(model, tokenizer, out)
+    checkpointer.clear()
+    if "val_loss" in last:
+        result["val_loss"] = round(last["val_loss"], 4)
+
+    # 2. Gold judge on held-out test prompts: base vs SFT, greedy (evaluation only, never trained on).
+    judge = load_judge(world)
+    if judge is not None:
+        prompts = [r["prompt"] for r in test]
+        if params.eval_prompts:
+            prompts = prompts[: params.eval_prompts]
+        base_model = load_causal_lm(base).to(device)
+        result["gold_test"] = gold_compare({"base": base_model, "sft": model}, tokenizer, prompts, judge,
+                                           max_new_tokens=params.eval_max_new_tokens, device=device)
+        result["gold_test"]["prompts"] = len(prompts)
+    write_json(metrics, result)
+    result["timing"] = {"wall_s": round(time.time() - t0, 1)}
+    return result
+
+
+def summary(m: dict[str, Any]) -> str:
+    text = f"{m['steps']} steps, train loss {m['train_loss']}"
+    if "val_loss" in m:
+        text += f", val loss {m['val_loss']}"
+    if "gold_test" in m:
+        g = m["gold_test"]
+        text += f"; gold on {g['prompts']} test prompts: base {g['base']['total']:.3f} -> sft {g['sft']['total']:.3f}"
+    return text + f" ({m['timing']['wall_s']} s)"

@@ -1,0 +1,89 @@
+"""Shared fixtures: a tiny end-to-end run of the pipeline, built once per test session.
+
+The tiny profile (profiles/tiny.yaml) trains every stage in seconds, offline. `tiny_run` runs
+world -> prepare -> pretrain -> sft into a temporary folder and returns its paths; later stages'
+tests extend it instead of training their own models.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["HF_DATASETS_OFFLINE"] = "1"
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ROOT / "profiles" / "tiny.yaml"
+
+
+def tiny_params(stage: str, **overrides):
+    """The tiny profile's params for `stage`, with fields replaced by `overrides`."""
+    import dataclasses
+    import importlib
+
+    from rlhf.params import load_section
+
+    module = importlib.import_module(f"stages.{stage}")
+    return dataclasses.replace(load_section(TINY, stage, module.Params), **overrides)
+
+
+@dataclass(frozen=True)
+class TinyRun:
+    root: Path
+    raw: Path
+    world: Path
+    prepared: Path
+    base: Path
+    sft: Path
+    metrics: Path
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory) -> TinyRun:
+    from stages import prepare, pretrain, sft, world
+
+    root = tmp_path_factory.mktemp("tiny")
+    raw, prepared, models, metrics = root / "data/raw", root / "data/prepared", root / "models", root / "metrics"
+    world.run(tiny_params("world"), out=raw)
+    prepare.run(tiny_params("prepare"), raw=raw, out=prepared, metrics=metrics / "prepare.json")
+    pretrain.run(tiny_params("pretrain"), corpus=prepared / "corpus.jsonl", out=models / "base",
+                 metrics=metrics / "pretrain.json", plots=root / "plots/pretrain", checkpoints=root / "ckpt/pretrain")
+    sft.run(tiny_params("sft"), base=models / "base", data=prepared, world=raw / "world.json", out=models / "sft",
+            metrics=metrics / "sft.json", plots=root / "plots/sft", checkpoints=root / "ckpt/sft")
+    return TinyRun(root=root, raw=raw, world=raw / "world.json", prepared=prepared, base=models / "base",
+                   sft=models / "sft", metrics=metrics)
+
+
+@dataclass(frozen=True)
+class TinyRM(TinyRun):
+    """`tiny_run` plus the feedback stages' outputs: candidates, rankings and the reward model folder."""
+
+    candidates: Path
+    rankings: Path
+    reward: Path
+
+
+@pytest.fixture(scope="session")
+def tiny_rm(tiny_run) -> TinyRM:
+    """tiny_run -> sample -> rank -> reward on the tiny profile (same temp root, metrics beside the others)."""
+    import dataclasses
+
+    from stages import rank, reward, sample
+
+    root, metrics = tiny_run.root, tiny_run.metrics
+    candidates = root / "data/samples/candidates.jsonl"
+    rankings = root / "data/rankings/rankings.jsonl"
+    sample.run(tiny_params("sample"), model=tiny_run.sft, prompts=tiny_run.prepared / "rm.jsonl", out=candidates,
+               metrics=metrics / "sample.json")
+    rank.run(tiny_params("rank"), candidates=candidates, world=tiny_run.world, labels=root / "labels/human.jsonl",
+             out=rankings, metrics=metrics / "rank.json")
+    reward.run(tiny_params("reward"), sft=tiny_run.sft, data=rankings, demos=tiny_run.prepared / "sft.jsonl",
+               world=tiny_run.world, out=root / "models/reward", metrics=metrics / "reward.json",
+               plots=root / "plots/reward", checkpoints=root / "ckpt/reward")
+    fields = {f.name: getattr(tiny_run, f.name) for f in dataclasses.fields(tiny_run)}
+    return TinyRM(**fields, candidates=candidates, rankings=rankings, reward=root / "models/reward")

@@ -1,0 +1,93 @@
+"""Scoring and sampling helpers: padding invariance, cache-sampling equals HF generate, hub loading."""
+
+import torch
+
+from rlhf.modeling import (
+    build_llama, encode_prompt, forward_logits, left_pad, load_causal_lm, sample_tokens, save_model,
+    train_tokenizer,
+)
+
+TEXTS = ["<|user|>What is 2 + 2?<|assistant|>4.", "The zib is red. The mek is blue."] * 20
+
+
+def tiny_model():
+    tok = train_tokenizer(TEXTS, 300)
+    model = build_llama(tok, hidden=32, layers=2, heads=2, intermediate=64, max_len=64, seed=0).eval()
+    return tok, model
+
+
+def test_tokenizer_special_tokens_and_template():
+    tok, _ = tiny_model()
+    assert tok.pad_token_id != tok.eos_token_id
+    ids = encode_prompt(tok, "hi")
+    assert ids[0] == tok.bos_token_id and tok.convert_ids_to_tokens(ids[-1]) == "<|assistant|>"
+
+
+def test_left_padded_logits_equal_unpadded():
+    tok, model = tiny_model()
+    short, long = encode_prompt(tok, "hi"), encode_prompt(tok, "What is the colour of the zib today?")
+    ids, mask = left_pad([short, long], tok.pad_token_id)
+    with torch.no_grad():
+        batched = forward_logits(model, ids, mask)
+        alone = model(input_ids=torch.tensor([short])).logits
+    assert torch.allclose(batched[0, -len(short):], alone[0], atol=1e-5)
+
+
+def test_greedy_cache_sampling_matches_hf_generate():
+    tok, model = tiny_model()
+    queries = [encode_prompt(tok, "hi"), encode_prompt(tok, "What is 2 + 2?")]
+    ours = sample_tokens(model, queries, pad_id=tok.pad_token_id, eos_id=-1, max_new_tokens=8, temperature=0.0,
+                         generator=None, device=torch.device("cpu"))
+    for i, q in enumerate(queries):
+        ref = model.generate(torch.tensor([q]), max_new_tokens=8, do_sample=False, pad_token_id=tok.pad_token_id,
+                             eos_token_id=None)
+        assert ours[i].tolist() == ref[0, len(q):].tolist()
+
+
+def test_sampling_is_reproducible_from_the_generator():
+    tok, model = tiny_model()
+    q = [encode_prompt(tok, "hi")] * 4
+    a, b = (sample_tokens(model, q, pad_id=tok.pad_token_id, eos_id=tok.eos_token_id, max_new_tokens=6,
+                          temperature=1.0, generator=torch.Generator().manual_seed(3), device=torch.device("cpu"))
+            for _ in range(2))
+    assert torch.equal(a, b)
+
+
+def test_pretrain_takes_a_local_hf_folder_and_adds_a_distinct_pad(tmp_path):
+    """`pretrain.base_model` as a local folder: the real hub-loading path, offline."""
+    import dataclasses
+
+    from stages.pretrain import run
+    from tests.conftest import tiny_params
+
+    tok, model = tiny_model()
+    # A folder like many hub models: PAD missing (so it would default to EOS) and no chat template.
+    tok.pad_token = None
+    tok.chat_template = None
+    model.config.pad_token_id = None
+    src = tmp_path / "hub-model"
+    model.save_pretrained(src)
+    tok.save_pretrained(src)
+    params = dataclasses.replace(tiny_params("pretrain"), base_model=str(src))
+    m = run(params, corpus=tmp_path / "unused.jsonl", out=tmp_path / "base", metrics=tmp_path / "m.json",
+            plots=tmp_path / "plots", checkpoints=None)
+    assert m["source"] == str(src)
+    loaded = load_causal_lm(tmp_path / "base")
+    from rlhf.modeling import load_tokenizer
+
+    tok2 = load_tokenizer(tmp_path / "base")
+    assert tok2.pad_token_id != tok2.eos_token_id and tok2.chat_template
+    assert loaded.get_input_embeddings().weight.shape[0] >= len(tok2)
+
+
+def test_missing_or_unsafe_model_folder_is_a_clear_error(tmp_path):
+    import pytest
+
+    from rlhf.errors import StageError
+
+    with pytest.raises(StageError, match="folder not found"):
+        load_causal_lm(tmp_path / "nope")
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m/config.json").write_text("{}")
+    with pytest.raises(StageError, match="safetensors"):
+        load_causal_lm(tmp_path / "m")
