@@ -166,6 +166,8 @@ class GoldJudge:
             return cls(json.loads(path.read_text(encoding="utf-8")))
         except json.JSONDecodeError as exc:
             raise StageError(f"{path}: broken JSON ({exc.msg} at line {exc.lineno})") from None
+        except StageError as exc:  # name the actual file, not just "world.json"
+            raise StageError(str(exc).replace("world.json", str(path), 1)) from None
 
     @classmethod
     def from_world(cls, world: dict[str, Any]) -> GoldJudge:
@@ -249,6 +251,18 @@ class GoldJudge:
                 score *= 0.5
         return score
 
+    def _names_other_subject(self, sentence: str, task: dict[str, Any]) -> bool:
+        """True when the sentence states the asked attribute of some entity other than the one asked about."""
+        asked = task["entity"].lower()
+        for attr, rx in self._claims:
+            if attr != task["attribute"]:
+                continue
+            for m in rx.finditer(sentence.lower()):
+                name = m.group(1)
+                if name != asked and name.rstrip("s") != asked:
+                    return True
+        return False
+
     def _first_number(self, sentence: str, task: dict[str, Any]) -> int | None:
         """The answer in the first sentence: after '=' if there is one, else the first number that is
         not an echo of the question's operands."""
@@ -290,7 +304,9 @@ class GoldJudge:
                 credit = NO_ANSWER
         elif fam == "fact":
             m = self._value_re[task["attribute"]].search(first.lower())
-            if m and m.group(1) == task["truth"].lower():
+            if m and self._names_other_subject(first, task):
+                credit = NO_ANSWER  # the right value about the wrong entity answers another question
+            elif m and m.group(1) == task["truth"].lower():
                 credit = 1.0
             elif m:
                 credit = NO_ANSWER

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 
 from rlhf.errors import StageError
 
@@ -177,12 +178,20 @@ def _load_kwargs(trust_remote_code: bool) -> dict[str, Any]:
     return {"use_safetensors": True, "trust_remote_code": trust_remote_code}
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+
+
 def load_tokenizer(path: str | Path, *, trust_remote_code: bool = False):
     from transformers import AutoTokenizer
 
     try:
         tok = AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as exc:
+        if not Path(path).exists():  # else transformers reports a missing folder as a malformed hub id
+            raise StageError(f"{path}: model folder not found; run the stage that writes it first") from None
+        if Path(path).is_dir() and not any((Path(path) / f).is_file() for f in TOKENIZER_FILES):
+            raise StageError(f"{path}: no tokenizer files ({', '.join(TOKENIZER_FILES[:2])}); "
+                             "save the tokenizer into the model folder (tokenizer.save_pretrained)") from None
         raise StageError(f"{path}: cannot load a tokenizer ({str(exc).splitlines()[0]})") from None
     prepare_tokenizer(tok)
     return tok
@@ -197,6 +206,8 @@ def load_causal_lm(path: str | Path, *, trust_remote_code: bool = False, local_o
         model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32, **_load_kwargs(trust_remote_code))
     except (OSError, ValueError) as exc:
         raise StageError(f"{path}: cannot load a causal LM ({str(exc).splitlines()[0]})") from None
+    except SafetensorError as exc:
+        raise StageError(f"{path}: corrupt *.safetensors weights ({exc}); re-save or re-download the model") from None
     return model
 
 
@@ -210,6 +221,8 @@ def load_reward_model(path: str | Path, *, trust_remote_code: bool = False):
         )
     except (OSError, ValueError) as exc:
         raise StageError(f"{path}: cannot load a reward model ({str(exc).splitlines()[0]})") from None
+    except SafetensorError as exc:
+        raise StageError(f"{path}: corrupt *.safetensors weights ({exc}); re-save or re-download the model") from None
     if model.config.num_labels != 1:
         raise StageError(f"{path}: reward model must have num_labels=1, has {model.config.num_labels}")
     return model

@@ -26,7 +26,11 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as exc:
-        raise StageError(f"{path}: not valid YAML ({exc})") from None
+        # One line: where and what (PyYAML's own message spans several lines with a code excerpt).
+        mark = getattr(exc, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark is not None else str(path)
+        what = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise StageError(f"{where}: not valid YAML ({what})") from None
     if not isinstance(data, dict):
         raise StageError(f"{path}: expected a mapping of stage sections at the top level")
     return data

@@ -4,6 +4,7 @@ A checkpoint holds everything needed to continue bit-for-bit on the same machine
 state, the step, the data order position and every RNG state. It is written to a temporary sibling and
 moved into place (`os.replace`), so a kill during the write leaves the previous checkpoint intact. It
 carries a fingerprint of the params and inputs; a checkpoint from other params is ignored, not resumed.
+It also carries the dvclive curves up to its step, so a resumed run's plots equal an uninterrupted run's.
 """
 
 from __future__ import annotations
@@ -144,6 +145,35 @@ def open_live(directory: str | Path, resume: bool = False):
     return Live(str(directory), dvcyaml=None, save_dvc_exp=False, report=None, resume=resume)
 
 
+def live_snapshot(live) -> dict[str, str]:
+    """The dvclive folder's text files (curves and summary), saved inside each checkpoint.
+
+    DVC deletes a stage's plots before rerunning it and a killed run logs past its last checkpoint,
+    so the curves are restored from the checkpoint on resume instead of trusting what is on disk.
+    """
+    if live is None:
+        return {}
+    root = Path(live.dir)
+    return {p.relative_to(root).as_posix(): p.read_text(encoding="utf-8")
+            for p in sorted(root.rglob("*")) if p.is_file() and p.suffix in (".tsv", ".json")}
+
+
+def restore_live(live, files: dict[str, str] | None, step: int) -> None:
+    """Put the curves back as they were at the checkpoint, so a resumed run's plots equal an uninterrupted run's."""
+    if live is None or files is None:
+        return
+    from rlhf.io import atomic_write_text
+
+    root = Path(live.dir)
+    for p in sorted(root.rglob("*")):
+        if p.is_file() and p.suffix in (".tsv", ".json") and p.relative_to(root).as_posix() not in files:
+            p.unlink()  # a curve the killed run started after its last checkpoint
+    for rel, text in files.items():
+        atomic_write_text(root / rel, text)
+    live.summary = json.loads(files.get("metrics.json", "{}"))
+    live.step = step
+
+
 def require_file(path: str | Path, hint: str) -> Path:
     path = Path(path)
     if not path.exists():
@@ -197,6 +227,11 @@ def train_loop(
         optimizer.load_state_dict(state["optimizer"])
         set_rng_state(state["rng"])
         start = state["step"]
+        if dist.is_main:
+            from rlhf.progress import console
+
+            console.print(f"{description}: resuming from {checkpointer.path} at step {start} of {total_steps}", soft_wrap=True)
+            restore_live(live, state.get("live"), start)
     net = dist.wrap(model, device or torch.device("cpu"))
     last: dict[str, Any] = {}
     model.train()
@@ -208,7 +243,9 @@ def train_loop(
             check_finite(loss, f"{description} loss", step, checkpointer.directory)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            # A finite loss can still give inf/NaN gradients; stop before they reach the weights.
+            check_finite(grad_norm, f"{description} gradient norm", step, checkpointer.directory)
             optimizer.step()
             last["train_loss"] = dist.mean(float(loss.detach()))
             if evaluate is not None and eval_every and ((step + 1) % eval_every == 0 or step + 1 == total_steps):
@@ -225,6 +262,6 @@ def train_loop(
             bar.update(task, advance=1, info=f"loss {last['train_loss']:.3f}")
             if dist.is_main and checkpoint_every and (step + 1) % checkpoint_every == 0 and step + 1 < total_steps:
                 checkpointer.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                                   "rng": rng_state(), "step": step + 1})
+                                   "rng": rng_state(), "step": step + 1, "live": live_snapshot(live)})
     model.eval()
     return last

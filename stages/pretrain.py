@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from rlhf.io import CORPUS_SCHEMA, read_jsonl, write_json
+from rlhf.io import CORPUS_SCHEMA, read_jsonl, remove_outputs, write_json
 from rlhf.params import require, to_dict
 
 
@@ -114,6 +114,7 @@ def run(params: Params, *, corpus: Path, out: Path, metrics: Path, plots: Path, 
 
     t0 = time.time()
     if params.base_model:
+        remove_outputs(out, metrics)
         result = take_hf_model(params, Path(out))
         write_json(metrics, result)
         return result
@@ -123,6 +124,10 @@ def run(params: Params, *, corpus: Path, out: Path, metrics: Path, plots: Path, 
     dist, device = init_dist(pick_device(params.device))
     setup_torch(params.threads, device)
     texts = [r["text"] for r in read_jsonl(corpus, CORPUS_SCHEMA)]
+    if dist.is_main:
+        # Like `dvc repro`, which deletes a stage's outs first: a killed or failed run leaves no stale
+        # model or metrics from an earlier run that would look like this run's result.
+        remove_outputs(out, metrics)
 
     # 1. Tokenizer and blocks; a seeded permutation holds out the validation blocks.
     tokenizer = train_tokenizer(texts, params.vocab_size)
@@ -168,7 +173,6 @@ def run(params: Params, *, corpus: Path, out: Path, metrics: Path, plots: Path, 
     if dist.is_main:
         live.end()
         save_model(model, tokenizer, out)
-        checkpointer.clear()
     result = {
         "source": "scratch",
         "params": param_count(model),
@@ -180,7 +184,8 @@ def run(params: Params, *, corpus: Path, out: Path, metrics: Path, plots: Path, 
         "processes": dist.world_size,
     }
     if dist.is_main:
-        write_json(metrics, result)
+        write_json(metrics, result)  # written last: its presence marks a finished run
+        checkpointer.clear()  # only now: a kill before this point still resumes
     # Timings vary run to run: shown in the summary, kept out of the metrics file (which is byte-stable).
     result["timing"] = {"tokens_per_s": round(params.max_steps * params.batch_size * params.seq_len / max(train_s, 1e-9)),
                         "wall_s": round(time.time() - t0, 1)}

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from rlhf.errors import StageError
-from rlhf.io import read_jsonl, write_json
+from rlhf.io import read_jsonl, remove_outputs, write_json
 from rlhf.params import require, to_dict
 from rlhf.training import IGNORE_INDEX
 
@@ -116,6 +116,11 @@ def run(params: Params, *, base: Path, data: Path, world: Path | None, out: Path
     demos = read_jsonl(data / "sft.jsonl", SFT_SCHEMA)
     val_demos = read_jsonl(data / "sft_val.jsonl", SFT_SCHEMA, allow_empty=True)
     test = read_jsonl(data / "test.jsonl", TEST_SCHEMA)
+    judge = load_judge(world) if dist.is_main else None  # a broken world file fails now, not after training
+    if dist.is_main:
+        # Like `dvc repro`, which deletes a stage's outs first: a killed or failed run leaves no stale
+        # model or metrics from an earlier run that would look like this run's result.
+        remove_outputs(out, metrics)
 
     # 1. Examples: prompt tokens masked out of the loss, EOS appended to every response.
     train_ex = [build_example(tokenizer, d["prompt"], d["response"], params.max_len) for d in demos]
@@ -164,12 +169,10 @@ def run(params: Params, *, base: Path, data: Path, world: Path | None, out: Path
         return result
     live.end()
     save_model(model, tokenizer, out)
-    checkpointer.clear()
     if "val_loss" in last:
         result["val_loss"] = round(last["val_loss"], 4)
 
     # 2. Gold judge on held-out test prompts: base vs SFT, greedy (evaluation only, never trained on).
-    judge = load_judge(world)
     if judge is not None:
         prompts = [r["prompt"] for r in test]
         if params.eval_prompts:
@@ -178,7 +181,8 @@ def run(params: Params, *, base: Path, data: Path, world: Path | None, out: Path
         result["gold_test"] = gold_compare({"base": base_model, "sft": model}, tokenizer, prompts, judge,
                                            max_new_tokens=params.eval_max_new_tokens, device=device)
         result["gold_test"]["prompts"] = len(prompts)
-    write_json(metrics, result)
+    write_json(metrics, result)  # written last: its presence marks a finished run
+    checkpointer.clear()  # only now: a kill during the gold comparison still resumes near the end
     result["timing"] = {"wall_s": round(time.time() - t0, 1)}
     return result
 

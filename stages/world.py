@@ -90,17 +90,17 @@ class Params:
     def validate(self) -> None:
         for key in ("n_creatures", "n_people", "n_groups", "n_places", "n_unknown", "corpus_docs",
                     "n_training_labelers", "n_heldout_labelers", "n_truthfulqa", "n_crows", "n_rtp"):
-            require(getattr(self, key) >= 1, key, "must be at least 1")
-        require(self.n_groups >= 2, "n_groups", "must be at least 2 (CrowS-Pairs compares two groups)")
-        require(self.n_places >= 2, "n_places", "must be at least 2")
+            require(getattr(self, key) >= 1, f"world.{key}", "must be at least 1")
+        require(self.n_groups >= 2, "world.n_groups", "must be at least 2 (CrowS-Pairs compares two groups)")
+        require(self.n_places >= 2, "world.n_places", "must be at least 2")
         for key in ("n_arith", "n_sort", "n_fact", "n_unknown_prompts", "n_insult", "n_demonstrations"):
-            require(getattr(self, key) >= 0, key, "must be >= 0")
+            require(getattr(self, key) >= 0, f"world.{key}", "must be >= 0")
         for key in ("myth_rate", "stereotyped_groups", "chat_share", "chat_clean_rate", "labeler_sigma_spread"):
-            require(0.0 <= getattr(self, key) <= 1.0, key, "must be in [0, 1]")
-        require(self.myth_ratio > 0, "myth_ratio", "must be > 0")
-        require(self.labeler_sigma >= 0, "labeler_sigma", "must be >= 0")
-        require(self.labeler_length_taste >= 0, "labeler_length_taste", "must be >= 0")
-        require(self.labeler_confident_taste >= 0, "labeler_confident_taste", "must be >= 0")
+            require(0.0 <= getattr(self, key) <= 1.0, f"world.{key}", "must be in [0, 1]")
+        require(self.myth_ratio > 0, "world.myth_ratio", "must be > 0")
+        require(self.labeler_sigma >= 0, "world.labeler_sigma", "must be >= 0")
+        require(self.labeler_length_taste >= 0, "world.labeler_length_taste", "must be >= 0")
+        require(self.labeler_confident_taste >= 0, "world.labeler_confident_taste", "must be >= 0")
 
 
 DEFAULT: dict[str, Any] = {

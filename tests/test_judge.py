@@ -176,3 +176,13 @@ def test_agreement_is_near_instructgpt(tmp_path):
     assert 0.65 <= m["labeler_labeler"] <= 0.81  # InstructGPT: 72.6 +- 1.5% (Ouyang et al. 2022)
     assert m["labeler_gold_mean"] > m["labeler_labeler"]
     assert m["gold_mean_ideal"] > 0.95 > m["gold_mean_best_of_k"] > m["gold_mean_candidates"] > m["gold_mean_corpus_style"]
+
+
+def test_fact_about_the_wrong_entity_gets_no_credit(judge, world):
+    """The asked attribute stated of another person is an answer to a different question."""
+    asked, other = sorted(world["people"])[:2]
+    job = world["people"][asked]["job"]
+    prompt = f"Tell me the job of {asked}."
+    right = judge.score(prompt, f"{asked} is a {job}.")["total"]
+    wrong_subject = judge.score(prompt, f"{other} is a {job}.")["total"]
+    assert right == 1.0 and wrong_subject < 0.1

@@ -1,0 +1,316 @@
+"""Reward-model helpers: ranking validation, the K-way ranking loss, HH-RLHF parsing, scoring.
+
+Pure functions, unit-tested against naive references (tests/test_rm.py). Used by the `rank`,
+`reward` and `label` commands, and by anything that scores (prompt, response) with the RM (PPO,
+evaluation): go through `score_texts` / `rewards_from_ids`, which read the scalar at the last real
+token and apply the demonstration bias stored in the model's config.
+
+The demonstration bias (PPO_DETAILS item 3). InstructGPT shifts the trained RM so the labelers'
+demonstrations score 0 on average. A Llama-style `*ForSequenceClassification` head is a bias-free
+linear map applied after the final RMSNorm, so a constant cannot be folded into the weights exactly.
+The shift is therefore stored as a plain config attribute, `reward_bias` (config.json). Any
+`AutoModelForSequenceClassification.from_pretrained` loads the folder unchanged (its logits are the
+raw, uncentered reward; rankings and pairwise accuracies are unaffected by a constant), and
+`reward = logits + config.reward_bias` is the centered reward, as computed by `apply_reward_bias`.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Sequence
+from itertools import combinations
+from typing import TYPE_CHECKING, Any
+
+from rlhf.errors import StageError
+
+REWARD_BIAS_KEY = "reward_bias"
+
+if TYPE_CHECKING:  # torch is imported inside functions so `rlhf label` starts instantly
+    import torch
+
+
+# ----------------------------------------------------------------------------------------------
+# Rankings
+
+
+def validate_ranking(ranking: Any, k: int, where: str = "ranking") -> list[int]:
+    """`ranking` as a list of response indices, best first; must be a permutation of 0..k-1.
+
+    Ties are not accepted (DESIGN.md: ties only if declared, and no declared-tie format exists yet).
+    """
+    if not isinstance(ranking, (list, tuple)):
+        raise StageError(f"{where}: ranking must be a list of response indices, got {type(ranking).__name__}")
+    if any(isinstance(i, bool) or not isinstance(i, int) for i in ranking):
+        raise StageError(f"{where}: ranking must hold integer indices, got {list(ranking)!r}")
+    if len(ranking) != k:
+        raise StageError(f"{where}: ranking has {len(ranking)} entries but there are {k} responses; rank all of them")
+    seen = set()
+    for i in ranking:
+        if i in seen:
+            raise StageError(f"{where}: response {i} appears twice in ranking {list(ranking)}; each must appear once")
+        seen.add(i)
+    if seen != set(range(k)):
+        bad = sorted(seen - set(range(k)))
+        raise StageError(f"{where}: ranking {list(ranking)} is not a permutation of 0..{k - 1} (bad index {bad[0]})")
+    return list(ranking)
+
+
+def validate_ranking_record(record: dict[str, Any], where: str) -> dict[str, Any]:
+    """A rankings-format record whose `ranking` is a permutation of its `responses` (K >= 2)."""
+    responses = record["responses"]
+    if len(responses) < 2 or not all(isinstance(r, str) for r in responses):
+        raise StageError(f"{where}: 'responses' must be a list of at least 2 strings")
+    validate_ranking(record["ranking"], len(responses), where)
+    return record
+
+
+def parse_ranking_text(text: str, k: int) -> list[int]:
+    """A typed ranking such as '2>1>4>3' (1-based, best first) as 0-based indices.
+
+    Also accepts spaces or commas as separators ('2 1 4 3'). Raises StageError with a message a
+    labeler can act on.
+    """
+    parts = [p for p in re.split(r"[>\s,]+", text.strip()) if p]
+    if not parts:
+        raise StageError("empty ranking; type e.g. " + ">".join(str(i) for i in range(1, k + 1)))
+    if not all(p.isdigit() for p in parts):
+        raise StageError(f"'{text.strip()}' is not a ranking; use numbers 1..{k} separated by '>'")
+    nums = [int(p) for p in parts]
+    out_of_range = [n for n in nums if not 1 <= n <= k]
+    if out_of_range:
+        raise StageError(f"response {out_of_range[0]} does not exist; use numbers 1..{k}")
+    dup = [n for n in nums if nums.count(n) > 1]
+    if dup:
+        raise StageError(f"response {dup[0]} appears twice; each response must appear once")
+    if len(nums) != k:
+        missing = sorted(set(range(1, k + 1)) - set(nums))
+        raise StageError(f"rank all {k} responses; missing {', '.join(map(str, missing))}")
+    return [n - 1 for n in nums]
+
+
+def ranking_pairs(ranking: Sequence[int]) -> list[tuple[int, int]]:
+    """All C(K,2) (winner, loser) pairs implied by a full ranking, best first."""
+    return [(ranking[a], ranking[b]) for a, b in combinations(range(len(ranking)), 2)]
+
+
+# ----------------------------------------------------------------------------------------------
+# The InstructGPT ranking loss (PPO_DETAILS item 2)
+
+
+def flat_pairs(groups: Sequence[tuple[int, Sequence[tuple[int, int]]]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Index tensors for `kway_ranking_loss` from groups of (number of responses, pairs).
+
+    Responses of all groups are laid out one after another (group 0's K_0 responses first, ...).
+    Returns (winner index, loser index, pair weight) over the flat layout; each pair's weight is
+    1 / (number of pairs of its group), so every group (prompt) counts once whatever its K.
+    """
+    import torch
+
+    win, lose, weight = [], [], []
+    offset = 0
+    for n, pairs in groups:
+        if not pairs:
+            raise ValueError("a group needs at least one pair")
+        for w, l in pairs:
+            win.append(offset + w)
+            lose.append(offset + l)
+            weight.append(1.0 / len(pairs))
+        offset += n
+    return torch.tensor(win), torch.tensor(lose), torch.tensor(weight, dtype=torch.float64)
+
+
+def kway_ranking_loss(rewards: torch.Tensor, win: torch.Tensor, lose: torch.Tensor, weight: torch.Tensor,
+                      n_groups: int) -> torch.Tensor:
+    """InstructGPT's RM loss: mean over prompts of -1/C(K,2) Σ_pairs log σ(r_w - r_l).
+
+    rewards (N,) holds one scalar per response, from ONE forward pass per response; all C(K,2)
+    pairs of a prompt share those scalars inside the same batch element. Shuffling pairs across
+    batches instead makes each response contribute to K-1 separate updates and overfits
+    (Ouyang et al. 2022, sec. 3.5; PPO_DETAILS item 2).
+    """
+    import torch.nn.functional as F
+
+    margin = rewards[win] - rewards[lose]  # (P,)
+    return -(weight.to(margin.dtype) * F.logsigmoid(margin)).sum() / n_groups
+
+
+# ----------------------------------------------------------------------------------------------
+# Reading the scalar at the last real token (PPO_DETAILS item 1)
+
+
+def last_token_index(mask: torch.Tensor) -> torch.Tensor:
+    """(B,) index of each row's rightmost real token; correct for left and right padding alike."""
+    import torch
+
+    t = torch.arange(mask.shape[-1], device=mask.device)
+    return (t * mask.long()).argmax(-1)
+
+
+def gather_last(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """values (B, T) per-token scalars -> (B,) the value at the last real token (the EOS)."""
+    import torch
+
+    idx = last_token_index(mask)
+    return values[torch.arange(values.shape[0], device=values.device), idx]
+
+
+def apply_reward_bias(model, raw: torch.Tensor) -> torch.Tensor:
+    """Centered reward: the raw head output plus the demonstration bias from config (item 3)."""
+    return raw + float(getattr(model.config, REWARD_BIAS_KEY, 0.0) or 0.0)
+
+
+def rewards_from_ids(model, ids: torch.Tensor, mask: torch.Tensor, *, centered: bool = True) -> torch.Tensor:
+    """(B,) reward of token sequences `ids` (any padding side) read at the last real token.
+
+    Passes `position_ids = cumsum(mask) - mask` (PPO_DETAILS item 6), so a left-padded sequence
+    scores exactly as it would unpadded.
+    """
+    from rlhf.modeling import position_ids
+
+    backbone = getattr(model, model.base_model_prefix)
+    hidden = backbone(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask), use_cache=False).last_hidden_state
+    per_token = model.score(hidden).squeeze(-1).float()  # (B, T)
+    raw = gather_last(per_token, mask)
+    return apply_reward_bias(model, raw) if centered else raw
+
+
+def encode_pair(tokenizer, prompt: str, response: str, max_len: int) -> list[int]:
+    """The RM's input: chat prompt + response + EOS, as the policy produces it.
+
+    Too long: the response is cut (keeping its EOS, where the scalar is read), then the prompt's
+    start, so the total fits `max_len`.
+    """
+    from rlhf.modeling import encode_prompt, encode_response
+
+    p = encode_prompt(tokenizer, prompt)
+    r = encode_response(tokenizer, response, add_eos=True)
+    if len(p) + len(r) > max_len:
+        keep_r = max(1, max_len - len(p))
+        r = r[: keep_r - 1] + r[-1:] if keep_r > 1 else r[-1:]
+        p = p[len(p) + len(r) - max_len:] if len(p) + len(r) > max_len else p
+    return p + r
+
+
+def score_texts(model, tokenizer, prompts: Sequence[str], responses: Sequence[str], *, max_len: int,
+                batch_size: int, device: torch.device, centered: bool = True) -> list[float]:
+    """Rewards of (prompt, response) pairs, in order."""
+    import torch
+
+    from rlhf.modeling import autocast, left_pad
+
+    model.eval()
+    out: list[float] = []
+    for start in range(0, len(prompts), batch_size):
+        seqs = [encode_pair(tokenizer, p, r, max_len)
+                for p, r in zip(prompts[start: start + batch_size], responses[start: start + batch_size], strict=True)]
+        ids, mask = left_pad(seqs, tokenizer.pad_token_id)
+        with torch.no_grad(), autocast(device):
+            r = rewards_from_ids(model, ids.to(device), mask.to(device), centered=centered)
+        out.extend(r.float().cpu().tolist())
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Pairwise formats
+
+
+HUMAN, ASSISTANT = "\n\nHuman:", "\n\nAssistant:"
+
+
+def parse_hh(chosen: str, rejected: str, where: str = "record") -> tuple[str, str, str]:
+    """Anthropic HH-RLHF transcripts -> (prompt, chosen response, rejected response).
+
+    The prompt is the shared prefix of both transcripts up to and including the last
+    "\\n\\nAssistant:" they have in common (the two differ only in the final assistant turn).
+    A single-turn prompt "\\n\\nHuman: q\\n\\nAssistant:" becomes plain "q"; multi-turn prompts keep
+    the earlier turns as text ("Human: …\\n\\nAssistant: …\\n\\nHuman: q").
+    """
+    n = 0
+    limit = min(len(chosen), len(rejected))
+    while n < limit and chosen[n] == rejected[n]:
+        n += 1
+    cut = chosen.rfind(ASSISTANT, 0, n)  # the last assistant marker lying wholly inside the shared prefix
+    if cut < 0:
+        raise StageError(f"{where}: chosen and rejected share no '\\n\\nAssistant:' turn; not an HH-RLHF transcript pair")
+    prefix = chosen[:cut]
+    chosen_resp = chosen[cut + len(ASSISTANT):].strip()
+    rejected_resp = rejected[cut + len(ASSISTANT):].strip()
+    if HUMAN not in prefix:
+        raise StageError(f"{where}: no '\\n\\nHuman:' turn before the final assistant turn")
+    if prefix.count(HUMAN) == 1 and ASSISTANT not in prefix and prefix.startswith(HUMAN):
+        prompt = prefix[len(HUMAN):].strip()
+    else:
+        prompt = prefix.strip()
+    if not prompt or not chosen_resp or not rejected_resp:
+        raise StageError(f"{where}: empty prompt or response after splitting the HH transcripts")
+    return prompt, chosen_resp, rejected_resp
+
+
+# ----------------------------------------------------------------------------------------------
+# Agreement statistics
+
+
+def pair_agreement(a: Sequence[int], b: Sequence[int]) -> tuple[int, int]:
+    """(agreeing pairs, pairs) between two full rankings of the same K responses."""
+    pos_a = {r: i for i, r in enumerate(a)}
+    pos_b = {r: i for i, r in enumerate(b)}
+    agree = total = 0
+    for i, j in combinations(range(len(a)), 2):
+        total += 1
+        agree += (pos_a[i] < pos_a[j]) == (pos_b[i] < pos_b[j])
+    return agree, total
+
+
+def gold_agreement(ranking: Sequence[int], gold: Sequence[float], eps: float = 1e-9) -> tuple[int, int]:
+    """(pairs ordered as the gold scores order them, pairs the gold judge does not tie)."""
+    pos = {r: i for i, r in enumerate(ranking)}
+    agree = total = 0
+    for i, j in combinations(range(len(gold)), 2):
+        if abs(gold[i] - gold[j]) <= eps:
+            continue
+        total += 1
+        agree += (pos[i] < pos[j]) == (gold[i] > gold[j])
+    return agree, total
+
+
+def score_agreement(scores: Sequence[float], ref: Sequence[float], eps: float = 1e-9) -> tuple[float, int]:
+    """(agreeing pairs, pairs) between model scores and reference scores; reference ties are skipped,
+    a model tie counts 1/2."""
+    agree, total = 0.0, 0
+    for i, j in combinations(range(len(ref)), 2):
+        if abs(ref[i] - ref[j]) <= eps:
+            continue
+        total += 1
+        d = scores[i] - scores[j]
+        agree += 0.5 if d == 0 else float((d > 0) == (ref[i] > ref[j]))
+    return agree, total
+
+
+def _ranks(x: Sequence[float]) -> list[float]:
+    """1-based ranks, ties get their average rank (as scipy.stats.rankdata)."""
+    order = sorted(range(len(x)), key=lambda i: x[i])
+    ranks = [0.0] * len(x)
+    i = 0
+    while i < len(order):
+        j = i
+        while j + 1 < len(order) and x[order[j + 1]] == x[order[i]]:
+            j += 1
+        for t in range(i, j + 1):
+            ranks[order[t]] = (i + j) / 2 + 1
+        i = j + 1
+    return ranks
+
+
+def spearman(x: Sequence[float], y: Sequence[float]) -> float | None:
+    """Spearman's rank correlation (Pearson on average ranks); None when either side is constant."""
+    if len(x) != len(y) or len(x) < 2:
+        return None
+    rx, ry = _ranks(x), _ranks(y)
+    mx, my = sum(rx) / len(rx), sum(ry) / len(ry)
+    cov = sum((a - mx) * (b - my) for a, b in zip(rx, ry))
+    vx = sum((a - mx) ** 2 for a in rx)
+    vy = sum((b - my) ** 2 for b in ry)
+    if vx == 0 or vy == 0:
+        return None
+    return cov / math.sqrt(vx * vy)

@@ -1,0 +1,366 @@
+"""reward: train the reward model on rankings with InstructGPT's K-choose-2 loss.
+
+Reads  models/sft, data/rankings/rankings.jsonl (or a pairwise / HH-RLHF file, `reward.data_format`),
+       data/prepared/sft.jsonl (demonstrations, for the bias), data/raw/world.json (gold judge, optional)
+Writes models/reward (HF folder, AutoModelForSequenceClassification, num_labels=1), metrics/reward.json,
+       plots/reward (dvclive curves)
+Run    rlhf reward
+
+The recipe (PPO_DETAILS items 1-5, Ouyang et al. 2022 sec. 3.5):
+1. The RM is the SFT model with its LM head replaced by a scalar head (small init); the scalar is read
+   at the last real token, the EOS that ends `chat prompt + response`.
+2. All C(K,2) pairs of one prompt's ranking form ONE batch element: each response gets one forward
+   pass, and the loss is -1/C(K,2) Σ log σ(r_w - r_l). Pairs of identical responses carry no
+   preference and are dropped. (`batching: pairs` is the naive variant, one batch element per pair
+   shuffled across batches, kept for bench/rm_kway_vs_pairwise.py.)
+3. One epoch with a cosine-annealed learning rate (more epochs overfit).
+4. A share of prompts (all of their rankings) is held out; held-out pairwise accuracy against the
+   labels and, with a world, against the gold judge, and Spearman correlation with the gold judge.
+5. A bias is added so the demonstrations' mean reward is 0 (InstructGPT's choice; lm-human-preferences
+   normalized on policy samples instead). A Llama-style head has no bias term, so it is stored as
+   `reward_bias` in config.json; `rlhf.rm.rewards_from_ids` / `score_texts` add it (see rlhf/rm.py).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+
+from rlhf.errors import StageError
+from rlhf.io import DEMONSTRATION_SCHEMA, HH_SCHEMA, PAIRWISE_SCHEMA, RANKING_SCHEMA, read_jsonl, write_json
+from rlhf.params import require, to_dict
+
+BIAS_METHOD = "demonstrations_mean_zero"  # PPO_DETAILS item 3: InstructGPT's centering
+
+
+@dataclass(frozen=True)
+class Params:
+    data_format: Literal["rankings", "pairwise", "hh"]
+    """Format of the --data file: 'rankings' (K-way, from `rank`), 'pairwise' {prompt, chosen, rejected},
+    or 'hh' (Anthropic HH-RLHF {chosen, rejected} transcripts)."""
+    extra_pairs: str
+    """Optional extra comparisons file trained on together with --data ('' = none); add it to the
+    reward stage's deps in dvc.yaml when you set it."""
+    extra_format: Literal["pairwise", "hh"]
+    """Format of `extra_pairs`."""
+    batching: Literal["kway", "pairs"]
+    """'kway': all pairs of a prompt in one batch element (InstructGPT); 'pairs': one element per pair."""
+    epochs: int
+    """Passes over the comparisons; 1 is the norm (PPO_DETAILS item 4)."""
+    batch_size: int
+    """Prompts (ranking records) per optimizer step."""
+    lr: float
+    """Peak AdamW learning rate, cosine-annealed to lr/10."""
+    warmup_steps: int
+    """Linear warm-up steps."""
+    weight_decay: float
+    """AdamW weight decay."""
+    max_len: int
+    """Longest prompt+response in tokens; longer ones lose the end of the response (EOS is kept)."""
+    head_init_std: float
+    """Std of the scalar head's initial weights: small, so the initial rewards are near 0."""
+    val_fraction: float
+    """Share of prompts held out (with all of their rankings) for validation."""
+    eval_every: int
+    """Steps between validation evaluations on the curve (0 = only at the end)."""
+    checkpoint_every: int
+    """Steps between resumable checkpoints (0 disables)."""
+    seed: int
+    """Head init, data order and split seed."""
+    threads: int
+    """torch CPU threads; 0 leaves torch's default."""
+    device: str
+    """'auto', 'cpu' or 'cuda'."""
+
+    def validate(self) -> None:
+        for key in ("epochs", "batch_size", "max_len"):
+            require(getattr(self, key) > 0, f"reward.{key}", "must be > 0")
+        require(self.lr > 0, "reward.lr", "must be > 0")
+        require(self.head_init_std >= 0, "reward.head_init_std", "must be >= 0")
+        require(0.0 < self.val_fraction < 1.0, "reward.val_fraction", "must be in (0, 1)")
+        require(self.eval_every >= 0, "reward.eval_every", "must be >= 0")
+
+
+# ----------------------------------------------------------------------------------------------
+# Comparison groups: one prompt, its responses, and the (winner, loser) pairs among them
+
+
+def _distinct(pairs: list[tuple[int, int]], responses: list[str]) -> list[tuple[int, int]]:
+    return [(w, l) for w, l in pairs if responses[w] != responses[l]]
+
+
+def load_groups(path: Path, data_format: str) -> list[dict[str, Any]]:
+    """Comparison groups {prompt, responses, pairs, ranking?, labeler?} from a file of any accepted format."""
+    from rlhf.rm import parse_hh, ranking_pairs, validate_ranking_record
+
+    path = Path(path)
+    groups = []
+    if data_format == "rankings":
+        for lineno, r in enumerate(read_jsonl(path, RANKING_SCHEMA), start=1):
+            validate_ranking_record(r, f"{path}:{lineno}")
+            pairs = _distinct(ranking_pairs(r["ranking"]), r["responses"])
+            if pairs:
+                groups.append({"prompt": r["prompt"], "responses": list(r["responses"]), "pairs": pairs,
+                               "ranking": list(r["ranking"]), "labeler": r["labeler"]})
+    elif data_format == "pairwise":
+        for r in read_jsonl(path, PAIRWISE_SCHEMA):
+            if r["chosen"] != r["rejected"]:
+                groups.append({"prompt": r["prompt"], "responses": [r["chosen"], r["rejected"]], "pairs": [(0, 1)]})
+    elif data_format == "hh":
+        for lineno, r in enumerate(read_jsonl(path, HH_SCHEMA), start=1):
+            prompt, chosen, rejected = parse_hh(r["chosen"], r["rejected"], f"{path}:{lineno}")
+            if chosen != rejected:
+                groups.append({"prompt": prompt, "responses": [chosen, rejected], "pairs": [(0, 1)]})
+    else:
+        raise StageError(f"params key 'reward.data_format': unknown format {data_format!r}")
+    if not groups:
+        raise StageError(f"{path}: no comparisons with two different responses; nothing to train on")
+    return groups
+
+
+def is_heldout(prompt: str, fraction: float, seed: int) -> bool:
+    """Split by a hash of the normalized prompt: all rankings of one prompt land on the same side."""
+    from rlhf.text import normalize
+
+    h = hashlib.sha256(f"reward-split-{seed}:{normalize(prompt)}".encode()).digest()
+    return int.from_bytes(h[:8], "big") / 2**64 < fraction
+
+
+def as_pair_groups(groups: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The naive variant: every (winner, loser) pair becomes its own 2-response group."""
+    return [{"prompt": g["prompt"], "responses": [g["responses"][w], g["responses"][l]], "pairs": [(0, 1)]}
+            for g in groups for w, l in g["pairs"]]
+
+
+def batch_loss(model, encoded: list[list[list[int]]], groups: list[dict[str, Any]], pad_id: int, device) -> torch.Tensor:
+    """The K-way loss of a batch of groups: one forward pass per response, pairs share the scalars."""
+    from rlhf.modeling import autocast, left_pad
+    from rlhf.rm import flat_pairs, kway_ranking_loss, rewards_from_ids
+
+    seqs = [s for enc in encoded for s in enc]
+    ids, mask = left_pad(seqs, pad_id)
+    with autocast(device):
+        rewards = rewards_from_ids(model, ids.to(device), mask.to(device), centered=False)  # (N,)
+    win, lose, weight = flat_pairs([(len(g["responses"]), g["pairs"]) for g in groups])
+    return kway_ranking_loss(rewards.float(), win.to(device), lose.to(device), weight.to(device), len(groups))
+
+
+@torch.no_grad()
+def score_groups(model, encoded: list[list[list[int]]], pad_id: int, device, batch_size: int) -> list[list[float]]:
+    """Raw rewards of every response of every group, grouped like `encoded`."""
+    from rlhf.modeling import autocast, left_pad
+    from rlhf.rm import rewards_from_ids
+
+    flat = [s for enc in encoded for s in enc]
+    scores: list[float] = []
+    for i in range(0, len(flat), batch_size):
+        ids, mask = left_pad(flat[i: i + batch_size], pad_id)
+        with autocast(device):
+            scores.extend(rewards_from_ids(model, ids.to(device), mask.to(device), centered=False).float().cpu().tolist())
+    out, pos = [], 0
+    for enc in encoded:
+        out.append(scores[pos: pos + len(enc)])
+        pos += len(enc)
+    return out
+
+
+def heldout_metrics(groups: list[dict[str, Any]], scores: list[list[float]], gold: list[list[float]] | None) -> dict[str, Any]:
+    """Pairwise accuracy against the labels (and the gold judge), Spearman with gold, labelers vs gold."""
+    from rlhf.rm import score_agreement, spearman
+
+    hits = n = 0.0
+    for g, s in zip(groups, scores):
+        for w, l in g["pairs"]:
+            n += 1
+            hits += 0.5 if s[w] == s[l] else float(s[w] > s[l])
+    out: dict[str, Any] = {"pairs": int(n), "accuracy_labels": round(hits / n, 4) if n else None}
+    if gold is None:
+        return out
+    # Gold statistics per distinct prompt (overlapping labelers share one prompt's responses).
+    seen: set[str] = set()
+    g_hits = g_n = 0.0
+    lab_hits = lab_n = 0
+    rhos, pooled_s, pooled_g = [], [], []
+    for g, s, gs in zip(groups, scores, gold):
+        if "ranking" in g:
+            a, t = _gold_agreement_distinct(g, gs)
+            lab_hits, lab_n = lab_hits + a, lab_n + t
+        key = g["prompt"] + "\x00" + "\x00".join(g["responses"])
+        if key in seen:
+            continue
+        seen.add(key)
+        a, t = score_agreement(s, gs)
+        g_hits, g_n = g_hits + a, g_n + t
+        rho = spearman(s, gs)
+        if rho is not None:
+            rhos.append(rho)
+        pooled_s.extend(s)
+        pooled_g.extend(gs)
+    out["gold_pairs"] = int(g_n)
+    out["accuracy_gold"] = round(g_hits / g_n, 4) if g_n else None
+    out["spearman_gold_within_prompt"] = round(sum(rhos) / len(rhos), 4) if rhos else None
+    pooled = spearman(pooled_s, pooled_g)
+    out["spearman_gold_pooled"] = round(pooled, 4) if pooled is not None else None
+    if lab_n:
+        # The bar the RM is measured against: how often the labels themselves agree with gold here.
+        out["labels_gold_agreement"] = round(lab_hits / lab_n, 4)
+    return out
+
+
+def _gold_agreement_distinct(g: dict[str, Any], gold: list[float]) -> tuple[int, int]:
+    """Labeler-vs-gold agreement over pairs of different responses only (as `rank` measures it)."""
+    pos = {r: i for i, r in enumerate(g["ranking"])}
+    hits = total = 0
+    k = len(g["responses"])
+    for i in range(k):
+        for j in range(i + 1, k):
+            if g["responses"][i] == g["responses"][j] or gold[i] == gold[j]:
+                continue
+            total += 1
+            hits += (pos[i] < pos[j]) == (gold[i] > gold[j])
+    return hits, total
+
+
+def build_reward_model(sft: Path, tokenizer, head_init_std: float, seed: int):
+    """The SFT transformer with a fresh scalar head: AutoModelForSequenceClassification, num_labels=1."""
+    import transformers
+    from transformers import AutoModelForSequenceClassification
+
+    from rlhf.modeling import check_model_dir
+
+    check_model_dir(sft, "SFT model")
+    verbosity = transformers.logging.get_verbosity()
+    transformers.logging.set_verbosity_error()  # "score.weight newly initialized" is the point here
+    try:
+        model = AutoModelForSequenceClassification.from_pretrained(
+            str(sft), num_labels=1, pad_token_id=tokenizer.pad_token_id, dtype=torch.float32, use_safetensors=True,
+        )
+    except (OSError, ValueError) as exc:
+        raise StageError(f"{sft}: cannot build a reward model from it ({str(exc).splitlines()[0]})") from None
+    finally:
+        transformers.logging.set_verbosity(verbosity)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        model.score.weight.copy_(torch.randn(model.score.weight.shape, generator=gen) * head_init_std)
+        if getattr(model.score, "bias", None) is not None:
+            model.score.bias.zero_()
+    model.config.pad_token_id = tokenizer.pad_token_id
+    return model
+
+
+def run(params: Params, *, sft: Path, data: Path, demos: Path, world: Path | None, out: Path, metrics: Path,
+        plots: Path, checkpoints: Path | None) -> dict[str, Any]:
+    from rlhf.gold import load_judge
+    from rlhf.modeling import load_tokenizer, make_optimizer, pick_device, save_model, setup_torch
+    from rlhf.rm import REWARD_BIAS_KEY, encode_pair, score_texts
+    from rlhf.training import Checkpointer, cosine_lr, epoch_batches, file_digest, fingerprint, open_live, train_loop
+
+    t0 = time.time()
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        # A ~1M-parameter RM trains in seconds; one process keeps the K-way batch elements whole.
+        raise StageError("reward runs in a single process; start it with `rlhf reward`, not a multi-process launcher")
+    device = pick_device(params.device)
+    setup_torch(params.threads, device)
+    tokenizer = load_tokenizer(sft)
+
+    # 1. Comparison groups, split by prompt into train / held-out.
+    groups = load_groups(data, params.data_format)
+    if params.extra_pairs:
+        groups += load_groups(Path(params.extra_pairs), params.extra_format)
+    train = [g for g in groups if not is_heldout(g["prompt"], params.val_fraction, params.seed)]
+    val = [g for g in groups if is_heldout(g["prompt"], params.val_fraction, params.seed)]
+    if not val:
+        raise StageError(f"{data}: reward.val_fraction={params.val_fraction} held out no prompt; raise it or add data")
+    # 'pairs' (the naive variant) takes as many pairs per step as 'kway' covers, so both make the same
+    # number of steps with the same schedule; only the batching differs.
+    per_step, n_kway = params.batch_size, len(train)
+    if params.batching == "pairs":
+        train = as_pair_groups(train)
+        per_step = math.ceil(len(train) / max(1, n_kway // params.batch_size))
+    if len(train) < per_step:
+        raise StageError(f"{data}: {len(train)} training comparisons, fewer than reward.batch_size={per_step}")
+    enc = lambda gs: [[encode_pair(tokenizer, g["prompt"], r, params.max_len) for r in g["responses"]] for g in gs]  # noqa: E731
+    train_enc, val_enc = enc(train), enc(val)
+    steps_per_epoch = len(train) // per_step
+    total_steps = params.epochs * steps_per_epoch
+
+    # 2. Model: SFT transformer + scalar head; dropout off (configs here have none; eval-mode forward).
+    model = build_reward_model(sft, tokenizer, params.head_init_std, params.seed).to(device)
+    optimizer = make_optimizer(model.parameters(), params.lr, params.weight_decay, device)
+    checkpointer = Checkpointer(checkpoints, fingerprint(to_dict(params), file_digest(sft), file_digest(data)))
+    pad = tokenizer.pad_token_id
+
+    def loss_fn(step: int, net) -> torch.Tensor:
+        # `net` is `model` itself: the RM trains in one process (checked above).
+        idx = epoch_batches(len(train), per_step, step, params.seed)
+        return batch_loss(model, [train_enc[i] for i in idx], [train[i] for i in idx], pad, device)
+
+    @torch.no_grad()
+    def evaluate() -> dict[str, float]:
+        scores = score_groups(model, val_enc, pad, device, batch_size=256)
+        m = heldout_metrics(val, scores, None)
+        loss = batch_loss(model, val_enc, val, pad, device) if len(val) <= 512 else None
+        out = {"val_accuracy": m["accuracy_labels"]}
+        if loss is not None:
+            out["val_loss"] = float(loss)
+        return out
+
+    live = open_live(plots, resume=checkpointer.load() is not None)
+    t_train = time.time()
+    last = train_loop(
+        model=model, optimizer=optimizer, loss_fn=loss_fn, total_steps=total_steps,
+        lr_at=lambda s: cosine_lr(s, total_steps, lr=params.lr, warmup=params.warmup_steps),
+        checkpointer=checkpointer, checkpoint_every=params.checkpoint_every, live=live, description="reward",
+        evaluate=evaluate, eval_every=params.eval_every or total_steps, device=device,
+    )
+    live.end()
+    train_s = time.time() - t_train
+    model.eval()
+
+    # 3. Held-out evaluation against the labels and the gold judge.
+    judge = load_judge(world)
+    scores = score_groups(model, val_enc, pad, device, batch_size=256)
+    gold = None
+    if judge is not None:
+        gold = [[judge.score(g["prompt"], r)["total"] for r in g["responses"]] for g in val]
+    heldout = heldout_metrics(val, scores, gold)
+    heldout["prompts"] = len({g["prompt"] for g in val})
+    heldout["records"] = len(val)
+
+    # 4. Demonstration bias (PPO_DETAILS item 3): shift so the demonstrations' mean reward is 0.
+    demo_rows = read_jsonl(demos, DEMONSTRATION_SCHEMA)
+    raw = score_texts(model, tokenizer, [d["prompt"] for d in demo_rows], [d["response"] for d in demo_rows],
+                      max_len=params.max_len, batch_size=256, device=device, centered=False)
+    bias = -sum(raw) / len(raw)
+    setattr(model.config, REWARD_BIAS_KEY, round(bias, 6))
+    model.config.reward_bias_method = BIAS_METHOD
+    save_model(model.cpu(), tokenizer, out)
+    checkpointer.clear()
+
+    flat_val = [x for s in scores for x in s]
+    result: dict[str, Any] = {
+        "data_format": params.data_format, "batching": params.batching,
+        "train": {"comparisons": len(train), "pairs": sum(len(g["pairs"]) for g in train), "steps": total_steps,
+                  "per_step": per_step, "train_loss": round(last.get("train_loss", math.nan), 4)},
+        "heldout": heldout,
+        "bias": {"method": BIAS_METHOD, "value": round(bias, 6), "demonstrations": len(raw),
+                 "heldout_mean_reward_centered": round(sum(flat_val) / len(flat_val) + bias, 4)},
+    }
+    write_json(metrics, result)
+    result["timing"] = {"wall_s": round(time.time() - t0, 1), "train_s": round(train_s, 1)}
+    return result
+
+
+def summary(m: dict[str, Any]) -> str:
+    h = m["heldout"]
+    text = f"{m['train']['steps']} steps; held-out accuracy {h['accuracy_labels']:.1%} vs labels"
+    if h.get("accuracy_gold") is not None:
+        text += f", {h['accuracy_gold']:.1%} vs gold (labels vs gold {h.get('labels_gold_agreement', float('nan')):.1%})"
+    return text + f"; demonstration bias {m['bias']['value']:+.3f} ({m['timing']['wall_s']} s)"

@@ -1,0 +1,183 @@
+"""The ppo stage end to end on the tiny profile, and resume after a real SIGKILL.
+
+The reference run happens in-process; the resume test runs `python -m cli ppo` in a subprocess with
+the same params (checkpoint_every=1), SIGKILLs it after its first checkpoint, reruns it, and checks
+that the final weights and metrics equal the uninterrupted run's.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from tests.conftest import ROOT, TINY, tiny_params
+
+
+@dataclass(frozen=True)
+class PPORun:
+    sft: Path
+    reward: Path
+    prepared: Path
+    world: Path
+    out: Path
+    value_out: Path
+    metrics: Path
+    plots: Path
+    result: dict
+
+
+def build_reward_model(sft: Path, out: Path) -> Path:
+    """A stand-in RM (the SFT backbone with a seeded random score head) for when no tiny_rm fixture exists."""
+    from transformers import AutoModelForSequenceClassification
+
+    from rlhf.modeling import load_tokenizer, save_model
+
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        model = AutoModelForSequenceClassification.from_pretrained(str(sft), num_labels=1, use_safetensors=True)
+    model.config.pad_token_id = load_tokenizer(sft).pad_token_id
+    save_model(model, load_tokenizer(sft), out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def reward_dir(request, tiny_run, tmp_path_factory) -> Path:
+    try:
+        return Path(request.getfixturevalue("tiny_rm").reward)
+    except pytest.FixtureLookupError:
+        return build_reward_model(tiny_run.sft, tmp_path_factory.mktemp("rm") / "reward")
+
+
+def stage_paths(root: Path) -> dict[str, Path]:
+    return {"out": root / "models/policy", "value_out": root / "models/value", "metrics": root / "metrics/ppo.json",
+            "plots": root / "plots/ppo", "checkpoints": root / "checkpoints/ppo"}
+
+
+@pytest.fixture(scope="module")
+def ppo_run(tiny_run, reward_dir, tmp_path_factory) -> PPORun:
+    from stages import ppo
+
+    root = tmp_path_factory.mktemp("ppo")
+    paths = stage_paths(root)
+    result = ppo.run(tiny_params("ppo"), sft=tiny_run.sft, reward=reward_dir, data=tiny_run.prepared,
+                     world=tiny_run.world, **paths)
+    return PPORun(sft=tiny_run.sft, reward=reward_dir, prepared=tiny_run.prepared, world=tiny_run.world,
+                  out=paths["out"], value_out=paths["value_out"], metrics=paths["metrics"], plots=paths["plots"],
+                  result=result)
+
+
+def test_ppo_writes_models_metrics_and_plots(ppo_run):
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    AutoModelForCausalLM.from_pretrained(str(ppo_run.out), use_safetensors=True)
+    value = AutoModelForSequenceClassification.from_pretrained(str(ppo_run.value_out), use_safetensors=True)
+    assert value.config.num_labels == 1
+    assert (ppo_run.out / "tokenizer.json").is_file()
+
+    m = json.loads(ppo_run.metrics.read_text())
+    assert "timing" not in m  # metrics stay byte-identical between runs
+    for key in ("rm_score", "kl", "gold", "eos_share", "response_length", "kl_coef"):
+        assert key in m["final_rollout"], key
+    for name in ("policy", "sft"):
+        assert 0.0 <= m["test"][name]["gold"]["total"] <= 1.0
+    assert m["corpus_logprob"]["policy"] < 0 and m["corpus_logprob"]["sft"] < 0
+
+    # Item 18 on every step of the run: ratio ≡ 1, approx KL = 0, clipfrac = 0 on the first minibatch.
+    s = m["sanity"]
+    assert s["first_minibatch_max_abs_ratio_minus_1"] < 1e-5
+    assert s["first_minibatch_max_approxkl"] < 1e-9
+    assert s["first_minibatch_max_clipfrac"] == 0.0
+
+    # Item 22's metric set as dvclive curves, item 23's plot.
+    curves = ppo_run.plots / "plots" / "metrics"
+    for name in ("objective/kl", "objective/entropy", "objective/non_score_reward", "objective/scores",
+                 "objective/rlhf_reward", "policy/approxkl", "policy/clipfrac", "loss/policy", "loss/value",
+                 "loss/ptx", "val/ratio", "val/ratio_var", "val/response_length", "val/eos_share", "kl_coef",
+                 "gold/score", "objective/rm_score"):
+        rows = (curves / f"{name}.tsv").read_text().strip().splitlines()
+        assert len(rows) == 1 + tiny_params("ppo").steps, name
+    assert (ppo_run.plots / "overoptimization.png").stat().st_size > 1000
+    csv = (ppo_run.plots / "overoptimization.csv").read_text().splitlines()
+    assert csv[0] == "step,sqrt_kl,proxy_score,gold_score" and len(csv) == 1 + tiny_params("ppo").steps
+    # The first rollout comes from the SFT policy itself: KL exactly 0.
+    assert float(csv[1].split(",")[1]) == 0.0
+
+
+def test_ppo_resumes_after_sigkill_with_identical_weights(ppo_run, tmp_path):
+    from safetensors.torch import load_file
+
+    params = yaml.safe_load(TINY.read_text())
+    assert params["ppo"]["checkpoint_every"] == 1  # the reference run used the same params
+    params_path = tmp_path / "params.yaml"
+    params_path.write_text(yaml.safe_dump(params))
+    paths = stage_paths(tmp_path)
+    cmd = [sys.executable, "-m", "cli", "ppo", "--params", str(params_path), "--sft", str(ppo_run.sft),
+           "--reward", str(ppo_run.reward), "--data", str(ppo_run.prepared), "--world", str(ppo_run.world)]
+    cmd += [x for k, v in paths.items() for x in (f"--{k.replace('_', '-')}", str(v))]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    ckpt = paths["checkpoints"] / "checkpoint.pt"
+
+    # cwd outside the repository: the subprocess must not depend on where it starts (nor on git state).
+    proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    deadline = time.time() + 120
+    while not ckpt.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    assert proc.poll() is None, "the run ended before it could be killed:\n" + proc.stdout.read().decode()
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    state = torch.load(ckpt, map_location="cpu", weights_only=True)
+    assert 0 < state["step"] < tiny_params("ppo").steps
+    assert not paths["metrics"].exists()
+
+    done = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "resumed from step" in " ".join(done.stdout.split())  # rich may wrap the summary line
+    assert not ckpt.exists()  # removed on success
+    for folder in ("out", "value_out"):
+        ours = load_file(str(paths[folder] / "model.safetensors"))
+        ref = load_file(str(getattr(ppo_run, folder) / "model.safetensors"))
+        assert ours.keys() == ref.keys()
+        for k in ref:
+            assert torch.equal(ours[k], ref[k]), (folder, k)
+    assert paths["metrics"].read_text() == ppo_run.metrics.read_text()
+    # The rebuilt dvclive curves hold each step once.
+    rows = (paths["plots"] / "plots/metrics/objective/kl.tsv").read_text().strip().splitlines()
+    assert [r.split("\t")[0] for r in rows[1:]] == [str(i) for i in range(tiny_params("ppo").steps)]
+
+
+def test_ppo_missing_reward_model_says_what_to_run(ppo_run, tmp_path):
+    from rlhf.errors import StageError
+    from stages import ppo
+
+    with pytest.raises(StageError, match="reward model folder not found"):
+        ppo.run(tiny_params("ppo"), sft=ppo_run.sft, reward=tmp_path / "missing", data=ppo_run.prepared,
+                world=None, **stage_paths(tmp_path))
+
+
+def test_ppo_cli_help():
+    out = subprocess.run([sys.executable, "-m", "cli", "ppo", "--help"], cwd=ROOT, capture_output=True, text=True)
+    assert out.returncode == 0 and "Example:" in out.stdout and "--value-out" in out.stdout
+
+
+def test_overoptimization_files(tmp_path):
+    from stages.ppo import moving_average, write_overoptimization
+
+    assert moving_average([1.0, 3.0, 5.0, 7.0], window=2) == [1.0, 2.0, 4.0, 6.0]
+    history = [{"step": float(i), "objective/sqrt_kl": 0.1 * i, "objective/rm_score": 0.2 * i, "gold/score": 0.5}
+               for i in range(6)]
+    assert write_overoptimization(history, tmp_path) == tmp_path / "overoptimization.png"
+    assert (tmp_path / "overoptimization.csv").read_text().splitlines()[2] == "1,0.100000,0.200000,0.500000"
+    # Without a world file there is no gold score: the CSV keeps its header, no picture is drawn.
+    none = tmp_path / "none"
+    assert write_overoptimization([{k: v for k, v in h.items() if k != "gold/score"} for h in history], none) is None
+    assert (none / "overoptimization.csv").read_text() == "step,sqrt_kl,proxy_score,gold_score\n"
