@@ -146,8 +146,9 @@ def sample_top_p(model, queries: Sequence[Sequence[int]], *, pad_id: int, eos_id
     pos, past, step_ids = position_ids(mask), None, ids
     for t in range(max_new_tokens):
         with autocast(device):
-            res = model(input_ids=step_ids, attention_mask=mask, position_ids=pos, past_key_values=past, use_cache=True)
-        past = res.past_key_values
+            res = model(input_ids=step_ids, attention_mask=mask, position_ids=pos, cache=past, use_cache=True,
+                        logits_to_keep=1)
+        past = res.cache
         logits = top_p_filter(res.logits[:, -1, :].float() / temperature, top_p)  # (B, V)
         nxt = torch.multinomial(torch.softmax(logits, dim=-1), 1, generator=generator).squeeze(-1)
         nxt = torch.where(done, torch.full_like(nxt, pad_id), nxt)
@@ -331,7 +332,9 @@ def make_toxicity_scorer(spec: str, label: str, device: torch.device) -> Callabl
     from transformers import pipeline
 
     try:
-        clf = pipeline("text-classification", model=spec, top_k=None, device=device, truncation=True)
+        # Safe loading, as everywhere: safetensors weights only, no code from the model folder.
+        clf = pipeline("text-classification", model=spec, top_k=None, device=device, truncation=True,
+                       trust_remote_code=False, model_kwargs={"use_safetensors": True})
     except (OSError, ValueError) as exc:
         raise StageError(f"evaluate.toxicity_scorer: cannot load '{spec}' as a text classifier "
                          f"({str(exc).splitlines()[0]}); use 'gold' or a local model folder") from None
