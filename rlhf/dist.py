@@ -47,13 +47,23 @@ class Dist:
         tdist.all_reduce(t)
         return float(t) / self.world_size
 
-    def wrap(self, model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
-        if not self.enabled:
-            return model
-        from torch.nn.parallel import DistributedDataParallel
+    def average_gradients(self, model: torch.nn.Module) -> None:
+        """All-reduce the gradients after `backward` so every rank takes the same optimizer step.
 
-        ids = [device.index] if device.type == "cuda" else None
-        return DistributedDataParallel(model, device_ids=ids)
+        Explicit rather than a DistributedDataParallel wrapper: stages call sub-modules directly
+        (the reward head on the backbone's hidden states, the value head), which would bypass DDP's
+        hooks. One flattened all-reduce per step costs the same as DDP's buckets at these sizes.
+        """
+        if not self.enabled:
+            return
+        grads = [p.grad for p in model.parameters() if p.grad is not None]
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        tdist.all_reduce(flat)
+        flat /= self.world_size
+        offset = 0
+        for g in grads:
+            g.copy_(flat[offset: offset + g.numel()].view_as(g))
+            offset += g.numel()
 
 
 def init_dist(device: torch.device) -> tuple[Dist, torch.device]:

@@ -213,7 +213,7 @@ def train_loop(
     """The shared loop of pretrain and sft: step, clip, log, evaluate, checkpoint, resume.
 
     `loss_fn(step, net) -> loss tensor` builds this rank's share of the batch of `step` and runs
-    `net` (the model, wrapped for DDP when several processes run). `evaluate() -> dict` returns scalar
+    `net` (the model; under several processes its gradients are averaged across ranks after backward). `evaluate() -> dict` returns scalar
     metrics logged next to the training loss. Only rank 0 logs and checkpoints. Returns the last values.
     """
     from rlhf.dist import Dist
@@ -232,7 +232,7 @@ def train_loop(
 
             console.print(f"{description}: resuming from {checkpointer.path} at step {start} of {total_steps}", soft_wrap=True)
             restore_live(live, state.get("live"), start)
-    net = dist.wrap(model, device or torch.device("cpu"))
+    net = model  # gradients are averaged across ranks explicitly (rlhf.dist.Dist.average_gradients)
     last: dict[str, Any] = {}
     model.train()
     with progress() as bar:
@@ -240,14 +240,17 @@ def train_loop(
         for step in range(start, total_steps):
             set_lr(optimizer, lr_at(step))
             loss = loss_fn(step, net)
-            check_finite(loss, f"{description} loss", step, checkpointer.directory)
+            # The mean over ranks: a NaN on any rank stops every rank (none is left waiting in a collective).
+            loss_value = dist.mean(float(loss.detach()))
+            check_finite(loss_value, f"{description} loss", step, checkpointer.directory)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
+            dist.average_gradients(model)
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             # A finite loss can still give inf/NaN gradients; stop before they reach the weights.
             check_finite(grad_norm, f"{description} gradient norm", step, checkpointer.directory)
             optimizer.step()
-            last["train_loss"] = dist.mean(float(loss.detach()))
+            last["train_loss"] = loss_value
             if evaluate is not None and eval_every and ((step + 1) % eval_every == 0 or step + 1 == total_steps):
                 model.eval()
                 for k, v in evaluate().items():

@@ -22,6 +22,7 @@ continues exactly where the uninterrupted run would be and ends with the same we
 from __future__ import annotations
 
 import math
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -232,6 +233,9 @@ def run(params: Params, *, sft: Path, reward: Path, data: Path, world: Path | No
     )
 
     t0 = time.time()
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        # Not yet data parallel: every process would roll out and write the same outputs.
+        raise StageError("ppo runs in one process for now; start it with `rlhf ppo`, not a multi-process launcher")
     device = pick_device(params.device)
     setup_torch(params.threads, device)
     data = Path(data)

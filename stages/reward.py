@@ -262,13 +262,17 @@ def run(params: Params, *, sft: Path, data: Path, demos: Path, world: Path | Non
     from rlhf.rm import REWARD_BIAS_KEY, encode_pair, score_texts
     from rlhf.training import Checkpointer, cosine_lr, epoch_batches, file_digest, fingerprint, open_live, train_loop
 
+    from rlhf.dist import init_dist
+    from rlhf.io import remove_outputs
+
     t0 = time.time()
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        # A ~1M-parameter RM trains in seconds; one process keeps the K-way batch elements whole.
-        raise StageError("reward runs in a single process; start it with `rlhf reward`, not a multi-process launcher")
-    device = pick_device(params.device)
+    # Data parallel under `accelerate launch` / `torchrun`: each rank takes whole K-way groups of the
+    # same global batch (rlhf.dist), so a prompt's C(K,2) pairs never straddle processes.
+    dist, device = init_dist(pick_device(params.device))
     setup_torch(params.threads, device)
     tokenizer = load_tokenizer(sft)
+    if dist.is_main:
+        remove_outputs(out, metrics)  # a failed or killed run leaves no stale result behind
 
     # 1. Comparison groups, split by prompt into train / held-out.
     groups = load_groups(data, params.data_format)
@@ -298,9 +302,8 @@ def run(params: Params, *, sft: Path, data: Path, demos: Path, world: Path | Non
     pad = tokenizer.pad_token_id
 
     def loss_fn(step: int, net) -> torch.Tensor:
-        # `net` is `model` itself: the RM trains in one process (checked above).
-        idx = epoch_batches(len(train), per_step, step, params.seed)
-        return batch_loss(model, [train_enc[i] for i in idx], [train[i] for i in idx], pad, device)
+        idx = dist.shard(epoch_batches(len(train), per_step, step, params.seed))
+        return batch_loss(net, [train_enc[i] for i in idx], [train[i] for i in idx], pad, device)
 
     @torch.no_grad()
     def evaluate() -> dict[str, float]:
@@ -312,17 +315,19 @@ def run(params: Params, *, sft: Path, data: Path, demos: Path, world: Path | Non
             out["val_loss"] = float(loss)
         return out
 
-    live = open_live(plots, resume=checkpointer.load() is not None)
+    live = open_live(plots, resume=checkpointer.load() is not None) if dist.is_main else None
     t_train = time.time()
     last = train_loop(
         model=model, optimizer=optimizer, loss_fn=loss_fn, total_steps=total_steps,
         lr_at=lambda s: cosine_lr(s, total_steps, lr=params.lr, warmup=params.warmup_steps),
         checkpointer=checkpointer, checkpoint_every=params.checkpoint_every, live=live, description="reward",
-        evaluate=evaluate, eval_every=params.eval_every or total_steps, device=device,
+        evaluate=evaluate, eval_every=params.eval_every or total_steps, device=device, dist=dist,
     )
-    live.end()
     train_s = time.time() - t_train
     model.eval()
+    if not dist.is_main:  # rank 0 evaluates, centers and writes
+        return {"timing": {"wall_s": round(time.time() - t0, 1)}, "rank": dist.rank}
+    live.end()
 
     # 3. Held-out evaluation against the labels and the gold judge.
     judge = load_judge(world)
@@ -342,7 +347,6 @@ def run(params: Params, *, sft: Path, data: Path, demos: Path, world: Path | Non
     setattr(model.config, REWARD_BIAS_KEY, round(bias, 6))
     model.config.reward_bias_method = BIAS_METHOD
     save_model(model.cpu(), tokenizer, out)
-    checkpointer.clear()
 
     flat_val = [x for s in scores for x in s]
     result: dict[str, Any] = {
@@ -353,12 +357,15 @@ def run(params: Params, *, sft: Path, data: Path, demos: Path, world: Path | Non
         "bias": {"method": BIAS_METHOD, "value": round(bias, 6), "demonstrations": len(raw),
                  "heldout_mean_reward_centered": round(sum(flat_val) / len(flat_val) + bias, 4)},
     }
-    write_json(metrics, result)
+    write_json(metrics, result)  # written last: its presence marks a finished run
+    checkpointer.clear()  # only now, so a kill before this point still resumes
     result["timing"] = {"wall_s": round(time.time() - t0, 1), "train_s": round(train_s, 1)}
     return result
 
 
 def summary(m: dict[str, Any]) -> str:
+    if "heldout" not in m:
+        return f"rank {m['rank']} done ({m['timing']['wall_s']} s)"
     h = m["heldout"]
     text = f"{m['train']['steps']} steps; held-out accuracy {h['accuracy_labels']:.1%} vs labels"
     if h.get("accuracy_gold") is not None:

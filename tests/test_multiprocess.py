@@ -68,3 +68,35 @@ def test_two_process_sft_matches_one_process(tiny_run, tmp_path):
         # The two runs agree far more closely than either moved away from the base model.
         assert (w1[name] - w2[name]).norm() <= 0.2 * moved + 1e-6, name
     assert not (tmp_path / "two/ckpt").exists() and (tmp_path / "two/sft/config.json").is_file()
+
+
+def test_two_process_reward_matches_one_process(tiny_rm, tmp_path):
+    """The reward model under 2 processes: whole K-way groups per rank, gradients averaged."""
+    out = tmp_path / "two"
+    cmd = [str(Path(sys.executable).parent / "accelerate"), "launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+           "--main_process_port", str(free_port()), "-m", "cli", "reward", "--sft", str(tiny_rm.sft),
+           "--data", str(tiny_rm.rankings), "--demos", str(tiny_rm.prepared / "sft.jsonl"),
+           "--world", str(tiny_rm.world), "--out", str(out / "reward"), "--metrics", str(out / "reward.json"),
+           "--plots", str(out / "plots"), "--checkpoints", str(out / "ckpt"), "--params", str(TINY)]
+    t0 = time.time()
+    res = subprocess.run(cmd, cwd=ROOT, env={**os.environ, "HF_HUB_OFFLINE": "1"}, capture_output=True, text=True,
+                         timeout=600)
+    print(f"\nreward on the tiny profile, 2 processes: {time.time() - t0:.1f} s")
+    assert res.returncode == 0, res.stdout + res.stderr
+    one = json.loads((tiny_rm.metrics / "reward.json").read_text())
+    two = json.loads((out / "reward.json").read_text())
+    assert one["train"]["steps"] == two["train"]["steps"]
+    assert abs(one["train"]["train_loss"] - two["train"]["train_loss"]) < 0.05
+    assert abs(one["heldout"]["accuracy_labels"] - two["heldout"]["accuracy_labels"]) < 0.1
+    assert (out / "reward/config.json").is_file() and not (out / "ckpt").exists()
+
+
+def test_ppo_refuses_a_multi_process_launch(tmp_path):
+    from typer.testing import CliRunner
+
+    from cli.main import app
+
+    res = CliRunner().invoke(app, ["ppo", "--params", str(TINY), "--sft", str(tmp_path / "x")],
+                             env={"WORLD_SIZE": "2", "RANK": "0"})
+    assert res.exit_code == 1 and "one process" in res.output
