@@ -2,7 +2,7 @@
 
 The one-process run is a plain `python -m cli sft`; the two-process run adds the launcher (its own
 start-up, ~3-5 s here, is in its wall time). Same params, so the global batch is the same: with two
-processes each rank computes the loss on its half of every batch (`Dist.shard`) and DDP averages the
+processes each rank computes the loss on its half of every batch (`Dist.shard`) and the ranks average their
 gradients. The result is not bit-identical to one process (each rank's loss is a mean over its own
 response tokens, so the average of the two halves weights tokens slightly differently than one mean
 over the whole batch, and the all-reduce sums in another order) but it must be close. Wall times of
