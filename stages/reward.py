@@ -238,9 +238,11 @@ def build_reward_model(sft: Path, tokenizer, head_init_std: float, seed: int):
     check_model_dir(sft, "SFT model")
     verbosity = transformers.logging.get_verbosity()
     transformers.logging.set_verbosity_error()  # "score.weight newly initialized" is the point here
+    transformers.logging.disable_progress_bar()
     try:
         model = AutoModelForSequenceClassification.from_pretrained(
             str(sft), num_labels=1, pad_token_id=tokenizer.pad_token_id, dtype=torch.float32, use_safetensors=True,
+            trust_remote_code=False,
         )
     except (OSError, ValueError) as exc:
         raise StageError(f"{sft}: cannot build a reward model from it ({str(exc).splitlines()[0]})") from None
