@@ -1,0 +1,68 @@
+"""The benchmarks in bench/ run end to end on tiny configs (crash tests; the numbers are not checked).
+
+bench/gpu_check.py --smoke runs as a subprocess (its __main__ included) on whatever device is here;
+generation.py and ppo_vs_trl.py run in-process on tiny models. The TRL comparison is skipped when
+the optional `bench` extra (trl==1.12.0) is not installed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+BENCH = ROOT / "bench"
+
+
+@pytest.fixture(scope="module")
+def bench_path():
+    sys.path.insert(0, str(BENCH))
+    yield
+    sys.path.remove(str(BENCH))
+
+
+def test_gpu_check_smoke(tmp_path):
+    out = tmp_path / "gpu.json"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    proc = subprocess.run([sys.executable, str(BENCH / "gpu_check.py"), "--smoke", "--threads", "1", "--out", str(out)],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.loads(out.read_text())
+    assert result["smoke"] is True
+    assert result["sft"]["tokens_per_s"] > 0
+    assert result["ppo"]["eps_steady"] > 0 and result["ppo"]["steps"] == 2
+    assert result["model"]["params"] > 0
+
+
+def test_generation_smoke(tmp_path, bench_path):
+    import generation
+
+    result = generation.main(["--smoke", "--threads", "1", "--out", str(tmp_path / "gen.json")])
+    run = result["runs"][0]
+    assert run["batch"] == 4 and run["new_tokens"] == 4
+    assert run["ours"]["tokens_per_s"] > 0 and run["generate"]["tokens_per_s"] > 0
+    assert json.loads((tmp_path / "gen.json").read_text())["matmul_gflops_1024_fp32"] > 0
+
+
+def test_ppo_vs_trl_smoke(tmp_path, bench_path):
+    pytest.importorskip("trl")
+    import ppo_vs_trl
+
+    result = ppo_vs_trl.main(["--smoke", "--threads", "1", "--out", str(tmp_path / "ppo.json")])
+    assert result["ours"]["steps"] == result["trl"]["steps"] == 2
+    assert result["ratio_eps_steady"] > 0
+    assert 0 < result["flops"]["ours"]["share_of_matmul"]
+
+
+def test_ppo_step_flops_formula(bench_path):
+    from ppo_vs_trl import ppo_step_flops
+
+    # One policy param, one value param, B·T = 10 tokens, 4 epochs: forward-only 2·(3 + 2)·10 = 100,
+    # updates 4·6·2·10 = 480.
+    assert ppo_step_flops(1, 1, batch=2, width=5, epochs=4) == 580
+    assert ppo_step_flops(1, 1, batch=2, width=5, epochs=4, trl=True) == 560
