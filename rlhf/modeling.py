@@ -340,6 +340,21 @@ def continuation_loglik(
 # Sampling with the KV cache
 
 
+def top_p_filter(logits: torch.Tensor, top_p: float) -> torch.Tensor:
+    """Keep the smallest set of tokens whose probability reaches `top_p` (Holtzman et al. 2020); (B, V).
+
+    A token is kept when the mass of the tokens ranked above it is < top_p, so the most likely token is
+    always kept and the set is the smallest one with mass >= top_p.
+    """
+    if top_p >= 1.0:
+        return logits
+    sorted_logits, order = logits.sort(dim=-1, descending=True)
+    probs = torch.softmax(sorted_logits, dim=-1)
+    mass_before = probs.cumsum(dim=-1) - probs  # (B, V) probability of better-ranked tokens
+    sorted_logits = sorted_logits.masked_fill(mass_before >= top_p, float("-inf"))
+    return torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
+
+
 @torch.no_grad()
 def sample_tokens(
     model,
@@ -351,10 +366,12 @@ def sample_tokens(
     temperature: float,
     generator: torch.Generator | None,
     device: torch.device,
+    top_p: float = 1.0,
 ) -> torch.Tensor:
     """Sample responses for a batch of queries with the KV cache; returns (B, max_new_tokens) ids.
 
-    Temperature 0 means greedy. Sampling uses no top-k / top-p (PPO_DETAILS item 8). Positions after
+    Temperature 0 means greedy. Rollouts use no top-k / top-p (PPO_DETAILS item 8); `top_p` < 1 is for
+    protocols that ask for nucleus sampling (RealToxicityPrompts: 0.9). Positions after
     a sequence's first EOS are filled with PAD. The loop stops early once every sequence has ended.
     """
     ids, mask = left_pad(queries, pad_id)
@@ -373,7 +390,7 @@ def sample_tokens(
         past = res.cache
         logits = res.logits[:, -1, :].float()
         if temperature > 0:
-            probs = torch.softmax(logits / temperature, dim=-1)
+            probs = torch.softmax(top_p_filter(logits / temperature, top_p), dim=-1)
             nxt = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
         else:
             nxt = logits.argmax(-1)

@@ -112,55 +112,6 @@ class Params:
 
 
 # ----------------------------------------------------------------------------------------------
-# Sampling with nucleus (top-p) filtering, for RealToxicityPrompts only: PPO and the test responses
-# sample the full distribution (PPO_DETAILS item 8), the RTP protocol uses top-p 0.9.
-
-
-def top_p_filter(logits: torch.Tensor, top_p: float) -> torch.Tensor:
-    """Keep the smallest set of tokens whose probability reaches `top_p` (Holtzman et al. 2020); (B, V).
-
-    A token is kept when the mass of the tokens ranked above it is < top_p, so the most likely token is
-    always kept and the set is the smallest one with mass >= top_p.
-    """
-    if top_p >= 1.0:
-        return logits
-    sorted_logits, order = logits.sort(dim=-1, descending=True)
-    probs = torch.softmax(sorted_logits, dim=-1)
-    mass_before = probs.cumsum(dim=-1) - probs  # (B, V) probability of better-ranked tokens
-    sorted_logits = sorted_logits.masked_fill(mass_before >= top_p, float("-inf"))
-    return torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
-
-
-@torch.no_grad()
-def sample_top_p(model, queries: Sequence[Sequence[int]], *, pad_id: int, eos_id: int, max_new_tokens: int,
-                 temperature: float, top_p: float, generator: torch.Generator | None, device: torch.device) -> torch.Tensor:
-    """`rlhf.modeling.sample_tokens` with top-p: KV-cache sampling, left-padded queries, (B, max_new_tokens)
-    ids with PAD after each sequence's first EOS."""
-    from rlhf.modeling import autocast, left_pad, position_ids
-
-    ids, mask = left_pad(queries, pad_id)
-    ids, mask = ids.to(device), mask.to(device)
-    batch = ids.shape[0]
-    out = torch.full((batch, max_new_tokens), pad_id, dtype=torch.long, device=device)
-    done = torch.zeros(batch, dtype=torch.bool, device=device)
-    pos, past, step_ids = position_ids(mask), None, ids
-    for t in range(max_new_tokens):
-        with autocast(device):
-            res = model(input_ids=step_ids, attention_mask=mask, position_ids=pos, cache=past, use_cache=True,
-                        logits_to_keep=1)
-        past = res.cache
-        logits = top_p_filter(res.logits[:, -1, :].float() / temperature, top_p)  # (B, V)
-        nxt = torch.multinomial(torch.softmax(logits, dim=-1), 1, generator=generator).squeeze(-1)
-        nxt = torch.where(done, torch.full_like(nxt, pad_id), nxt)
-        out[:, t] = nxt
-        done |= nxt == eos_id
-        if bool(done.all()):
-            break
-        step_ids, pos = nxt.unsqueeze(-1), pos[:, -1:] + 1
-        mask = torch.cat([mask, torch.ones((batch, 1), dtype=mask.dtype, device=device)], dim=1)
-    return out.cpu()
-
-
 # ----------------------------------------------------------------------------------------------
 # Judges: per prompt, 1.0 when A's answer is preferred, 0.0 when B's, 0.5 for a tie.
 
@@ -302,7 +253,7 @@ def crows_pairs_eval(model, tokenizer, pairs: list[B.CrowsPair], *, batch_size: 
 def rtp_continuations(model, tokenizer, prompts: list[str], params: Params, device: torch.device) -> list[list[str]]:
     """k continuations per prompt; the prompt is raw text after BOS (the paper continues plain text) or
     a chat user turn (`rtp_format: chat`)."""
-    from rlhf.modeling import decode_response, encode_prompt
+    from rlhf.modeling import decode_response, encode_prompt, sample_tokens
 
     if params.rtp_format == "chat":
         queries = [encode_prompt(tokenizer, p) for p in prompts]
@@ -314,9 +265,9 @@ def rtp_continuations(model, tokenizer, prompts: list[str], params: Params, devi
     gen.manual_seed(params.seed)
     texts: list[str] = []
     for s in range(0, len(rows), params.batch_size):
-        toks = sample_top_p(model, rows[s: s + params.batch_size], pad_id=tokenizer.pad_token_id,
-                            eos_id=tokenizer.eos_token_id, max_new_tokens=params.rtp_max_new_tokens,
-                            temperature=params.rtp_temperature, top_p=params.rtp_top_p, generator=gen, device=device)
+        toks = sample_tokens(model, rows[s: s + params.batch_size], pad_id=tokenizer.pad_token_id,
+                             eos_id=tokenizer.eos_token_id, max_new_tokens=params.rtp_max_new_tokens,
+                             temperature=params.rtp_temperature, top_p=params.rtp_top_p, generator=gen, device=device)
         texts.extend(decode_response(tokenizer, row)[0] for row in toks.tolist())
     k = params.rtp_k
     return [texts[i * k:(i + 1) * k] for i in range(len(prompts))]

@@ -102,7 +102,7 @@ def test_cli_help():
 
 
 def test_top_p_filter_keeps_smallest_nucleus():
-    from stages.evaluate import top_p_filter
+    from rlhf.modeling import top_p_filter
 
     probs = torch.tensor([[0.5, 0.3, 0.15, 0.05]])
     logits = probs.log()
