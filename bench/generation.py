@@ -116,7 +116,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.out:
         from rlhf.io import write_json
 
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         write_json(args.out, result, sort_keys=False)
     return result
 

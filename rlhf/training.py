@@ -212,8 +212,8 @@ def train_loop(
 ) -> dict[str, Any]:
     """The shared loop of pretrain and sft: step, clip, log, evaluate, checkpoint, resume.
 
-    `loss_fn(step, net) -> loss tensor` builds this rank's share of the batch of `step` and runs
-    `net` (the model; under several processes its gradients are averaged across ranks after backward). `evaluate() -> dict` returns scalar
+    `loss_fn(step) -> loss tensor` builds this rank's share of the batch of `step` and runs the model;
+    under several processes the gradients are averaged across ranks after backward. `evaluate() -> dict` returns scalar
     metrics logged next to the training loss. Only rank 0 logs and checkpoints. Returns the last values.
     """
     from rlhf.dist import Dist
@@ -232,14 +232,13 @@ def train_loop(
 
             console.print(f"{description}: resuming from {checkpointer.path} at step {start} of {total_steps}", soft_wrap=True)
             restore_live(live, state.get("live"), start)
-    net = model  # gradients are averaged across ranks explicitly (rlhf.dist.Dist.average_gradients)
     last: dict[str, Any] = {}
     model.train()
     with progress() as bar:
         task = bar.add_task(description, total=total_steps, completed=start, info="", visible=dist.is_main)
         for step in range(start, total_steps):
             set_lr(optimizer, lr_at(step))
-            loss = loss_fn(step, net)
+            loss = loss_fn(step)
             # The mean over ranks: a NaN on any rank stops every rank (none is left waiting in a collective).
             loss_value = dist.mean(float(loss.detach()))
             check_finite(loss_value, f"{description} loss", step, checkpointer.directory)

@@ -146,10 +146,10 @@ def run(params: Params, *, corpus: Path, out: Path, metrics: Path, plots: Path, 
     optimizer = make_optimizer(model.parameters(), params.lr, params.weight_decay, device)
     checkpointer = Checkpointer(checkpoints, fingerprint(to_dict(params), file_digest(corpus)))
 
-    def loss_fn(step: int, net) -> torch.Tensor:
+    def loss_fn(step: int) -> torch.Tensor:
         ids = train[dist.shard(epoch_batches(len(train), params.batch_size, step, params.seed))].to(device)
         with autocast(device):
-            logits = net(input_ids=ids, use_cache=False).logits
+            logits = model(input_ids=ids, use_cache=False).logits
         return masked_lm_loss(logits, ids)
 
     @torch.no_grad()

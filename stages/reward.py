@@ -303,9 +303,9 @@ def run(params: Params, *, sft: Path, data: Path, demos: Path, world: Path | Non
     checkpointer = Checkpointer(checkpoints, fingerprint(to_dict(params), file_digest(sft), file_digest(data)))
     pad = tokenizer.pad_token_id
 
-    def loss_fn(step: int, net) -> torch.Tensor:
+    def loss_fn(step: int) -> torch.Tensor:
         idx = dist.shard(epoch_batches(len(train), per_step, step, params.seed))
-        return batch_loss(net, [train_enc[i] for i in idx], [train[i] for i in idx], pad, device)
+        return batch_loss(model, [train_enc[i] for i in idx], [train[i] for i in idx], pad, device)
 
     @torch.no_grad()
     def evaluate() -> dict[str, float]:

@@ -133,11 +133,11 @@ def run(params: Params, *, base: Path, data: Path, world: Path | None, out: Path
     optimizer = make_optimizer(model.parameters(), params.lr, params.weight_decay, device)
     checkpointer = Checkpointer(checkpoints, fingerprint(to_dict(params), file_digest(base), file_digest(data / "sft.jsonl")))
 
-    def loss_fn(step: int, net) -> torch.Tensor:
+    def loss_fn(step: int) -> torch.Tensor:
         batch = [train_ex[i] for i in dist.shard(epoch_batches(len(train_ex), params.batch_size, step, params.seed))]
         ids, mask, labels = (t.to(device) for t in collate(batch, tokenizer.pad_token_id))
         with autocast(device):
-            logits = net(input_ids=ids, attention_mask=mask, use_cache=False).logits
+            logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
         return masked_lm_loss(logits, labels)
 
     @torch.no_grad()
