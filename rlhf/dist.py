@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Any, Sequence
 
 import torch
 import torch.distributed as tdist
@@ -47,6 +47,61 @@ class Dist:
         tdist.all_reduce(t)
         return float(t) / self.world_size
 
+    def means(self, values: dict[str, float]) -> dict[str, float]:
+        """`mean` of every value of a dict in one all-reduce (same keys, in the same order, on every rank)."""
+        if not self.enabled:
+            return values
+        t = torch.tensor(list(values.values()), dtype=torch.float64)
+        tdist.all_reduce(t)
+        return {k: float(v) / self.world_size for k, v in zip(values, t.tolist(), strict=True)}
+
+    def all_sum(self, x: torch.Tensor) -> torch.Tensor:
+        """Sum of a tensor over ranks (the tensor itself with one process).
+
+        Summed in float64 and cast back: statistics such as a masked mean then come out the same
+        whatever the number of processes, up to rounding. Not differentiable (statistics only).
+        """
+        if not self.enabled:
+            return x
+        t = x.detach().to(torch.float64)
+        tdist.all_reduce(t)
+        return t.to(x.dtype)
+
+    def all_mean(self, x: torch.Tensor) -> torch.Tensor:
+        """Mean of a tensor over ranks (the tensor itself with one process).
+
+        As the denominator of a rank's loss, the ranks' mean token count N/world_size turns the
+        average of their gradients (`average_gradients`) into the gradient of Σ loss / N over the
+        whole global batch, as one process computes it, instead of an average of per-rank means.
+        """
+        if not self.enabled:
+            return x
+        mean = self.all_sum(x.to(torch.float64)) / self.world_size
+        return mean.to(x.dtype if x.is_floating_point() else torch.get_default_dtype())
+
+    def gather(self, obj: Any) -> list[Any]:
+        """Every rank's `obj`, in rank order, on every rank ([obj] with one process)."""
+        if not self.enabled:
+            return [obj]
+        out: list[Any] = [None] * self.world_size
+        tdist.all_gather_object(out, obj)
+        return out
+
+    def same_weights(self, model: torch.nn.Module) -> bool:
+        """Whether every rank holds bit-identical parameters (compared through float64 checksums).
+
+        With averaged gradients and the same optimizer state every rank takes the same step, so the
+        weights never drift apart; this checks that promise at the end of a run.
+        """
+        if not self.enabled:
+            return True
+        sums = torch.stack([p.detach().double().sum() for p in model.parameters()])
+        sums = torch.cat([sums, torch.stack([p.detach().double().square().sum() for p in model.parameters()])])
+        lo, hi = sums.clone(), sums.clone()
+        tdist.all_reduce(lo, op=tdist.ReduceOp.MIN)
+        tdist.all_reduce(hi, op=tdist.ReduceOp.MAX)
+        return bool(torch.equal(lo, hi))
+
     def average_gradients(self, model: torch.nn.Module) -> None:
         """All-reduce the gradients after `backward` so every rank takes the same optimizer step.
 
@@ -66,9 +121,14 @@ class Dist:
             offset += g.numel()
 
 
+def launched_processes() -> int:
+    """How many processes the launcher started (its WORLD_SIZE; 1 without a launcher), known before joining."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
 def init_dist(device: torch.device) -> tuple[Dist, torch.device]:
     """Join the process group when launched with several processes; returns (Dist, this rank's device)."""
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    world_size = launched_processes()
     if world_size <= 1:
         return Dist(), device
     rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
@@ -76,5 +136,7 @@ def init_dist(device: torch.device) -> tuple[Dist, torch.device]:
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
     if not tdist.is_initialized():
-        tdist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+        # On GPUs NCCL carries the CUDA tensors and gloo the CPU ones (`Dist.mean`'s scalars, `gather`'s
+        # pickled objects); NCCL alone refuses CPU tensors.
+        tdist.init_process_group(backend="cpu:gloo,cuda:nccl" if device.type == "cuda" else "gloo")
     return Dist(rank=rank, world_size=world_size, local_rank=local_rank), device

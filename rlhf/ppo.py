@@ -14,6 +14,7 @@ so that the sum of micro-batch losses equals the loss of the minibatch in one pi
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -40,15 +41,25 @@ def masked_var(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return masked_mean((x - mean) ** 2, mask)
 
 
-def whiten(x: torch.Tensor, mask: torch.Tensor, *, shift_mean: bool = True, eps: float = 1e-8) -> torch.Tensor:
+def whiten(x: torch.Tensor, mask: torch.Tensor, *, shift_mean: bool = True, eps: float = 1e-8,
+           all_sum: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
     """(x - mean) / sqrt(var + eps) over masked entries; positions outside `mask` become 0.
 
     Item 15 (lm-human-preferences `whiten`, Huang et al. 2022 detail "reward/advantage whitening"):
     advantages are whitened with the mean shifted to 0 (`shift_mean=True`); rewards, when whitened,
     keep their mean (`shift_mean=False`), so the sign of the reward signal survives. Biased variance.
+
+    `all_sum` sums a tensor over data-parallel ranks (`rlhf.dist.Dist.all_sum`): mean and variance are
+    then those of every rank's entries together, so N processes whiten their shards exactly as one
+    process whitens the whole batch (a per-rank mean would shift each shard by its own mean).
     """
     mask = mask.to(x.dtype)
-    mean, var = masked_mean(x, mask), masked_var(x, mask)
+    if all_sum is None:
+        mean, var = masked_mean(x, mask), masked_var(x, mask)
+    else:
+        count = all_sum(mask.sum()).clamp(min=1)
+        mean = all_sum(masked_sum(x, mask)) / count
+        var = all_sum(masked_sum((x - mean) ** 2, mask)) / count
     out = (x - mean) * torch.rsqrt(var + eps)
     if not shift_mean:
         out = out + mean

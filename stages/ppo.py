@@ -17,12 +17,17 @@ Resume: every `checkpoint_every` steps the policy, the value model, both optimiz
 controller, the sampling and shuffling generators and the per-step history are saved atomically.
 The prompt and pretraining batches are derived from the step number, so a rerun after a kill
 continues exactly where the uninterrupted run would be and ends with the same weights (on CPU).
+
+Data parallel: under `accelerate launch` / `torchrun` (rlhf/dist.py) every rank rolls out, scores
+and trains on an equal share of the same global batch, with its own sampling seed (item 21);
+advantage whitening, the adaptive KL and the logged metrics use all ranks' statistics, gradients are
+averaged before clipping, so every rank holds the same weights. Only rank 0 writes. With one process
+nothing is communicated and the results are those of a plain `rlhf ppo`.
 """
 
 from __future__ import annotations
 
 import math
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -156,10 +161,18 @@ def linear_anneal(step: int, total: int, lr: float) -> float:
     return lr * (1.0 - step / total)
 
 
-def rank() -> int:
-    import torch.distributed as tdist
+def check_processes(params: Params, processes: int) -> None:
+    """Each rank rolls out and updates on an equal share of every batch: the batch sizes must split evenly.
 
-    return tdist.get_rank() if tdist.is_available() and tdist.is_initialized() else 0
+    Equal shares keep every rank in step (the same number of minibatches and collectives) and make
+    the mean of the ranks' batch means the global batch mean.
+    """
+    keys = ("batch_size", "minibatch_size") + (("ptx_batch_size",) if params.ptx_coef > 0 else ())
+    for key in keys:
+        value = getattr(params, key)
+        require(value % processes == 0, f"ppo.{key}",
+                f"{value} does not split evenly over {processes} processes; make it a multiple of {processes} "
+                "or launch a number of processes that divides it")
 
 
 def moving_average(values: list[float], window: int = 5) -> list[float]:
@@ -221,6 +234,7 @@ def write_overoptimization(history: list[dict[str, float]], directory: Path) -> 
 
 def run(params: Params, *, sft: Path, reward: Path, data: Path, world: Path | None, out: Path, value_out: Path,
         metrics: Path, plots: Path, checkpoints: Path | None) -> dict[str, Any]:
+    from rlhf.dist import init_dist, launched_processes
     from rlhf.gold import load_judge, summarize
     from rlhf.modeling import (
         autocast, check_model_dir, decode_response, encode_prompt, generate_responses, left_pad, load_causal_lm, load_reward_model,
@@ -233,11 +247,12 @@ def run(params: Params, *, sft: Path, reward: Path, data: Path, world: Path | No
     )
 
     t0 = time.time()
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        # Not yet data parallel: every process would roll out and write the same outputs.
-        raise StageError("ppo runs in one process for now; start it with `rlhf ppo`, not a multi-process launcher")
-    device = pick_device(params.device)
+    check_processes(params, launched_processes())  # before joining: a bad split fails at once on every rank
+    dist, device = init_dist(pick_device(params.device))
     setup_torch(params.threads, device)
+    # This rank's share of every rollout and minibatch; the global sizes (and so the number of optimizer
+    # steps and the schedule) do not depend on the number of processes.
+    local_batch, local_minibatch = params.batch_size // dist.world_size, params.minibatch_size // dist.world_size
     data = Path(data)
 
     # 0. Models. Policy from SFT; reference = a frozen copy of SFT; value function initialized from
@@ -283,9 +298,12 @@ def run(params: Params, *, sft: Path, reward: Path, data: Path, world: Path | No
     value_opt = make_optimizer(value.parameters(), params.value_lr, 0.0, device)
     kl_ctl = P.make_kl_controller(params.kl_coef, params.target_kl, params.kl_horizon)
     # Explicit generators (never the global RNG), saved in the checkpoint. Item 21: the sampling seed
-    # differs per data-parallel rank.
-    sample_gen = torch.Generator(device=device).manual_seed(P.rank_seed(params.seed, rank()))
+    # differs per data-parallel rank. The minibatch shuffle is the same on every rank (each applies it to
+    # its own episodes), so all ranks run the same number of minibatches in the same order.
+    sample_gen = torch.Generator(device=device).manual_seed(P.rank_seed(params.seed, dist.rank))
     shuffle_gen = torch.Generator().manual_seed(params.seed + 1)
+    # Whitening statistics over every rank's tokens (item 15); None keeps the one-process arithmetic.
+    all_sum = dist.all_sum if dist.enabled else None
     checkpointer = Checkpointer(checkpoints, fingerprint(
         to_dict(params), file_digest(sft), file_digest(reward), file_digest(data / "ppo.jsonl"),
         file_digest(data / "corpus.jsonl"), file_digest(world) if world else None,
@@ -299,13 +317,21 @@ def run(params: Params, *, sft: Path, reward: Path, data: Path, world: Path | No
         policy_opt.load_state_dict(state["policy_opt"])
         value_opt.load_state_dict(state["value_opt"])
         kl_ctl.load_state_dict(state["kl_ctl"])
-        sample_gen.set_state(state["sample_gen"])
+        # Each rank continues its own sampling stream (item 21): a one-process checkpoint holds one state
+        # under "sample_gen", a multi-process one every rank's under "sample_gens" too.
+        gens = state.get("sample_gens", [state["sample_gen"]])
+        if len(gens) != dist.world_size:
+            raise StageError(f"{checkpointer.path}: written by a {len(gens)}-process run, resumed with "
+                             f"{dist.world_size}; relaunch with {len(gens)} processes, or delete "
+                             f"{checkpointer.directory} to start over")
+        sample_gen.set_state(gens[dist.rank])
         shuffle_gen.set_state(state["shuffle_gen"])
         start, history = state["step"], list(state["history"])
     # The dvclive folder is rebuilt from the checkpoint's history, so a resumed run never logs a step twice.
-    live = open_live(plots)
-    for h in history:
-        log_step(live, h)
+    live = open_live(plots) if dist.is_main else None
+    if dist.is_main:
+        for h in history:
+            log_step(live, h)
 
     def score_rollout(ids, mask, responses, r_mask, context_len):
         """Item 4 of the issue: old log-probs, reference log-probs, values, entropy and RM scores,
@@ -330,9 +356,9 @@ def run(params: Params, *, sft: Path, reward: Path, data: Path, world: Path | No
         set_lr(policy_opt, params.lr * lr_scale)
         set_lr(value_opt, params.value_lr * lr_scale)
 
-        # 1. Rollout: a batch of ppo prompts (position derived from the step), one sampled response
-        #    each, with the KV cache, queries left-padded (item 6), at temperature T (item 8).
-        idx = epoch_batches(len(queries), params.batch_size, step, params.seed)
+        # 1. Rollout: a batch of ppo prompts (position derived from the step; this rank's share of it),
+        #    one sampled response each, with the KV cache, queries left-padded (item 6), at temperature T (item 8).
+        idx = dist.shard(epoch_batches(len(queries), params.batch_size, step, params.seed))
         batch_queries = [queries[i] for i in idx]
         responses = sample_tokens(policy, batch_queries, pad_id=pad_id, eos_id=eos_id,
                                   max_new_tokens=params.max_new_tokens, temperature=params.temperature,
@@ -355,7 +381,7 @@ def run(params: Params, *, sft: Path, reward: Path, data: Path, world: Path | No
         rewards, non_score_reward, kl = P.kl_penalized_rewards(scores, roll["logprobs"], roll["ref_logprobs"],
                                                               r_mask, kl_ctl.value)
         if params.whiten_rewards:
-            rewards = P.whiten(rewards, r_mask, shift_mean=False)  # item 15: keep the mean
+            rewards = P.whiten(rewards, r_mask, shift_mean=False, all_sum=all_sum)  # item 15: keep the mean
         advantages, returns = P.compute_gae(rewards, roll["values"], r_mask, gamma=params.gamma, lam=params.lam)
 
         # 5. PPO epochs over minibatches reshuffled each epoch (item 17).
@@ -363,13 +389,16 @@ def run(params: Params, *, sft: Path, reward: Path, data: Path, world: Path | No
         first: dict[str, float] = {}
         n_updates = 0
         for epoch in range(params.ppo_epochs):
-            perm = torch.randperm(params.batch_size, generator=shuffle_gen).to(device)
-            for mb_i, mb_start in enumerate(range(0, params.batch_size, params.minibatch_size)):
-                mb = perm[mb_start: mb_start + params.minibatch_size]
+            perm = torch.randperm(local_batch, generator=shuffle_gen).to(device)
+            for mb_i, mb_start in enumerate(range(0, local_batch, local_minibatch)):
+                mb = perm[mb_start: mb_start + local_minibatch]
                 # Item 15: advantages whitened (mean shifted) per minibatch, as lm-human-preferences does;
-                # done before splitting into micro-batches so accumulation keeps minibatch semantics.
-                mb_adv = P.whiten(advantages[mb], r_mask[mb])
-                denom = r_mask[mb].sum().clamp(min=1)
+                # done before splitting into micro-batches so accumulation keeps minibatch semantics, and
+                # over all ranks' shares of the minibatch so N processes whiten like one.
+                mb_adv = P.whiten(advantages[mb], r_mask[mb], all_sum=all_sum)
+                # Item 17: losses are token sums over the minibatch's token count. Under N processes the
+                # ranks' mean count: the averaged gradient is then the one-process minibatch gradient.
+                denom = dist.all_mean(r_mask[mb].sum()).clamp(min=1)
                 policy_opt.zero_grad(set_to_none=True)
                 value_opt.zero_grad(set_to_none=True)
                 stats: dict[str, float] = {}
@@ -390,14 +419,22 @@ def run(params: Params, *, sft: Path, reward: Path, data: Path, world: Path | No
                 # Item 20 (PPO-ptx): + γ·E_pretrain[log π(x)] on a corpus batch derived from the update index.
                 if params.ptx_coef > 0:
                     u = step * updates_per_step + n_updates
-                    batch = [ptx_docs[i] for i in epoch_batches(len(ptx_docs), params.ptx_batch_size, u, params.seed + 2)]
-                    p_ids, p_mask, p_labels = (t.to(device) for t in lm_batch(batch, pad_id))
+                    ptx_idx = dist.shard(epoch_batches(len(ptx_docs), params.ptx_batch_size, u, params.seed + 2))
+                    p_ids, p_mask, p_labels = (t.to(device) for t in lm_batch([ptx_docs[i] for i in ptx_idx], pad_id))
                     with autocast(device):
                         ptx_loss = masked_lm_loss(policy(input_ids=p_ids, attention_mask=p_mask, use_cache=False).logits, p_labels)
+                    # A rank's token mean, weighted by its share of the global batch's tokens (as `denom`
+                    # above): the averaged gradient is that of the global batch's token mean. 1 with one process.
+                    n_tokens = (p_labels[:, 1:] != IGNORE_INDEX).sum()
+                    ptx_loss = ptx_loss * (n_tokens / dist.all_mean(n_tokens))
                     (params.ptx_coef * ptx_loss).backward()
                     stats["loss/ptx"] = float(ptx_loss.detach())
-                check_finite(stats["loss/policy"] + stats["loss/value"] + stats.get("loss/ptx", 0.0),
+                # The mean over ranks: a NaN on any rank stops every rank (none is left waiting in a collective).
+                check_finite(dist.mean(stats["loss/policy"] + stats["loss/value"] + stats.get("loss/ptx", 0.0)),
                              "ppo loss", step, checkpointer.directory)
+                # Every rank steps with the same averaged gradients, so the weights stay identical (rlhf.dist).
+                dist.average_gradients(policy)
+                dist.average_gradients(value)
                 if params.max_grad_norm > 0:
                     torch.nn.utils.clip_grad_norm_(policy.parameters(), params.max_grad_norm)
                     torch.nn.utils.clip_grad_norm_(value.parameters(), params.max_grad_norm)
@@ -408,25 +445,46 @@ def run(params: Params, *, sft: Path, reward: Path, data: Path, world: Path | No
                 for k, v in stats.items():
                     sums[k] = sums.get(k, 0.0) + v
                 n_updates += 1
-        means = {k: v / n_updates for k, v in sums.items()}
+        # Loss statistics are sums over `denom` like the losses, so their mean over ranks is the global one.
+        means = dist.means({k: v / n_updates for k, v in sums.items()})
+        first = dist.means(first)
         ratio_mean, ratio_var = P.summarize_ratio(means)
 
-        # 6. Adaptive KL (item 13): update β from this rollout's mean KL, n = episodes seen.
-        mean_kl = float(kl.sum(1).mean())  # item 12: summed per-token log-ratio, batch mean
+        # 6. Rollout statistics: means over this rank's equal share of the batch, so their mean over ranks
+        #    (one all-reduce) is the global batch's mean. The gold judge beside the proxy (item 23).
+        lengths = r_mask.sum(1).float()
+        batch_means = {
+            "kl": float(kl.sum(1).mean()),  # item 12: summed per-token log-ratio, batch mean
+            "entropy": float((roll["entropy"] * r_mask).sum(1).mean()),
+            "non_score_reward": float(non_score_reward.sum(1).mean()),
+            "scores": float(scores.mean()),
+            "rm_score": float(rm_scores.mean()),
+            "rlhf_reward": float((scores + non_score_reward.sum(1)).mean()),
+            "response_length": float(lengths.mean()),
+            "eos_share": float(ended.float().mean()),
+        }
+        if judge is not None:
+            texts = [decode_response(tokenizer, row)[0] for row in responses.cpu().tolist()]
+            gold = [judge.score(prompts[i], t)["total"] for i, t in zip(idx, texts, strict=True)]
+            batch_means["gold"] = sum(gold) / len(gold)
+        g = dist.means(batch_means)
+
+        # 7. Adaptive KL (item 13): update β from the global batch's mean KL, n = episodes seen; every rank
+        #    updates from the same numbers, so β stays the same on all of them.
+        mean_kl = g["kl"]
         beta_used = kl_ctl.value
         kl_ctl.update(mean_kl, params.batch_size)
 
-        # 7. Metrics of item 22, and the gold judge beside the proxy (item 23).
-        lengths = r_mask.sum(1).float()
+        # 8. Metrics of item 22.
         m = {
             "step": float(step),
             "objective/kl": mean_kl,
             "objective/sqrt_kl": math.sqrt(max(mean_kl, 0.0)),
-            "objective/entropy": float((roll["entropy"] * r_mask).sum(1).mean()),
-            "objective/non_score_reward": float(non_score_reward.sum(1).mean()),
-            "objective/scores": float(scores.mean()),
-            "objective/rm_score": float(rm_scores.mean()),
-            "objective/rlhf_reward": float((scores + non_score_reward.sum(1)).mean()),
+            "objective/entropy": g["entropy"],
+            "objective/non_score_reward": g["non_score_reward"],
+            "objective/scores": g["scores"],
+            "objective/rm_score": g["rm_score"],
+            "objective/rlhf_reward": g["rlhf_reward"],
             "policy/approxkl": means["approxkl"],
             "policy/clipfrac": means["clipfrac"],
             "loss/policy": means["loss/policy"],
@@ -434,8 +492,8 @@ def run(params: Params, *, sft: Path, reward: Path, data: Path, world: Path | No
             "val/clipfrac": means["vf_clipfrac"],
             "val/ratio": ratio_mean,
             "val/ratio_var": ratio_var,
-            "val/response_length": float(lengths.mean()),
-            "val/eos_share": float(ended.float().mean()),
+            "val/response_length": g["response_length"],
+            "val/eos_share": g["eos_share"],
             "kl_coef": beta_used,
             "sanity/first_ratio": first["ratio"],
             "sanity/first_approxkl": first["approxkl"],
@@ -443,29 +501,41 @@ def run(params: Params, *, sft: Path, reward: Path, data: Path, world: Path | No
         }
         if "loss/ptx" in means:
             m["loss/ptx"] = means["loss/ptx"]
-        if judge is not None:
-            texts = [decode_response(tokenizer, row)[0] for row in responses.cpu().tolist()]
-            gold = [judge.score(prompts[i], t)["total"] for i, t in zip(idx, texts, strict=True)]
-            m["gold/score"] = sum(gold) / len(gold)
+        if "gold" in g:
+            m["gold/score"] = g["gold"]
         return m
 
     t_train = time.time()
     with progress() as bar:
-        task = bar.add_task("ppo", total=params.steps, completed=start, info="")
+        task = bar.add_task("ppo", total=params.steps, completed=start, info="", visible=dist.is_main)
         for step in range(start, params.steps):
             m = ppo_step(step)
-            history.append(m)
-            log_step(live, m)
+            history.append(m)  # global means: the same history on every rank
+            if dist.is_main:
+                log_step(live, m)
             gold = f" gold {m['gold/score']:.3f}" if "gold/score" in m else ""
             bar.update(task, advance=1, info=f"rm {m['objective/rm_score']:.2f}{gold} kl {m['objective/kl']:.2f}")
             if params.checkpoint_every and (step + 1) % params.checkpoint_every == 0 and step + 1 < params.steps:
-                checkpointer.save({
-                    "policy": policy.state_dict(), "value": value.state_dict(),
-                    "policy_opt": policy_opt.state_dict(), "value_opt": value_opt.state_dict(),
-                    "kl_ctl": kl_ctl.state_dict(), "sample_gen": sample_gen.get_state(),
-                    "shuffle_gen": shuffle_gen.get_state(), "step": step + 1, "history": history,
-                })
+                # Weights, optimizers, β and the shuffle are the same on every rank; the sampling streams
+                # are not (item 21), so rank 0 saves all of them (a collective: every rank takes part).
+                gens = dist.gather(sample_gen.get_state())
+                if dist.is_main:
+                    state = {
+                        "policy": policy.state_dict(), "value": value.state_dict(),
+                        "policy_opt": policy_opt.state_dict(), "value_opt": value_opt.state_dict(),
+                        "kl_ctl": kl_ctl.state_dict(), "sample_gen": gens[0],
+                        "shuffle_gen": shuffle_gen.get_state(), "step": step + 1, "history": history,
+                    }
+                    if dist.enabled:
+                        state["sample_gens"] = gens
+                    checkpointer.save(state)
     t_train = time.time() - t_train
+    if not (dist.same_weights(policy) and dist.same_weights(value)):
+        raise StageError("ppo: the ranks' weights drifted apart during data-parallel training (a bug, not your "
+                         "input); rerun with one process and report it")
+    if not dist.is_main:  # rank 0 saves the models, runs the held-out evaluation and writes the metrics
+        return {"rank": dist.rank, "timing": {"wall_s": round(time.time() - t0, 1), "train_s": round(t_train, 1),
+                                              "resumed_from": start}}
     live.end()
     write_overoptimization(history, Path(plots))
     t_eval = time.time()
@@ -513,6 +583,8 @@ def run(params: Params, *, sft: Path, reward: Path, data: Path, world: Path | No
             if judge is not None:
                 entry["gold"] = summarize(judge, test_prompts, texts)
             result["test"][name] = entry
+    if dist.enabled:  # absent with one process, whose metrics file stays as it always was
+        result["processes"] = dist.world_size
     write_json(metrics, result)
     checkpointer.clear()
     result["timing"] = {"wall_s": round(time.time() - t0, 1), "train_s": round(t_train, 1),
@@ -528,8 +600,12 @@ def log_step(live, m: dict[str, float]) -> None:
 
 
 def summary(m: dict[str, Any]) -> str:
+    if "rank" in m:  # a data-parallel rank other than 0: it trained, rank 0 reports
+        return f"rank {m['rank']} done, weights identical to rank 0's ({m['timing']['wall_s']} s)"
     r = m["final_rollout"]
     text = f"{m['steps']} steps; last rollout rm {r['rm_score']}, kl {r['kl']}"
+    if "processes" in m:
+        text += f" ({m['processes']} processes)"
     if "gold" in r:
         text = f"{text}, gold {r['gold']}"
     t = m.get("test", {})

@@ -416,3 +416,18 @@ def test_catalogue_doc_lists_every_case():
     doc = (ROOT / "docs/bad_inputs.md").read_text()
     missing = [case for case in CASES if f"`{case}`" not in doc]
     assert not missing, f"docs/bad_inputs.md lacks {missing}"
+
+
+def test_ppo_batch_that_does_not_split_over_the_processes(tiny_run, tmp_path):
+    """Under a launcher every rank takes an equal share of each batch: 8 prompts over 3 processes fail
+    at once, on every rank, before any process group is joined (the launcher's WORLD_SIZE is enough)."""
+    from cli.main import app
+
+    ctx = Ctx(tmp_path, tiny_run)
+    args, outputs = ctx.ppo(tiny_run.sft)
+    res = CliRunner().invoke(app, [*args, "--params", str(ctx.params)], env={"WORLD_SIZE": "3", "RANK": "0"})
+    assert res.exit_code == 1, res.output
+    lines = res.stderr.strip().splitlines()
+    assert lines == ["error: params key 'ppo.batch_size': 8 does not split evenly over 3 processes; make it a "
+                     "multiple of 3 or launch a number of processes that divides it"], res.stderr
+    assert not [p for p in outputs if p.exists()]

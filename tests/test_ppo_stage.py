@@ -139,6 +139,18 @@ def test_ppo_resumes_after_sigkill_with_identical_weights(ppo_run, tmp_path):
     assert 0 < state["step"] < tiny_params("ppo").steps
     assert not paths["metrics"].exists()
 
+    # A checkpoint of a 2-process run holds each rank's sampling stream (item 21); one process cannot
+    # continue it and says so instead of resuming with other samples.
+    from rlhf.errors import StageError
+    from stages import ppo
+
+    saved = ckpt.read_bytes()
+    torch.save({**state, "sample_gens": [state["sample_gen"]] * 2}, ckpt)
+    with pytest.raises(StageError, match="written by a 2-process run, resumed with 1; relaunch with 2 processes"):
+        ppo.run(tiny_params("ppo"), sft=ppo_run.sft, reward=ppo_run.reward, data=ppo_run.prepared,
+                world=ppo_run.world, **paths)
+    ckpt.write_bytes(saved)
+
     done = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout + done.stderr
     assert "resumed from step" in " ".join(done.stdout.split())  # rich may wrap the summary line
