@@ -30,10 +30,12 @@ What is timed:
 Model FLOPs (approximate, the usual 2·N·tokens rule, Kaplan et al. 2020): N = parameters of the
 matmuls (nn.Linear weights, the tied LM head included, embedding lookups excluded), tokens = B·T
 with T the padded query+response length; forward-only passes 2·N·tokens, training passes (forward +
-backward) 6·N·tokens; attention score FLOPs are ignored. Per PPO step (ours): generation
-2·N_pol·B·T, policy and reference scoring 2·2·N_pol·B·T, value and reward scoring 2·2·N_v·B·T, and
-ppo_epochs × 6·(N_pol + N_v)·B·T for the updates. TRL skips the separate policy scoring pass (it keeps
-the generation logits), so its count has one fewer policy forward. Achieved FLOP/s = FLOPs per step ×
+backward) 6·N·tokens; attention score FLOPs are ignored. Per PPO step (ours, one minibatch per epoch):
+generation and reference scoring 2·2·N_pol·B·T, reward scoring 2·N_v·B·T, and ppo_epochs ×
+6·(N_pol + N_v)·B·T for the updates; the first update's forward also gives the rollout's old
+log-probs and values (stages.ppo.reuses_first_forward), so there is no separate policy or value
+scoring pass. TRL keeps the generation logits (no policy scoring pass) but runs a value scoring
+pass: one value forward more than ours. Achieved FLOP/s = FLOPs per step ×
 steps / loop time, shown as a share of the measured torch.mm throughput (1024×1024 fp32, same threads).
 
 Writes bench/results/ppo_vs_trl.json.
@@ -242,11 +244,22 @@ def matmul_params(model) -> int:
     return sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
 
 
-def ppo_step_flops(n_policy: int, n_value: int, batch: int, width: int, epochs: int, *, trl: bool = False) -> float:
-    """Approximate model FLOPs of one PPO step (see the module docstring for the formula)."""
+def ppo_step_flops(n_policy: int, n_value: int, batch: int, width: int, epochs: int, *, trl: bool = False,
+                   reuse_first_forward: bool = False) -> float:
+    """Approximate model FLOPs of one PPO step (see the module docstring for the formula).
+
+    `reuse_first_forward`: ours with one minibatch in one micro-batch (stages.ppo.reuses_first_forward),
+    where epoch 0's update forward also gives the old log-probs and values, so neither the policy nor
+    the value model has a separate scoring forward.
+    """
     tokens = batch * width
-    fwd_policy = 2 if trl else 3  # generation (+ our separate scoring pass) + reference
-    return (fwd_policy * 2 * n_policy + 2 * 2 * n_value) * tokens + epochs * 6 * (n_policy + n_value) * tokens
+    if trl:  # generation (logits kept) + reference; value + reward
+        fwd_policy, fwd_value = 2, 2
+    elif reuse_first_forward:  # generation + reference; reward
+        fwd_policy, fwd_value = 2, 1
+    else:  # generation + policy scoring + reference; value + reward
+        fwd_policy, fwd_value = 3, 2
+    return (fwd_policy * 2 * n_policy + fwd_value * 2 * n_value) * tokens + epochs * 6 * (n_policy + n_value) * tokens
 
 
 def mean_width(fx: Fixture, batch: int, steps: int, response_len: int, seed: int) -> float:
@@ -427,14 +440,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     flops: dict[str, Any] = {
         "matmul_gflops_1024_fp32": round(gflops, 2), "matmul_params_policy": n_pol, "matmul_params_value": n_val,
         "mean_query_response_tokens": round(width, 2),
-        "formula": "per step: (3·2·N_pol + 2·2·N_val)·B·T forward-only (generation, policy and reference scoring; "
-                   "value and reward scoring) + epochs·6·(N_pol+N_val)·B·T updates; TRL: 2·2·N_pol (no separate "
-                   "policy scoring). N = nn.Linear weights (tied LM head once), T = mean padded query+response "
-                   "length, attention score FLOPs ignored",
+        "formula": "per step: (2·2·N_pol + 1·2·N_val)·B·T forward-only (generation and reference scoring; reward "
+                   "scoring: with one minibatch the first update forward also scores policy and value) + "
+                   "epochs·6·(N_pol+N_val)·B·T updates; TRL: (2·2·N_pol + 2·2·N_val)·B·T forward-only (generation "
+                   "logits kept, reference; value and reward scoring). N = nn.Linear weights (tied LM head once), "
+                   "T = mean padded query+response length, attention score FLOPs ignored",
     }
     for side in ("ours", "trl"):
         if side in result:
-            per_step = ppo_step_flops(n_pol, n_val, s.batch, width, s.epochs, trl=side == "trl")
+            # run_ours uses minibatch = micro-batch = batch: the one-minibatch shortcut applies.
+            per_step = ppo_step_flops(n_pol, n_val, s.batch, width, s.epochs, trl=side == "trl",
+                                      reuse_first_forward=side == "ours")
             achieved = per_step * result[side]["eps_steady"] / s.batch
             flops[side] = {"gflop_per_step": round(per_step / 1e9, 3), "achieved_gflops": round(achieved / 1e9, 2),
                            "share_of_matmul": round(achieved / 1e9 / gflops, 4)}

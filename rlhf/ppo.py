@@ -244,10 +244,14 @@ def response_logits(model, query_responses: torch.Tensor, mask: torch.Tensor, co
     Item 8: the same temperature T as the rollout, for policy and reference alike (Huang et al. 2022,
     "scale the logits by sampling temperature"); without it the ratio at the first step is not 1.
     """
+    # logits[:, t] predicts token t + 1: the response starts at `context_len`, so only the positions
+    # context_len - 1 .. T - 2 are needed. `logits_to_keep` runs the LM head on the last R + 1 positions
+    # alone (not on the query's); the last one, which predicts past the response, is dropped.
+    n_response = query_responses.shape[1] - context_len
     logits = model(input_ids=query_responses, attention_mask=mask, position_ids=position_ids(mask),
-                   use_cache=False).logits
-    # logits[:, t] predicts token t + 1: the response starts at `context_len`.
-    return logits[:, context_len - 1: -1].float() / temperature
+                   use_cache=False, logits_to_keep=n_response + 1).logits[:, :-1].float()
+    # x / 1 is x exactly: skipping it at T = 1 saves a (B, R, V) copy and its backward, nothing else.
+    return logits / temperature if temperature != 1.0 else logits
 
 
 def logprobs_from_logits(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:

@@ -142,6 +142,14 @@ def open_live(directory: str | Path, resume: bool = False):
     directory = Path(directory)
     if not resume and directory.exists():
         shutil.rmtree(directory)
+    summary = directory / "metrics.json"
+    if resume and summary.exists():
+        # A SIGKILL can land while dvclive rewrites its summary, leaving it empty; dvclive would fail to
+        # read it. The curves come back from the checkpoint's snapshot (restore_live), so drop a broken one.
+        try:
+            json.loads(summary.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            summary.unlink()
     return Live(str(directory), dvcyaml=None, save_dvc_exp=False, report=None, resume=resume)
 
 

@@ -175,6 +175,18 @@ def check_processes(params: Params, processes: int) -> None:
                 "or launch a number of processes that divides it")
 
 
+def reuses_first_forward(local_batch: int, local_minibatch: int, micro_batch_size: int) -> bool:
+    """Whether epoch 0's first update forward can also score the rollout (the policy's and the value's part).
+
+    With one minibatch per PPO epoch (this rank's share) in one micro-batch, that forward comes before any
+    optimizer step: the same weights on the same tokens as the no_grad scoring pass, so its detached
+    log-probs and values are the rollout's old ones and the scoring pass skips policy and value model
+    (one forward of each per step). With several micro-batches their forwards would all have to be held
+    with their graphs until GAE has every value, so the general path runs then.
+    """
+    return local_minibatch == local_batch and len(chunks(local_minibatch, micro_batch_size)) == 1
+
+
 def moving_average(values: list[float], window: int = 5) -> list[float]:
     """Trailing mean over the last `window` values (shorter at the start)."""
     out, acc = [], 0.0
@@ -233,7 +245,8 @@ def write_overoptimization(history: list[dict[str, float]], directory: Path) -> 
 
 
 def run(params: Params, *, sft: Path, reward: Path, data: Path, world: Path | None, out: Path, value_out: Path,
-        metrics: Path, plots: Path, checkpoints: Path | None) -> dict[str, Any]:
+        metrics: Path, plots: Path, checkpoints: Path | None, reuse_first_forward: bool = True) -> dict[str, Any]:
+    """`reuse_first_forward=False` turns off the shortcut of `reuses_first_forward` (tests compare both paths)."""
     from rlhf.dist import init_dist, launched_processes
     from rlhf.gold import load_judge, summarize
     from rlhf.modeling import (
@@ -333,23 +346,34 @@ def run(params: Params, *, sft: Path, reward: Path, data: Path, world: Path | No
         for h in history:
             log_step(live, h)
 
-    def score_rollout(ids, mask, responses, r_mask, context_len):
-        """Item 4 of the issue: old log-probs, reference log-probs, values, entropy and RM scores,
-        computed once per rollout under no_grad, in micro-batches."""
-        outs: dict[str, list[torch.Tensor]] = {k: [] for k in ("logprobs", "ref_logprobs", "values", "entropy", "scores")}
+    def policy_value_forward(x, m, r, context_len):
+        """The policy's response logits (b, R, V) at temperature T and log-probs (b, R), and the values (b, R)
+        at the positions that predict each response token (lm-human-preferences)."""
+        logits = P.response_logits(policy, x, m, context_len, params.temperature)
+        return logits, P.logprobs_from_logits(logits, r), value(x, m)[:, context_len - 1: -1]
+
+    def score_rollout(ids, mask, responses, context_len, *, with_policy: bool):
+        """Item 4 of the issue: reference log-probs and RM scores, and (`with_policy`) the old log-probs,
+        entropy and values, computed once per rollout under no_grad, in micro-batches."""
+        keys = ("ref_logprobs", "scores") + (("logprobs", "entropy", "values") if with_policy else ())
+        outs: dict[str, list[torch.Tensor]] = {k: [] for k in keys}
         with torch.no_grad(), autocast(device):
             for sl in chunks(ids.shape[0], params.micro_batch_size):
                 x, m, r = ids[sl], mask[sl], responses[sl]
-                logits = P.response_logits(policy, x, m, context_len, params.temperature)
-                outs["logprobs"].append(P.logprobs_from_logits(logits, r))
-                outs["entropy"].append(P.entropy_from_logits(logits))
+                if with_policy:
+                    logits, logprobs, values = policy_value_forward(x, m, r, context_len)
+                    outs["logprobs"].append(logprobs)
+                    outs["entropy"].append(P.entropy_from_logits(logits))
+                    outs["values"].append(values)
                 ref_logits = P.response_logits(ref, x, m, context_len, params.temperature)  # same T (item 8)
                 outs["ref_logprobs"].append(P.logprobs_from_logits(ref_logits, r))
-                # Values at the positions that predict each response token (lm-human-preferences).
-                outs["values"].append(value(x, m)[:, context_len - 1: -1])
                 # Item 1: the RM reads its scalar at the last real token (EOS); centered (item 3).
                 outs["scores"].append(rewards_from_ids(rm, x, m))
         return {k: torch.cat(v).float() for k, v in outs.items()}
+
+    # One minibatch per PPO epoch, in one micro-batch: epoch 0's update forward comes before any optimizer
+    # step, so it is the rollout's policy and value model on the rollout's tokens (what item 18 checks).
+    reuse = reuse_first_forward and reuses_first_forward(local_batch, local_minibatch, params.micro_batch_size)
 
     def ppo_step(step: int) -> dict[str, float]:
         lr_scale = 1.0 - step / params.steps
@@ -372,8 +396,22 @@ def run(params: Params, *, sft: Path, reward: Path, data: Path, world: Path | No
         mask = torch.cat([q_mask, r_mask], 1).to(device)
         responses, r_mask, ended = responses.to(device), r_mask.to(device), ended.to(device)
 
-        # 3. Score once under no_grad.
-        roll = score_rollout(ids, mask, responses, r_mask, context_len)
+        # 3. Score once: reference and RM under no_grad; policy and value there too, or, with one minibatch,
+        #    in epoch 0's update forward. The minibatch order of every epoch is drawn here (shuffle_gen gives
+        #    the same permutations as when each was drawn at the start of its epoch).
+        roll = score_rollout(ids, mask, responses, context_len, with_policy=not reuse)
+        perms = [torch.randperm(local_batch, generator=shuffle_gen).to(device) for _ in range(params.ppo_epochs)]
+        held = None
+        if reuse:
+            # Epoch 0's update forward, with grad, over its one minibatch (the rollout in perms[0]'s order):
+            # detached, it gives the old log-probs, entropy and values, and the update below reuses it, so
+            # ratio ≡ 1 and approx KL = clipfrac = 0 exactly on the first minibatch (item 18).
+            with autocast(device):
+                held = policy_value_forward(ids[perms[0]], mask[perms[0]], responses[perms[0]], context_len)
+            with torch.no_grad():
+                logits, logprobs, values = (t.detach() for t in held)
+                back = torch.argsort(perms[0])  # rows back in rollout order: x[perm][argsort(perm)] = x
+                roll.update(logprobs=logprobs[back], values=values[back], entropy=P.entropy_from_logits(logits)[back])
         rm_scores = roll["scores"]
         scores = P.penalize_missing_eos(rm_scores, ended, params.missing_eos_penalty)  # item 10
 
@@ -388,8 +426,7 @@ def run(params: Params, *, sft: Path, reward: Path, data: Path, world: Path | No
         sums: dict[str, float] = {}
         first: dict[str, float] = {}
         n_updates = 0
-        for epoch in range(params.ppo_epochs):
-            perm = torch.randperm(local_batch, generator=shuffle_gen).to(device)
+        for epoch, perm in enumerate(perms):
             for mb_i, mb_start in enumerate(range(0, local_batch, local_minibatch)):
                 mb = perm[mb_start: mb_start + local_minibatch]
                 # Item 15: advantages whitened (mean shifted) per minibatch, as lm-human-preferences does;
@@ -405,11 +442,12 @@ def run(params: Params, *, sft: Path, reward: Path, data: Path, world: Path | No
                 for sl in chunks(len(mb), params.micro_batch_size):
                     mi = mb[sl]
                     with autocast(device):
-                        logits = P.response_logits(policy, ids[mi], mask[mi], context_len, params.temperature)
-                        new_logprobs = P.logprobs_from_logits(logits, responses[mi])
+                        if held is not None:  # epoch 0's forward, already run in step 3
+                            (_, new_logprobs, new_values), held = held, None
+                        else:
+                            _, new_logprobs, new_values = policy_value_forward(ids[mi], mask[mi], responses[mi], context_len)
                         pg_loss, pg_stats = P.clipped_policy_loss(new_logprobs, roll["logprobs"][mi], mb_adv[sl],
                                                                   r_mask[mi], clip_range=params.clip_range, denom=denom)
-                        new_values = value(ids[mi], mask[mi])[:, context_len - 1: -1]
                         vf_loss, vf_stats = P.clipped_value_loss(new_values, roll["values"][mi], returns[mi], r_mask[mi],
                                                                  clip_range=params.clip_range_value, denom=denom)
                     # Separate networks: each loss reaches only its own parameters.
@@ -534,7 +572,7 @@ def run(params: Params, *, sft: Path, reward: Path, data: Path, world: Path | No
         raise StageError("ppo: the ranks' weights drifted apart during data-parallel training (a bug, not your "
                          "input); rerun with one process and report it")
     if not dist.is_main:  # rank 0 saves the models, runs the held-out evaluation and writes the metrics
-        return {"rank": dist.rank, "timing": {"wall_s": round(time.time() - t0, 1), "train_s": round(t_train, 1),
+        return {"rank": dist.rank, "timing": {"wall_s": round(time.time() - t0, 1), "train_s": round(t_train, 3),
                                               "resumed_from": start}}
     live.end()
     write_overoptimization(history, Path(plots))
@@ -587,7 +625,7 @@ def run(params: Params, *, sft: Path, reward: Path, data: Path, world: Path | No
         result["processes"] = dist.world_size
     write_json(metrics, result)
     checkpointer.clear()
-    result["timing"] = {"wall_s": round(time.time() - t0, 1), "train_s": round(t_train, 1),
+    result["timing"] = {"wall_s": round(time.time() - t0, 1), "train_s": round(t_train, 3),
                         "eval_s": round(time.time() - t_eval, 1), "resumed_from": start}
     return result
 

@@ -65,4 +65,6 @@ def test_ppo_step_flops_formula(bench_path):
     # One policy param, one value param, B·T = 10 tokens, 4 epochs: forward-only 2·(3 + 2)·10 = 100,
     # updates 4·6·2·10 = 480.
     assert ppo_step_flops(1, 1, batch=2, width=5, epochs=4) == 580
-    assert ppo_step_flops(1, 1, batch=2, width=5, epochs=4, trl=True) == 560
+    assert ppo_step_flops(1, 1, batch=2, width=5, epochs=4, trl=True) == 560  # 2·(2 + 2)·10 forward-only
+    # One minibatch: no policy or value scoring pass, 2·(2 + 1)·10 forward-only.
+    assert ppo_step_flops(1, 1, batch=2, width=5, epochs=4, reuse_first_forward=True) == 540

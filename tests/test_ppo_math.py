@@ -199,6 +199,29 @@ def test_padded_and_unpadded_scoring_agree():
             torch.testing.assert_close(batched_scores[i], hf, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_response_logits_equal_the_full_forward(temperature):
+    """`logits_to_keep` runs the LM head on the response positions only: the same logits as slicing the full
+    forward's (item 8: divided by T), and the same gradients."""
+    from rlhf.modeling import left_pad, position_ids
+
+    policy = tiny_llama(0)
+    queries, responses = queries_and_responses()
+    q_ids, q_mask = left_pad(queries, PAD)
+    r_mask, _ = ppo.response_mask(responses, EOS)
+    ids, mask = torch.cat([q_ids, responses], 1), torch.cat([q_mask, r_mask], 1)
+    context_len = q_ids.shape[1]
+    full = policy(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask)).logits
+    reference = full[:, context_len - 1: -1] / temperature
+    kept = ppo.response_logits(policy, ids, mask, context_len, temperature)
+    assert kept.shape == (len(queries), responses.shape[1], VOCAB)
+    torch.testing.assert_close(kept, reference, rtol=1e-6, atol=1e-6)
+    grads = [torch.autograd.grad(ppo.logprobs_from_logits(x, responses).sum(), list(policy.parameters()))
+             for x in (kept, reference)]
+    for a, b in zip(*grads, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
 def test_first_minibatch_ratio_is_one():
     """Item 18: before any update the recomputed log-probs equal the rollout's: ratio ≡ 1, approxkl = clipfrac = 0."""
     from rlhf.modeling import left_pad, sample_tokens

@@ -167,6 +167,52 @@ def test_ppo_resumes_after_sigkill_with_identical_weights(ppo_run, tmp_path):
     assert [r.split("\t")[0] for r in rows[1:]] == [str(i) for i in range(tiny_params("ppo").steps)]
 
 
+def test_reuses_first_forward_only_for_one_minibatch_in_one_micro_batch():
+    from stages.ppo import reuses_first_forward
+
+    assert reuses_first_forward(8, 8, 8)
+    assert reuses_first_forward(4, 4, 8)  # a rank's share (8 over 2 processes) within one micro-batch of 8
+    assert not reuses_first_forward(8, 4, 4)  # the second minibatch comes after an optimizer step
+    assert not reuses_first_forward(8, 8, 4)  # two micro-batches: GAE needs both forwards' values first
+
+
+def test_ppo_first_forward_shortcut_matches_general_path(ppo_run, tmp_path):
+    """One minibatch per epoch in one micro-batch: epoch 0's update forward doubles as the policy's and the
+    value model's scoring pass. The run equals the general path's (a separate no_grad scoring pass) up
+    to float rounding, and item 18's sanity values are exact: ratio 1, approx KL 0, clipfrac 0."""
+    from safetensors.torch import load_file
+
+    from stages import ppo
+
+    params = tiny_params("ppo", steps=2, minibatch_size=8, micro_batch_size=8, checkpoint_every=0, heldout_corpus=0,
+                         eval_prompts=1)
+    assert params.batch_size == 8 and ppo.reuses_first_forward(8, 8, 8)
+    runs = {}
+    for reuse in (True, False):
+        paths = stage_paths(tmp_path / f"reuse_{reuse}")
+        ppo.run(params, sft=ppo_run.sft, reward=ppo_run.reward, data=ppo_run.prepared, world=ppo_run.world,
+                reuse_first_forward=reuse, **paths)
+        runs[reuse] = paths
+    fast, general = (json.loads(runs[r]["metrics"].read_text()) for r in (True, False))
+    assert fast["sanity"]["first_minibatch_max_abs_ratio_minus_1"] == 0.0
+    assert fast["sanity"]["first_minibatch_max_approxkl"] == 0.0
+    assert fast["sanity"]["first_minibatch_max_clipfrac"] == 0.0
+    assert general["sanity"]["first_minibatch_max_abs_ratio_minus_1"] < 1e-5
+    for key, value in general["final_rollout"].items():
+        assert fast["final_rollout"][key] == pytest.approx(value, abs=1e-4), key
+    # Every logged curve (losses, KL, entropy, clip fractions, ...) step by step.
+    curves = {r: runs[r]["plots"] / "plots" / "metrics" for r in runs}
+    for tsv in sorted(curves[False].rglob("*.tsv")):
+        rows = {r: (curves[r] / tsv.relative_to(curves[False])).read_text().strip().splitlines()[1:] for r in runs}
+        assert len(rows[True]) == len(rows[False]) == params.steps, tsv
+        for a, b in zip(rows[True], rows[False], strict=True):
+            assert float(a.split("\t")[-1]) == pytest.approx(float(b.split("\t")[-1]), abs=1e-5), tsv.name
+    for folder in ("out", "value_out"):
+        a, b = (load_file(str(runs[r][folder] / "model.safetensors")) for r in (True, False))
+        for k in b:
+            torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-5, msg=f"{folder} {k}")
+
+
 def test_ppo_missing_reward_model_says_what_to_run(ppo_run, tmp_path):
     from rlhf.errors import StageError
     from stages import ppo
