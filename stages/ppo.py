@@ -307,8 +307,8 @@ def run(params: Params, *, sft: Path, reward: Path, data: Path, world: Path | No
     judge = load_judge(world)
 
     # 2. Optimizers, KL controller, generators, checkpoint.
-    policy_opt = make_optimizer(policy.parameters(), params.lr, 0.0, device)
-    value_opt = make_optimizer(value.parameters(), params.value_lr, 0.0, device)
+    policy_opt = make_optimizer(policy.parameters(), params.lr, 0.0, device, fused_on_cpu=True)
+    value_opt = make_optimizer(value.parameters(), params.value_lr, 0.0, device, fused_on_cpu=True)
     kl_ctl = P.make_kl_controller(params.kl_coef, params.target_kl, params.kl_horizon)
     # Explicit generators (never the global RNG), saved in the checkpoint. Item 21: the sampling seed
     # differs per data-parallel rank. The minibatch shuffle is the same on every rank (each applies it to
