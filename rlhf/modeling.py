@@ -417,9 +417,8 @@ def sample_tokens(
                 break
             step_ids = nxt.unsqueeze(-1)
             pos = pos[:, -1:] + 1
-    # Outside inference_mode: an ordinary tensor, usable as the index of ops that autograd records.
-    out = out.cpu()
-    return out.clone() if out.is_inference() else out
+    # `out` was created before inference_mode, so it stays an ordinary tensor that autograd can index with.
+    return out.cpu()
 
 
 def generate_responses(

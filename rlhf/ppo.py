@@ -54,12 +54,10 @@ def whiten(x: torch.Tensor, mask: torch.Tensor, *, shift_mean: bool = True, eps:
     process whitens the whole batch (a per-rank mean would shift each shard by its own mean).
     """
     mask = mask.to(x.dtype)
-    if all_sum is None:
-        mean, var = masked_mean(x, mask), masked_var(x, mask)
-    else:
-        count = all_sum(mask.sum()).clamp(min=1)
-        mean = all_sum(masked_sum(x, mask)) / count
-        var = all_sum(masked_sum((x - mean) ** 2, mask)) / count
+    total = all_sum or (lambda t: t)  # one process: the sums are this process's own
+    count = total(mask.sum()).clamp(min=1)
+    mean = total(masked_sum(x, mask)) / count
+    var = total(masked_sum((x - mean) ** 2, mask)) / count  # = masked_var with all ranks' entries
     out = (x - mean) * torch.rsqrt(var + eps)
     if not shift_mean:
         out = out + mean
