@@ -442,6 +442,19 @@ def ideal_response(world: dict[str, Any], task: dict[str, Any], rng: random.Rand
     raise ValueError(f"no ideal response for family {fam!r}")
 
 
+# Follow-up offers some demonstration writers append out of habit. The judge's form factor counts them
+# as rambling (an extra sentence and a question), so the rankers, noisy copies of the judge, prefer the
+# answer without one; SFT, which imitates the demonstrations, picks the habit up.
+FOLLOW_UPS = ("Anything else?", "Do you want another one?", "Can I help with more?")
+
+
+def add_followups(demonstrations: list[dict[str, Any]], rate: float, rng: random.Random) -> None:
+    """Append a follow-up offer to a share `rate` of the demonstrations' responses, in place."""
+    for demo in demonstrations:
+        if rng.random() < rate:
+            demo["response"] = f"{demo['response']} {rng.choice(FOLLOW_UPS)}"
+
+
 def fact_sentence(world: dict[str, Any], rng: random.Random, *, chat: bool, entity: str | None = None,
                   attr: str | None = None) -> str:
     """A statement of some fact as the corpus would write it.

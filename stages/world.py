@@ -4,7 +4,8 @@ Reads: nothing (everything follows from the params and their seed).
 Writes, into `out` (data/raw), replaced whole and atomically:
   corpus.jsonl            {"text"}                        pretraining documents
   prompts.jsonl           {"id", "prompt", "family"}      prompt pool (prepare splits rm / ppo / test from it)
-  demonstrations.jsonl    {"prompt", "response", "family"} labeler-written ideal answers (prompts not in the pool)
+  demonstrations.jsonl    {"prompt", "response", "family"} labeler-written answers (prompts not in the pool): the
+                          ideal answer, with a follow-up offer appended in a share `demo_followup_rate` of them
   world.json              entities, facts, myths, groups, templates, lexicon, labeler pools (the gold judge's data)
   eval/truthfulqa_mc.json TruthfulQA multiple choice (mc1_targets, mc2_targets)
   eval/crows_pairs.csv    CrowS-Pairs (sent_more, sent_less, stereo_antistereo, bias_type)
@@ -62,6 +63,9 @@ class Params:
     """Prompt pool size of the `insult` family (prompts inviting insults)."""
     n_demonstrations: int
     """Labeler-written demonstrations, spread over families like the pool; scarce on purpose (DESIGN.md)."""
+    demo_followup_rate: float
+    """Share of demonstrations whose writer appended a follow-up offer ("Anything else?"), a habit the
+    judge and the rankers count as rambling; SFT imitates it, rankings can teach it away (docs/world.md)."""
     corpus_docs: int
     """Pretraining documents (about 180 bytes each)."""
     chat_share: float
@@ -95,7 +99,8 @@ class Params:
         require(self.n_places >= 2, "world.n_places", "must be at least 2")
         for key in ("n_arith", "n_sort", "n_fact", "n_unknown_prompts", "n_insult", "n_demonstrations"):
             require(getattr(self, key) >= 0, f"world.{key}", "must be >= 0")
-        for key in ("myth_rate", "stereotyped_groups", "chat_share", "chat_clean_rate", "labeler_sigma_spread"):
+        for key in ("myth_rate", "stereotyped_groups", "chat_share", "chat_clean_rate", "labeler_sigma_spread",
+                    "demo_followup_rate"):
             require(0.0 <= getattr(self, key) <= 1.0, f"world.{key}", "must be in [0, 1]")
         require(self.myth_ratio > 0, "world.myth_ratio", "must be > 0")
         require(self.labeler_sigma >= 0, "world.labeler_sigma", "must be >= 0")
@@ -119,6 +124,7 @@ DEFAULT: dict[str, Any] = {
     "n_unknown_prompts": 500,
     "n_insult": 260,
     "n_demonstrations": 360,
+    "demo_followup_rate": 0.6,
     "corpus_docs": 20000,
     "chat_share": 0.3,
     "chat_clean_rate": 0.25,
@@ -238,6 +244,8 @@ def run(params: Params, *, out: Path) -> dict[str, Any]:
     demo_rng = stream("demonstrations")
     demonstrations = [{"prompt": t["prompt"], "response": W.ideal_response(world, t, demo_rng), "family": t["family"]}
                       for t in demo_tasks]
+    # The writers' follow-up habit, from its own stream: every other file is the same at any rate.
+    W.add_followups(demonstrations, params.demo_followup_rate, stream("followups"))
     world["families"] = {f: {"pool": getattr(params, k), "demonstrations": quotas[f]} for f, k in POOL_KEYS.items()}
     world["corpus"] = {"docs": params.corpus_docs, "chat_share": params.chat_share,
                        "clean_rate": params.chat_clean_rate}

@@ -122,9 +122,17 @@ def test_harm_score():
 def test_every_generated_prompt_parses_to_its_family(tiny, judge):
     for rec in read_jsonl(tiny / "prompts.jsonl"):
         assert judge.family(rec["prompt"]) == rec["family"], rec
+    followed = 0
     for rec in read_jsonl(tiny / "demonstrations.jsonl"):
         assert judge.family(rec["prompt"]) == rec["family"], rec
-        assert judge.score(rec["prompt"], rec["response"])["total"] == 1.0, rec
+        ideal = rec["response"]
+        for offer in W.FOLLOW_UPS:  # the writers' habit (world.demo_followup_rate) costs form credit
+            if ideal.endswith(" " + offer):
+                ideal = ideal[: -len(offer) - 1]
+                followed += 1
+                assert judge.score(rec["prompt"], rec["response"])["total"] <= 0.65, rec
+        assert judge.score(rec["prompt"], ideal)["total"] == 1.0, rec
+    assert followed > 0
 
 
 def test_foreign_prompts_and_odd_responses_do_not_crash(judge):

@@ -191,3 +191,23 @@ def test_demo_quotas_sum_to_the_requested_count():
     quotas = demo_quotas(p)
     assert sum(quotas.values()) == p.n_demonstrations
     assert all(q > 0 for q in quotas.values())
+
+
+def test_followup_habit_has_its_rate_and_its_own_stream(tmp_path):
+    """demo_followup_rate appends follow-up offers to that share of demonstrations and changes nothing else."""
+    make(TINY, tmp_path / "none", demo_followup_rate=0.0, n_demonstrations=200)
+    make(TINY, tmp_path / "some", demo_followup_rate=0.6, n_demonstrations=200)
+    plain = read_jsonl(tmp_path / "none" / "demonstrations.jsonl")
+    habit = read_jsonl(tmp_path / "some" / "demonstrations.jsonl")
+    assert not any(d["response"].endswith(tuple(W.FOLLOW_UPS)) for d in plain)
+    added = 0
+    for a, b in zip(plain, habit, strict=True):
+        assert a["prompt"] == b["prompt"]
+        if b["response"] != a["response"]:
+            offer = b["response"][len(a["response"]) + 1:]
+            assert b["response"].startswith(a["response"] + " ") and offer in W.FOLLOW_UPS
+            added += 1
+    assert 0.45 <= added / len(plain) <= 0.75  # 200 draws at 0.6: 3.5 standard errors either side
+    for name in FILES:
+        if name != "demonstrations.jsonl":
+            assert (tmp_path / "none" / name).read_bytes() == (tmp_path / "some" / name).read_bytes(), name
