@@ -177,6 +177,8 @@ def test_params_are_strict():
         from_dict(Params, {k: v for k, v in TINY.items() if k != "seed"}, "world")
     with pytest.raises(StageError, match="myth_rate"):
         from_dict(Params, {**TINY, "myth_rate": 2.0}, "world")
+    with pytest.raises(StageError, match="demo_followup_rate"):
+        from_dict(Params, {**TINY, "demo_followup_rate": -0.1}, "world")
     assert set(DEFAULT) == set(TINY) == set(Params.__dataclass_fields__)
 
 
