@@ -62,47 +62,6 @@ def _fused(body) -> list[tuple[tuple, tuple]]:
              _cat_linear(layer.mlp.gate_proj, layer.mlp.up_proj)) for layer in body.layers]
 
 
-def _layers(body, x, positions, allowed, fused, cache=None, start: int = 0):
-    """The decoder layers on new tokens x (B, n, H). With `cache` = (keys, values, capacity), per-layer
-    lists of (B, kv_heads, capacity, head_dim) tensors, the new keys/values are written at start..start+n."""
-    import torch.nn.functional as F
-    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
-
-    cfg = body.config
-    heads = cfg.num_attention_heads
-    kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
-    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
-    b, n = x.shape[:2]
-    end = start + n
-    cos, sin = body.rotary_emb(x, positions)
-    sizes = (heads * head_dim, kv_heads * head_dim, kv_heads * head_dim)
-    for i, layer in enumerate(body.layers):
-        attn, mlp = layer.self_attn, layer.mlp
-        (w_qkv, b_qkv), (w_gu, b_gu) = fused[i]
-        q, k, v = F.linear(layer.input_layernorm(x), w_qkv, b_qkv).split(sizes, dim=-1)
-        q = q.view(b, n, heads, head_dim).transpose(1, 2)
-        k = k.view(b, n, kv_heads, head_dim).transpose(1, 2)
-        v = v.view(b, n, kv_heads, head_dim).transpose(1, 2)
-        q, k = apply_rotary_pos_emb(q, k, cos, sin)
-        if cache is not None:
-            if i == len(cache[0]):  # allocated at the first write, in the dtype autocast gives k and v
-                shape = (b, kv_heads, cache[2], head_dim)
-                cache[0].append(k.new_empty(shape))
-                cache[1].append(v.new_empty(shape))
-            keys, values = cache[0][i], cache[1][i]
-            keys[:, :, start:end] = k
-            values[:, :, start:end] = v
-            k, v = keys[:, :, :end], values[:, :, :end]
-        if heads != kv_heads:
-            k = k.repeat_interleave(heads // kv_heads, dim=1)
-            v = v.repeat_interleave(heads // kv_heads, dim=1)
-        o = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, scale=attn.scaling)
-        x = x + attn.o_proj(o.transpose(1, 2).reshape(b, n, heads * head_dim))
-        gate, up = F.linear(layer.post_attention_layernorm(x), w_gu, b_gu).chunk(2, dim=-1)
-        x = x + mlp.down_proj(mlp.act_fn(gate) * up)
-    return x
-
-
 class LlamaDecoder:
     """Prefill a left-padded batch, then extend it one token per call, with preallocated KV tensors.
 
@@ -111,17 +70,53 @@ class LlamaDecoder:
     """
 
     def __init__(self, model, mask: torch.Tensor):
+        cfg = model.config
         self.model = model
         self.body = model.model
+        self.heads = cfg.num_attention_heads
+        self.kv_heads = getattr(cfg, "num_key_value_heads", None) or self.heads
+        self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // self.heads
         self.allowed = attention_allowed(mask)
         self.fused = _fused(self.body)
-        self.cache: tuple[list, list, int] = ([], [], mask.shape[1])
+        self.capacity = mask.shape[1]
+        # Per layer (B, kv_heads, capacity, head_dim), allocated at the first write in the dtype that
+        # autocast gives k and v.
+        self.keys: list[torch.Tensor] = []
+        self.values: list[torch.Tensor] = []
         self.length = 0
 
     def forward(self, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """Logits (B, V) of the last of the new tokens `ids` (B, n) at `positions` (B, n)."""
-        start, end = self.length, self.length + ids.shape[1]
-        x = _layers(self.body, self.body.embed_tokens(ids), positions, self.allowed[:, :, start:end, :end],
-                    self.fused, self.cache, start)
+        import torch.nn.functional as F
+        from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+        heads, kv_heads, head_dim = self.heads, self.kv_heads, self.head_dim
+        b, n = ids.shape
+        start, end = self.length, self.length + n
+        mask = self.allowed[:, :, start:end, :end]
+        x = self.body.embed_tokens(ids)
+        cos, sin = self.body.rotary_emb(x, positions)
+        sizes = (heads * head_dim, kv_heads * head_dim, kv_heads * head_dim)
+        for i, layer in enumerate(self.body.layers):
+            attn, mlp = layer.self_attn, layer.mlp
+            (w_qkv, b_qkv), (w_gu, b_gu) = self.fused[i]
+            q, k, v = F.linear(layer.input_layernorm(x), w_qkv, b_qkv).split(sizes, dim=-1)
+            q = q.view(b, n, heads, head_dim).transpose(1, 2)
+            k = k.view(b, n, kv_heads, head_dim).transpose(1, 2)
+            v = v.view(b, n, kv_heads, head_dim).transpose(1, 2)
+            q, k = apply_rotary_pos_emb(q, k, cos, sin)
+            if i == len(self.keys):
+                self.keys.append(k.new_empty((b, kv_heads, self.capacity, head_dim)))
+                self.values.append(v.new_empty((b, kv_heads, self.capacity, head_dim)))
+            self.keys[i][:, :, start:end] = k
+            self.values[i][:, :, start:end] = v
+            k, v = self.keys[i][:, :, :end], self.values[i][:, :, :end]
+            if heads != kv_heads:
+                k = k.repeat_interleave(heads // kv_heads, dim=1)
+                v = v.repeat_interleave(heads // kv_heads, dim=1)
+            o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=attn.scaling)
+            x = x + attn.o_proj(o.transpose(1, 2).reshape(b, n, heads * head_dim))
+            gate, up = F.linear(layer.post_attention_layernorm(x), w_gu, b_gu).chunk(2, dim=-1)
+            x = x + mlp.down_proj(mlp.act_fn(gate) * up)
         self.length = end
         return self.model.lm_head(self.body.norm(x[:, -1]))
