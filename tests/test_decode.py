@@ -84,3 +84,18 @@ def test_sample_categorical_takes_unnormalized_rows_and_is_reproducible():
     b = sample_categorical(probs, torch.Generator().manual_seed(5))
     assert torch.equal(a, b)
     assert abs(float(a.double().mean()) - 0.75) < 0.03
+
+
+def test_decoder_runs_under_bf16_autocast_like_the_hf_forward():
+    """The CUDA path runs under bf16 autocast; CPU autocast exercises the same dtype mixing here."""
+    model = llama(kv_heads=2)
+    ids, mask = left_pad(QUERIES, PAD)
+    nxt = torch.tensor([[21], [22], [23], [24]])
+    full = torch.cat([mask, torch.ones_like(nxt)], 1)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        dec = LlamaDecoder(model, full)
+        dec.forward(ids, position_ids(mask))
+        got = dec.forward(nxt, position_ids(mask)[:, -1:] + 1)
+        ref = model(input_ids=torch.cat([ids, nxt], 1), attention_mask=full, position_ids=position_ids(full)).logits[:, -1]
+    assert got.dtype == torch.bfloat16
+    assert torch.allclose(got.float(), ref.float(), atol=2e-2)
