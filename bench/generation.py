@@ -41,19 +41,28 @@ def build_policy(size, *, seed: int = 0, n_prompts: int = 256):
     return tokenizer, model, queries
 
 
-def time_pair(model, queries, *, pad_id: int, new_tokens: int, repeats: int, seed: int = 0) -> dict[str, Any]:
-    """Median seconds per call of sample_tokens and model.generate on the same batch."""
+def time_pair(model, queries, *, pad_id: int, new_tokens: int, repeats: int, seed: int = 0,
+              device=None) -> dict[str, Any]:
+    """Median seconds per call of sample_tokens and model.generate on the same batch.
+
+    On CUDA both run under the project's bf16 autocast and each call ends with a synchronization.
+    """
     import torch
     from transformers import GenerationConfig
 
-    from rlhf.modeling import left_pad, sample_tokens
+    from rlhf.modeling import autocast, left_pad, sample_tokens
 
-    device = torch.device("cpu")
+    device = device or torch.device("cpu")
     ids, mask = left_pad(queries, pad_id)
+    ids, mask = ids.to(device), mask.to(device)
     config = GenerationConfig(do_sample=True, temperature=1.0, top_k=0, top_p=1.0, max_new_tokens=new_tokens,
                               eos_token_id=None, pad_token_id=pad_id, bos_token_id=None)
     model.generation_config.eos_token_id = None  # never stop early: both sides make exactly new_tokens
-    gen = torch.Generator().manual_seed(seed)
+    gen = torch.Generator(device=device).manual_seed(seed)
+
+    def sync():
+        if device.type == "cuda":
+            torch.cuda.synchronize()
 
     def ours():
         out = sample_tokens(model, queries, pad_id=pad_id, eos_id=-1, max_new_tokens=new_tokens, temperature=1.0,
@@ -61,7 +70,7 @@ def time_pair(model, queries, *, pad_id: int, new_tokens: int, repeats: int, see
         assert out.shape == (len(queries), new_tokens)
 
     def hf():
-        with torch.no_grad():
+        with torch.no_grad(), autocast(device):
             out = model.generate(input_ids=ids, attention_mask=mask, generation_config=config)
         assert out.shape == (len(queries), ids.shape[1] + new_tokens), out.shape
 
@@ -71,6 +80,7 @@ def time_pair(model, queries, *, pad_id: int, new_tokens: int, repeats: int, see
         for name, fn in (("ours", ours), ("generate", hf)):
             t0 = time.perf_counter()
             fn()
+            sync()
             times[name].append(time.perf_counter() - t0)
     tokens = len(queries) * new_tokens
     out: dict[str, Any] = {"batch": len(queries), "new_tokens": new_tokens, "prompt_width": int(ids.shape[1])}

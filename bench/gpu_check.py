@@ -17,7 +17,9 @@ implementation in use is recorded).
    MFU = achieved model FLOP/s / peak; model FLOPs per token = 6·N + 12·L·d·T (N = matmul params, the
    tied LM head once; the second term is attention, PaLM appendix B). Peak = the card's dense bf16
    spec (table below, when known) and, separately, the measured bf16 torch.mm throughput (8192³).
-2. PPO episodes/s: `stages.ppo.run` (as bench/ppo_vs_trl.py runs it) on this model as policy and
+2. Rollout generation: `rlhf.modeling.sample_tokens` against `model.generate` on this model, batch
+   `--gen-batch`, 32 new tokens, both under bf16 autocast (bench/generation.py's `time_pair`).
+3. PPO episodes/s: `stages.ppo.run` (as bench/ppo_vs_trl.py runs it) on this model as policy and
    reference, with a same-size `LlamaForSequenceClassification` as value init and reward model;
    batch `--ppo-batch`, response 32, 4 PPO epochs, 1 minibatch, `--ppo-episodes` episodes. Timed: the
    training loop (`timing.train_s`) and per-step stamps; eps_steady excludes the first step.
@@ -27,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import sys
 import tempfile
 import time
@@ -69,6 +72,47 @@ def bf16_matmul_tflops(device, n: int = 8192, iters: int = 20) -> float | None:
         a @ b
     torch.cuda.synchronize()
     return 2 * n**3 * iters / (time.perf_counter() - t0) / 1e12
+
+
+class _CurveLog:
+    """Stand-in for dvclive's Live where dvclive is not installed (the GPU image has no DVC).
+
+    Only what the PPO stage calls: curves as TSV files under `dir`, a summary, a step counter. The
+    timings do not depend on it; the real logger is used wherever dvclive imports.
+    """
+
+    def __init__(self, directory: str, **_: Any) -> None:
+        self.dir, self.step, self.summary = directory, 0, {}
+        Path(directory).mkdir(parents=True, exist_ok=True)
+
+    def log_metric(self, name: str, value: float) -> None:
+        path = Path(self.dir) / "plots" / "metrics" / f"{name}.tsv"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with path.open("a", encoding="utf-8") as f:
+            f.write(f"{self.step}\t{value}\n")
+        self.summary[name] = value
+
+    def next_step(self) -> None:
+        self.step += 1
+
+    def end(self) -> None:
+        (Path(self.dir) / "metrics.json").write_text(json.dumps({"step": self.step, **self.summary}))
+
+
+def ensure_curve_logger() -> bool:
+    """True when dvclive imports; otherwise registers `_CurveLog` as `dvclive.Live` and returns False."""
+    try:
+        import dvclive  # noqa: F401
+        return True
+    except ImportError:
+        import importlib.machinery
+        import types
+
+        module = types.ModuleType("dvclive")
+        module.__spec__ = importlib.machinery.ModuleSpec("dvclive", None)  # find_spec() asks for one
+        module.Live = _CurveLog
+        sys.modules["dvclive"] = module
+        return False
 
 
 def sync(device) -> None:
@@ -127,6 +171,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--seq", type=int, default=512)
     ap.add_argument("--sft-steps", type=int, default=20)
     ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--gen-batch", type=int, default=64)
     ap.add_argument("--ppo-batch", type=int, default=64)
     ap.add_argument("--ppo-episodes", type=int, default=320)
     ap.add_argument("--threads", type=int, default=2, help="CPU threads (CPU runs only)")
@@ -138,16 +183,18 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     from rlhf.modeling import build_llama, offline_hub, pick_device, setup_torch, train_tokenizer
 
     offline_hub()
+    has_dvclive = ensure_curve_logger()
     device = pick_device("auto")
     setup_torch(args.threads, device)
     size = TINY if args.smoke else dataclasses.replace(GPT2_SMALL_LIKE, vocab=args.vocab)
     if args.smoke:
         args.sft_batch, args.seq, args.sft_steps, args.warmup = 2, 16, 2, 1
-        args.ppo_batch, args.ppo_episodes = 4, 8
+        args.ppo_batch, args.ppo_episodes, args.gen_batch = 4, 8, 4
     if device.type != "cuda" and not args.smoke:
         print("no CUDA device: this check is meant for a GPU (use --smoke for a CPU crash test)", file=sys.stderr)
 
-    result: dict[str, Any] = {"machine": machine(args.threads), "device": str(device), "smoke": args.smoke}
+    result: dict[str, Any] = {"machine": machine(args.threads), "device": str(device), "smoke": args.smoke,
+                              "dvclive": has_dvclive}
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(0)
         result["gpu"] = {"name": props.name, "memory_gib": round(props.total_memory / 2**30, 1),
@@ -176,11 +223,28 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     sft["mfu_vs_measured_matmul"] = round(sft["model_tflops"] / measured, 4) if measured else None
     result["sft"] = sft
     print(f"sft: {sft['tokens_per_s']} tokens/s, {sft['model_tflops']} TFLOP/s, MFU {sft['mfu_vs_spec']}", flush=True)
+    save(args.out, result)
+
+    # 2. Rollout generation against model.generate (bench/generation.py's comparison, on this model).
+    from generation import time_pair
+    from ppo_vs_trl import load_prompts
+
+    from rlhf.modeling import encode_prompt
+
+    queries = [encode_prompt(tokenizer, p) for p in load_prompts(ROOT / "data/raw/prompts.jsonl", args.gen_batch)]
+    queries = (queries * args.gen_batch)[: args.gen_batch]
+    model.eval()
+    gen = time_pair(model, queries, pad_id=tokenizer.pad_token_id, new_tokens=8 if args.smoke else 32,
+                    repeats=1 if args.smoke else 5, device=device)
+    result["generation"] = gen
+    print(f"generation (batch {gen['batch']}): ours {gen['ours']['tokens_per_s']} tokens/s, generate "
+          f"{gen['generate']['tokens_per_s']}, ratio {gen['ratio_ours_over_generate']}", flush=True)
+    save(args.out, result)
     del model
     if device.type == "cuda":
         torch.cuda.empty_cache()
 
-    # 2. PPO episodes/s with this project's stage.
+    # 3. PPO episodes/s with this project's stage.
     s = Settings(batch=args.ppo_batch, response_len=8 if args.smoke else 32, epochs=1 if args.smoke else 4,
                  episodes=args.ppo_episodes, threads=args.threads, device=device.type)
     with tempfile.TemporaryDirectory() as tmp:
@@ -190,11 +254,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     result["ppo"].pop("step_s", None)
     print(f"ppo: {result['ppo']['eps_steady']} episodes/s (steady), {result['ppo']['eps_loop']} (loop)", flush=True)
     result["wall_s"] = round(time.perf_counter() - t0, 1)
-    if args.out:
+    save(args.out, result)
+    return result
+
+
+def save(out: str, result: dict[str, Any]) -> None:
+    """Write what is measured so far (after each part: a later crash keeps the earlier numbers)."""
+    if out:
         from rlhf.io import write_json
 
-        write_json(args.out, result, sort_keys=False)
-    return result
+        write_json(out, result, sort_keys=False)
 
 
 if __name__ == "__main__":

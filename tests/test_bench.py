@@ -1,6 +1,6 @@
 """The benchmarks in bench/ run end to end on tiny configs (crash tests; the numbers are not checked).
 
-bench/gpu_check.py --smoke runs as a subprocess (its __main__ included) on whatever device is here;
+bench/gpu_check.py --smoke and bench/profile_ppo.py --smoke run as subprocesses (its __main__ included) on whatever device is here;
 generation.py and ppo_vs_trl.py run in-process on tiny models. The TRL comparison is skipped when
 the optional `bench` extra (trl==1.12.0) is not installed.
 """
@@ -37,6 +37,36 @@ def test_gpu_check_smoke(tmp_path):
     assert result["sft"]["tokens_per_s"] > 0
     assert result["ppo"]["eps_steady"] > 0 and result["ppo"]["steps"] == 2
     assert result["model"]["params"] > 0
+    assert result["generation"]["batch"] == 4 and result["generation"]["ratio_ours_over_generate"] > 0
+
+
+def test_gpu_check_runs_without_dvclive(tmp_path):
+    """The GPU image has no DVC: gpu_check's PPO run logs its curves through the stand-in instead."""
+    out = tmp_path / "gpu.json"
+    script = (
+        "import runpy, sys\n"
+        "class Block:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name.split('.')[0] == 'dvclive':\n"
+        "            raise ImportError('dvclive hidden by the test')\n"
+        "sys.meta_path.insert(0, Block())\n"
+        f"sys.argv = ['gpu_check.py', '--smoke', '--threads', '1', '--out', {str(out)!r}]\n"
+        f"runpy.run_path({str(BENCH / 'gpu_check.py')!r}, run_name='__main__')\n"
+    )
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    proc = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.loads(out.read_text())
+    assert result["dvclive"] is False and result["ppo"]["steps"] == 2
+
+
+def test_profile_ppo_smoke(tmp_path):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    proc = subprocess.run([sys.executable, str(BENCH / "profile_ppo.py"), "--smoke", "--out-dir", str(tmp_path)],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "aten::" in (tmp_path / "profile.txt").read_text()
 
 
 def test_generation_smoke(tmp_path, bench_path):
