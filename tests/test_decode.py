@@ -99,3 +99,23 @@ def test_decoder_runs_under_bf16_autocast_like_the_hf_forward():
         ref = model(input_ids=torch.cat([ids, nxt], 1), attention_mask=full, position_ids=position_ids(full)).logits[:, -1]
     assert got.dtype == torch.bfloat16
     assert torch.allclose(got.float(), ref.float(), atol=2e-2)
+
+
+def test_decoder_precast_weights_give_autocasts_logits():
+    """weight_dtype casts the projections once per rollout; autocast would cast them at every matmul.
+
+    The cast is the same rounding either way, so the logits are identical, not merely close.
+    """
+    model = llama(kv_heads=2)
+    ids, mask = left_pad(QUERIES, PAD)
+    nxt = torch.tensor([[21], [22], [23], [24]])
+    full = torch.cat([mask, torch.ones_like(nxt)], 1)
+    got = {}
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        for dtype in (None, torch.bfloat16):
+            dec = LlamaDecoder(model, full, weight_dtype=dtype)
+            first = dec.forward(ids, position_ids(mask))
+            got[dtype] = (first, dec.forward(nxt, position_ids(mask)[:, -1:] + 1))
+    assert dec.fused[0][0][0].dtype == torch.bfloat16 and dec.head[0].dtype == torch.bfloat16
+    for a, b in zip(got[None], got[torch.bfloat16]):
+        assert torch.equal(a, b)

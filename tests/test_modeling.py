@@ -91,3 +91,24 @@ def test_missing_or_unsafe_model_folder_is_a_clear_error(tmp_path):
     (tmp_path / "m/config.json").write_text("{}")
     with pytest.raises(StageError, match="safetensors"):
         load_causal_lm(tmp_path / "m")
+
+
+def test_setup_torch_on_cuda_turns_off_cudnn_attention_and_turns_on_tf32():
+    """The flags are process-wide and settable on a CPU build, so the CUDA branch runs here too."""
+    from rlhf.modeling import setup_torch
+
+    before = (torch.backends.cuda.cudnn_sdp_enabled(), torch.backends.cuda.matmul.allow_tf32,
+              torch.backends.cudnn.allow_tf32, torch.get_num_threads())
+    try:
+        torch.backends.cuda.enable_cudnn_sdp(True)
+        setup_torch(1, torch.device("cuda"))
+        assert not torch.backends.cuda.cudnn_sdp_enabled()
+        assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32
+        torch.backends.cuda.enable_cudnn_sdp(True)
+        setup_torch(1, torch.device("cpu"))
+        assert torch.backends.cuda.cudnn_sdp_enabled()  # CPU runs leave the CUDA flags alone
+    finally:
+        torch.backends.cuda.enable_cudnn_sdp(before[0])
+        torch.backends.cuda.matmul.allow_tf32 = before[1]
+        torch.backends.cudnn.allow_tf32 = before[2]
+        torch.set_num_threads(before[3])
