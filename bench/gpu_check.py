@@ -175,6 +175,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--ppo-batch", type=int, default=64)
     ap.add_argument("--ppo-episodes", type=int, default=320)
     ap.add_argument("--threads", type=int, default=2, help="CPU threads (CPU runs only)")
+    ap.add_argument("--cudnn-sdpa", action="store_true",
+                    help="turn SDPA's cuDNN backend back on (setup_torch turns it off on CUDA): the comparison")
     ap.add_argument("--out", default=str(RESULTS / "gpu.json"))
     args = ap.parse_args(argv)
 
@@ -186,6 +188,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     has_dvclive = ensure_curve_logger()
     device = pick_device("auto")
     setup_torch(args.threads, device)
+    if args.cudnn_sdpa:
+        torch.backends.cuda.enable_cudnn_sdp(True)
     size = TINY if args.smoke else dataclasses.replace(GPT2_SMALL_LIKE, vocab=args.vocab)
     if args.smoke:
         args.sft_batch, args.seq, args.sft_steps, args.warmup = 2, 16, 2, 1
@@ -194,7 +198,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         print("no CUDA device: this check is meant for a GPU (use --smoke for a CPU crash test)", file=sys.stderr)
 
     result: dict[str, Any] = {"machine": machine(args.threads), "device": str(device), "smoke": args.smoke,
-                              "dvclive": has_dvclive}
+                              "dvclive": has_dvclive, "cudnn_sdpa": torch.backends.cuda.cudnn_sdp_enabled()}
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(0)
         result["gpu"] = {"name": props.name, "memory_gib": round(props.total_memory / 2**30, 1),
@@ -251,7 +255,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         fx = build_fixture(Path(tmp) / "fixture", size, n_prompts=max(64, 4 * s.batch),
                            n_texts=200 if args.smoke else 20000)
         result["ppo"] = {"settings": dataclasses.asdict(s), **run_ours(fx, s, Path(tmp) / "ours")}
-    result["ppo"].pop("step_s", None)
     print(f"ppo: {result['ppo']['eps_steady']} episodes/s (steady), {result['ppo']['eps_loop']} (loop)", flush=True)
     result["wall_s"] = round(time.perf_counter() - t0, 1)
     save(args.out, result)

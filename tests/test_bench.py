@@ -83,8 +83,12 @@ def test_ppo_vs_trl_smoke(tmp_path, bench_path):
     pytest.importorskip("trl")
     import ppo_vs_trl
 
-    result = ppo_vs_trl.main(["--smoke", "--threads", "1", "--out", str(tmp_path / "ppo.json")])
+    result = ppo_vs_trl.main(["--smoke", "--threads", "1", "--rounds", "2", "--out", str(tmp_path / "ppo.json")])
     assert result["ours"]["steps"] == result["trl"]["steps"] == 2
+    # The order alternates: ours first in round 1, second in round 2.
+    assert [r["position"] for r in result["runs"]["ours"]] == [1, 2]
+    assert [r["position"] for r in result["runs"]["trl"]] == [2, 1]
+    assert len(result["ratio_eps_steady_by_round"]) == 2
     assert result["ratio_eps_steady"] > 0
     assert 0 < result["flops"]["ours"]["share_of_matmul"]
 
