@@ -39,7 +39,7 @@ pass: one value forward more than ours. Achieved FLOP/s = FLOPs per step ×
 steps / loop time, shown as a share of the measured torch.mm throughput (1024×1024 fp32, same threads).
 
 Rounds (`--rounds`, default 3): each round runs both sides on the same fixture, and the order
-alternates (ours, TRL; TRL, ours; ...), because the run that goes second in a process measured slower.
+alternates (ours, TRL; TRL, ours; ...), because TRL measured 5-10% faster when it ran first.
 Each side is represented by its run with the median `eps_steady`; the headline ratio is the ratio of
 those medians, and the per-round ratios are recorded beside it.
 
@@ -435,8 +435,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         order = [o for o in args.order.split(",") if o == "ours" or (o == "trl" and use_trl)]
         runs: dict[str, list[dict[str, Any]]] = {side: [] for side in order}
         for r in range(max(1, args.rounds)):
-            # Alternating which side goes first cancels the order effect (the second run of a round
-            # measured up to ~8% slower than the first, whichever side it was; bench/README.md).
+            # Alternating which side goes first evens out the order effect (in one-run-each comparisons
+            # TRL measured 5-10% faster when it ran first in the process; bench/README.md).
             for position, side in enumerate(order if r % 2 == 0 else order[::-1], start=1):
                 print(f"round {r + 1}: running {side} ...", file=sys.stderr, flush=True)
                 run = (run_ours if side == "ours" else run_trl)(fx, s, work / f"{side}{r}")
