@@ -26,7 +26,9 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from ppo_vs_trl import DEFAULT, RESULTS, ROOT, SMOKE, load_prompts, load_texts, machine, matmul_gflops  # noqa: E402
+from ppo_vs_trl import (  # noqa: E402
+    DEFAULT, RESULTS, ROOT, SMOKE, load_prompts, load_texts, machine, matmul_gflops, sync,
+)
 
 
 def build_policy(size, *, seed: int = 0, n_prompts: int = 256):
@@ -60,10 +62,6 @@ def time_pair(model, queries, *, pad_id: int, new_tokens: int, repeats: int, see
     model.generation_config.eos_token_id = None  # never stop early: both sides make exactly new_tokens
     gen = torch.Generator(device=device).manual_seed(seed)
 
-    def sync():
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-
     def ours():
         out = sample_tokens(model, queries, pad_id=pad_id, eos_id=-1, max_new_tokens=new_tokens, temperature=1.0,
                             generator=gen, device=device)
@@ -80,7 +78,7 @@ def time_pair(model, queries, *, pad_id: int, new_tokens: int, repeats: int, see
         for name, fn in (("ours", ours), ("generate", hf)):
             t0 = time.perf_counter()
             fn()
-            sync()
+            sync(device)
             times[name].append(time.perf_counter() - t0)
     tokens = len(queries) * new_tokens
     out: dict[str, Any] = {"batch": len(queries), "new_tokens": new_tokens, "prompt_width": int(ids.shape[1])}

@@ -38,7 +38,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from ppo_vs_trl import (  # noqa: E402
-    RESULTS, ROOT, ModelSize, Settings, build_fixture, load_texts, machine, matmul_params, run_ours,
+    RESULTS, ROOT, ModelSize, Settings, build_fixture, load_texts, machine, matmul_params, run_ours, sync,
 )
 
 GPT2_SMALL_LIKE = ModelSize(hidden=768, layers=12, heads=12, intermediate=3072, vocab=8192, max_len=1024)
@@ -113,13 +113,6 @@ def ensure_curve_logger() -> bool:
         module.Live = _CurveLog
         sys.modules["dvclive"] = module
         return False
-
-
-def sync(device) -> None:
-    import torch
-
-    if device.type == "cuda":
-        torch.cuda.synchronize()
 
 
 def sft_throughput(model, device, *, batch: int, seq: int, steps: int, warmup: int, vocab: int,

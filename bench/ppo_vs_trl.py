@@ -223,6 +223,14 @@ def machine(threads: int) -> dict[str, Any]:
     return info
 
 
+def sync(device) -> None:
+    """Wait for the device's queued work (CUDA); nothing to wait for on CPU."""
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
 def matmul_gflops(n: int = 1024, threads: int = 2, seconds: float = 2.0) -> float:
     """Measured fp32 torch.mm throughput (GFLOP/s) of n×n by n×n at `threads` threads: 2n³ per product."""
     import torch

@@ -393,7 +393,6 @@ def sample_categorical(probs: torch.Tensor, generator: torch.Generator | None) -
     return torch.searchsorted(cdf, u, right=True).clamp_(max=probs.shape[-1] - 1).squeeze(-1)
 
 
-@torch.no_grad()
 def sample_tokens(
     model,
     queries: Sequence[Sequence[int]],
