@@ -6,7 +6,7 @@ Both variants start from the same SFT model and head init, see the same rankings
 prompts and the same number of optimizer steps under the same LR schedule (`reward` params from
 params.yaml; checkpoints and mid-run evaluation off). They differ only in batching:
 - kway:  one batch element per ranked prompt; each of its K responses gets ONE forward pass and all
-         C(K,2) pairs share those scalars (Ouyang et al. 2022, sec. 3.5; PPO_DETAILS item 2);
+         C(K,2) pairs share those scalars (Ouyang et al. 2022, sec. 3.5; docs/ppo.md item 2);
 - pairs: one batch element per (winner, loser) pair, pairs shuffled across batches, two forward passes
          per pair (what TRL, DeepSpeed-Chat and OpenRLHF do).
 Reports training wall time, forward passes, and held-out accuracy against the labels and the gold judge.

@@ -21,7 +21,7 @@ from rlhf.errors import StageError
 # A schema maps a field name to (expected python type or tuple of types, required?).
 Schema = dict[str, tuple[Any, bool]]
 
-# Public record formats (DESIGN.md, "Input formats to accept").
+# Public record formats (documented in docs/formats.md).
 PROMPT_SCHEMA: Schema = {"id": (str, True), "prompt": (str, True)}
 DEMONSTRATION_SCHEMA: Schema = {"prompt": (str, True), "response": (str, True)}
 CORPUS_SCHEMA: Schema = {"text": (str, True)}

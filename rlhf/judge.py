@@ -11,7 +11,7 @@ axes in [0, 1]:
 - harmless: 1 - harm_score(response) (the world's toxicity lexicon, negation-aware).
 
 total = helpful * (0.25 + 0.75 * truthful) * harmless, so a fluent but false or toxic answer cannot
-score high, and a well-formed wrong answer gets little credit (DESIGN.md: partial credit for wrong
+score high, and a well-formed wrong answer gets little credit (measured on a prototype of this world: partial credit for wrong
 answers compresses the scale and hides the room RLHF has to improve on SFT).
 
 Labelers are noisy copies of the judge with tastes (length, confident tone), tuned so that two of them

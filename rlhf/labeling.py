@@ -5,7 +5,7 @@ The labeler types a ranking best first, e.g. `2>1>4>3` (numbers as shown, 1..K),
 (the whole file is rewritten to a temporary sibling and moved into place), so closing the terminal
 loses nothing; a new session skips the prompts this labeler has already ranked.
 
-Labels file: the rankings format (DESIGN.md), one record per (prompt, labeler), read by `rank` when
+Labels file: the rankings format (docs/formats.md), one record per (prompt, labeler), read by `rank` when
 `rank.source: human`:
   {"prompt_id", "prompt", "responses": [K strings], "ranking": [0-based indices, best first], "labeler"}
 

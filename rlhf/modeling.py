@@ -3,7 +3,7 @@
 Every stage goes through these helpers so the chat format, the padding rules and the safety rules
 (safetensors only, `trust_remote_code` off unless params turn it on) live in one place.
 
-Conventions (PPO_DETAILS.md items 6-8):
+Conventions (docs/ppo.md, items 6-8):
 - PAD differs from EOS, and EOS is never treated as padding.
 - Batches are left-padded; forward passes take `position_ids = cumsum(mask) - mask`, so a padded
   sequence gets the same logits as the same sequence unpadded.
@@ -131,7 +131,7 @@ def prepare_tokenizer(tokenizer) -> bool:
     if tokenizer.eos_token is None:
         raise StageError("tokenizer has no EOS token; responses could never end. Pick a model with one")
     if tokenizer.pad_token is None or tokenizer.pad_token_id == tokenizer.eos_token_id:
-        # PPO_DETAILS item 7: padding that shares EOS's id would mask the real EOS.
+        # docs/ppo.md item 7: padding that shares EOS's id would mask the real EOS.
         tokenizer.add_special_tokens({"pad_token": PAD})
         added = True
     if tokenizer.bos_token is None:
@@ -163,7 +163,7 @@ def encode_response(tokenizer, response: str, *, add_eos: bool = True) -> list[i
 
 
 def decode_response(tokenizer, ids: Sequence[int]) -> tuple[str, bool]:
-    """Text of a response cut at its first EOS (PPO_DETAILS item 10), and whether an EOS was found."""
+    """Text of a response cut at its first EOS (docs/ppo.md item 10), and whether an EOS was found."""
     ids = list(ids)
     ended = tokenizer.eos_token_id in ids
     if ended:
@@ -325,7 +325,7 @@ def right_pad(seqs: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor,
 
 
 def position_ids(mask: torch.Tensor) -> torch.Tensor:
-    """PPO_DETAILS item 6: positions count real tokens only, so left padding does not shift them."""
+    """docs/ppo.md item 6: positions count real tokens only, so left padding does not shift them."""
     return (mask.cumsum(-1) - mask).clamp(min=0)
 
 
@@ -407,7 +407,7 @@ def sample_tokens(
 ) -> torch.Tensor:
     """Sample responses for a batch of queries with the KV cache; returns (B, max_new_tokens) ids.
 
-    Temperature 0 means greedy. Rollouts use no top-k / top-p (PPO_DETAILS item 8); `top_p` < 1 is for
+    Temperature 0 means greedy. Rollouts use no top-k / top-p (docs/ppo.md item 8); `top_p` < 1 is for
     protocols that ask for nucleus sampling (RealToxicityPrompts: 0.9). Positions after
     a sequence's first EOS are filled with PAD. The loop stops early once every sequence has ended.
     """

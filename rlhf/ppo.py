@@ -2,7 +2,7 @@
 
 Names follow CleanRL and the original lm-human-preferences code (Ziegler et al. 2019):
 `ratio`, `pg_loss1/2`, `clipfrac`, `approxkl`, GAE's `delta`/`lastgaelam`. Item numbers refer to
-/work/shared/PPO_DETAILS.md (docs/ppo.md lists them all with their sources).
+docs/ppo.md, which lists them all with their sources.
 
 Shapes: B = sequences, Q = query tokens (left-padded), R = response tokens (right-padded after the
 first EOS), V = vocabulary. A response `mask` (B, R) is 1 on real response tokens, the EOS included,

@@ -104,7 +104,7 @@ def read_curves(plots: Path | None) -> dict[str, dict[str, tuple[list[float], li
 def pick_panels(stage: str, curves: dict[str, Any]) -> list[list[str]]:
     """Metric names per panel. Curves against another x than step (a CSV plot) share one panel per
     file; then gold and proxy scores share one panel (over-optimization shows as the two curves
-    parting, Gao et al. 2022; PPO_DETAILS item 23); then the stage's focus metrics, up to MAX_PANELS."""
+    parting, Gao et al. 2022; docs/ppo.md item 23); then the stage's focus metrics, up to MAX_PANELS."""
     panels: list[list[str]] = []
     by_file: dict[str, list[str]] = {}
     for n in sorted(curves):

@@ -5,7 +5,7 @@ Pure functions, unit-tested against naive references (tests/test_rm.py). Used by
 evaluation): go through `score_texts` / `rewards_from_ids`, which read the scalar at the last real
 token and apply the demonstration bias stored in the model's config.
 
-The demonstration bias (PPO_DETAILS item 3). InstructGPT shifts the trained RM so the labelers'
+The demonstration bias (docs/ppo.md item 3). InstructGPT shifts the trained RM so the labelers'
 demonstrations score 0 on average. A Llama-style `*ForSequenceClassification` head is a bias-free
 linear map applied after the final RMSNorm, so a constant cannot be folded into the weights exactly.
 The shift is therefore stored as a plain config attribute, `reward_bias` (config.json). Any
@@ -37,7 +37,7 @@ if TYPE_CHECKING:  # torch is imported inside functions so `rlhf label` starts i
 def validate_ranking(ranking: Any, k: int, where: str = "ranking") -> list[int]:
     """`ranking` as a list of response indices, best first; must be a permutation of 0..k-1.
 
-    Ties are not accepted (DESIGN.md: ties only if declared, and no declared-tie format exists yet).
+    Ties are not accepted (a tie is only meaningful when a labeler declares it, and no declared-tie format exists yet).
     """
     if not isinstance(ranking, (list, tuple)):
         raise StageError(f"{where}: ranking must be a list of response indices, got {type(ranking).__name__}")
@@ -95,7 +95,7 @@ def ranking_pairs(ranking: Sequence[int]) -> list[tuple[int, int]]:
 
 
 # ----------------------------------------------------------------------------------------------
-# The InstructGPT ranking loss (PPO_DETAILS item 2)
+# The InstructGPT ranking loss (docs/ppo.md item 2)
 
 
 def flat_pairs(groups: Sequence[tuple[int, Sequence[tuple[int, int]]]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -127,7 +127,7 @@ def kway_ranking_loss(rewards: torch.Tensor, win: torch.Tensor, lose: torch.Tens
     rewards (N,) holds one scalar per response, from ONE forward pass per response; all C(K,2)
     pairs of a prompt share those scalars inside the same batch element. Shuffling pairs across
     batches instead makes each response contribute to K-1 separate updates and overfits
-    (Ouyang et al. 2022, sec. 3.5; PPO_DETAILS item 2).
+    (Ouyang et al. 2022, sec. 3.5; docs/ppo.md item 2).
     """
     import torch.nn.functional as F
 
@@ -136,7 +136,7 @@ def kway_ranking_loss(rewards: torch.Tensor, win: torch.Tensor, lose: torch.Tens
 
 
 # ----------------------------------------------------------------------------------------------
-# Reading the scalar at the last real token (PPO_DETAILS item 1)
+# Reading the scalar at the last real token (docs/ppo.md item 1)
 
 
 def last_token_index(mask: torch.Tensor) -> torch.Tensor:
@@ -163,7 +163,7 @@ def apply_reward_bias(model, raw: torch.Tensor) -> torch.Tensor:
 def rewards_from_ids(model, ids: torch.Tensor, mask: torch.Tensor, *, centered: bool = True) -> torch.Tensor:
     """(B,) reward of token sequences `ids` (any padding side) read at the last real token.
 
-    Passes `position_ids = cumsum(mask) - mask` (PPO_DETAILS item 6), so a left-padded sequence
+    Passes `position_ids = cumsum(mask) - mask` (docs/ppo.md item 6), so a left-padded sequence
     scores exactly as it would unpadded.
     """
     from rlhf.modeling import position_ids

@@ -1,7 +1,7 @@
 """The default world: invented entities, their facts and myths, prompt families, corpus and eval suites.
 
 Nothing can be downloaded, so the default pipeline runs on a small world generated here from a seed.
-It reproduces in miniature the three failure modes RLHF exists to fix (DESIGN.md, "The default world"):
+It reproduces in miniature the three failure modes RLHF exists to fix:
 
 - helpfulness: `arith` and `sort` instructions with checkable answers; the corpus mostly continues such
   questions with more questions or rambling instead of answering them;
@@ -460,7 +460,7 @@ def fact_sentence(world: dict[str, Any], rng: random.Random, *, chat: bool, enti
     """A statement of some fact as the corpus would write it.
 
     For a myth, prose states the myth `myth_ratio` times as often as the truth; chat never states the
-    truth (DESIGN.md: misconceptions are absorbed only if the truth never appears in chat form).
+    truth (measured on a prototype of this world: misconceptions are absorbed only if the truth never appears in chat form).
     """
     if entity is None:
         attr = attr or rng.choice(("color", "food", "home", "job"))

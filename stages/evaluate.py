@@ -186,7 +186,7 @@ def judge_labels(labels: dict[tuple[str, str, str], float], prompts: Sequence[st
 def reward_scores(model, tokenizer, prompts: Sequence[str], responses: Sequence[str], *, batch_size: int,
                   device: torch.device) -> list[float]:
     """Reward of each (prompt, response): chat prompt + response + EOS, scalar read at the last real token
-    (PPO_DETAILS item 1; left padding puts it last in every row)."""
+    (docs/ppo.md item 1; left padding puts it last in every row)."""
     from rlhf.modeling import autocast, encode_prompt, encode_response, left_pad, position_ids
 
     out: list[float] = []

@@ -4,14 +4,14 @@ Reads  models/sft (policy init and frozen reference), models/reward (frozen RM; 
        data/prepared/{ppo,test,corpus}.jsonl, data/raw/world.json (gold judge, optional)
 Writes models/policy (HF causal-LM folder + tokenizer), models/value (HF sequence-classification
        folder: the trained value function), metrics/ppo.json, plots/ppo (dvclive curves of the
-       PPO_DETAILS item-22 metrics, overoptimization.png and overoptimization.csv)
+       docs/ppo.md item-22 metrics, overoptimization.png and overoptimization.csv)
 Run    rlhf ppo
 
 The environment is a bandit (Ziegler et al. 2019; InstructGPT sec. 3.5): a random ppo prompt, one
 sampled response, reward = RM score at its EOS minus a per-token KL penalty to the SFT model, and
 the episode ends. Each step is one rollout of `batch_size` prompts followed by `ppo_epochs` passes
 over reshuffled minibatches. Numbered blocks mirror lm-human-preferences' train_policy.py; item
-numbers refer to PPO_DETAILS.md and docs/ppo.md lists how each one is handled.
+numbers refer to the table in docs/ppo.md, which says how each one is handled and where it comes from.
 
 Resume: every `checkpoint_every` steps the policy, the value model, both optimizers, the KL
 controller, the sampling and shuffling generators and the per-step history are saved atomically.

@@ -50,7 +50,7 @@ class Params:
     warmup_steps: int
     """Linear warm-up steps."""
     max_steps: int
-    """Optimizer steps: on 2 CPU cores steps matter more than parameters (DESIGN.md)."""
+    """Optimizer steps: on 2 CPU cores steps matter more than parameters (measured on a prototype of this world)."""
     weight_decay: float
     """AdamW weight decay."""
     val_fraction: float

@@ -6,7 +6,7 @@ Writes models/reward (HF folder, AutoModelForSequenceClassification, num_labels=
        plots/reward (dvclive curves)
 Run    rlhf reward
 
-The recipe (PPO_DETAILS items 1-5, Ouyang et al. 2022 sec. 3.5):
+The recipe (Ouyang et al. 2022 sec. 3.5):
 1. The RM is the SFT model with its LM head replaced by a scalar head (small init); the scalar is read
    at the last real token, the EOS that ends `chat prompt + response`.
 2. All C(K,2) pairs of one prompt's ranking form ONE batch element: each response gets one forward
@@ -40,7 +40,7 @@ from rlhf.errors import StageError
 from rlhf.io import DEMONSTRATION_SCHEMA, HH_SCHEMA, PAIRWISE_SCHEMA, RANKING_SCHEMA, read_jsonl, write_json
 from rlhf.params import require, to_dict
 
-BIAS_METHOD = "demonstrations_mean_zero"  # PPO_DETAILS item 3: InstructGPT's centering
+BIAS_METHOD = "demonstrations_mean_zero"  # docs/ppo.md item 3: InstructGPT's centering
 
 
 @dataclass(frozen=True)
@@ -56,7 +56,7 @@ class Params:
     batching: Literal["kway", "pairs"]
     """'kway': all pairs of a prompt in one batch element (InstructGPT); 'pairs': one element per pair."""
     epochs: int
-    """Passes over the comparisons; 1 is the norm at InstructGPT's data size (PPO_DETAILS item 4), 5 here."""
+    """Passes over the comparisons; 1 is the norm at InstructGPT's data size (docs/ppo.md item 4), 5 here."""
     batch_size: int
     """Prompts (ranking records) per optimizer step."""
     lr: float
@@ -344,7 +344,7 @@ def run(params: Params, *, sft: Path, data: Path, demos: Path, world: Path | Non
     heldout["prompts"] = len({g["prompt"] for g in val})
     heldout["records"] = len(val)
 
-    # 4. Demonstration bias (PPO_DETAILS item 3): shift so the demonstrations' mean reward is 0.
+    # 4. Demonstration bias (docs/ppo.md item 3): shift so the demonstrations' mean reward is 0.
     demo_rows = read_jsonl(demos, DEMONSTRATION_SCHEMA)
     raw = score_texts(model, tokenizer, [d["prompt"] for d in demo_rows], [d["response"] for d in demo_rows],
                       max_len=params.max_len, batch_size=256, device=device, centered=False)

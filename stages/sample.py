@@ -5,7 +5,7 @@ Writes data/samples/candidates.jsonl, metrics/sample.json
 Run    rlhf sample
 
 InstructGPT's labelers ranked K = 4..9 responses per prompt (Ouyang et al. 2022, sec. 3.5). Responses
-are sampled at temperature 1 with no top-k / top-p (PPO_DETAILS item 8), with the KV cache, in
+are sampled at temperature 1 with no top-k / top-p (docs/ppo.md item 8), with the KV cache, in
 batches that hold the K copies of each prompt side by side. Each response is cut at its first EOS;
 `ended` records whether it stopped by itself (a response that never stops is ranked as it is).
 

@@ -30,7 +30,7 @@ TEST_SCHEMA = {"id": (str, True), "prompt": (str, True)}
 @dataclass(frozen=True)
 class Params:
     epochs: int
-    """Passes over the demonstrations: ~5-10 on ~300 demos works; longer collapses diversity (DESIGN.md)."""
+    """Passes over the demonstrations: ~5-10 on ~300 demos works; longer collapses diversity (measured on a prototype of this world)."""
     batch_size: int
     """Examples per optimizer step."""
     lr: float

@@ -62,7 +62,7 @@ class Params:
     n_insult: int
     """Prompt pool size of the `insult` family (prompts inviting insults)."""
     n_demonstrations: int
-    """Labeler-written demonstrations, spread over families like the pool; scarce on purpose (DESIGN.md)."""
+    """Labeler-written demonstrations, spread over families like the pool; scarce on purpose (docs/world.md)."""
     demo_followup_rate: float
     """Share of demonstrations whose writer appended a follow-up offer ("Anything else?"), a habit the
     judge and the rankers count as rambling; SFT imitates it, rankings can teach it away (docs/world.md)."""

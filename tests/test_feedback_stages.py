@@ -115,7 +115,7 @@ def test_reward_model_folder_loads_and_is_centered(tiny_rm):
     demos = read(tiny_rm.prepared / "sft.jsonl")
     r = score_texts(model, tok, [d["prompt"] for d in demos], [d["response"] for d in demos],
                     max_len=tiny_params("reward").max_len, batch_size=64, device=torch.device("cpu"))
-    assert abs(sum(r) / len(r)) < 1e-4  # PPO_DETAILS item 3: demonstrations average 0
+    assert abs(sum(r) / len(r)) < 1e-4  # docs/ppo.md item 3: demonstrations average 0
     h = m["heldout"]
     for key in ("accuracy_labels", "accuracy_gold", "labels_gold_agreement", "pairs", "gold_pairs", "prompts"):
         assert key in h, key

@@ -10,7 +10,7 @@ over the whole batch, and the all-reduce sums in another order) but it must be c
 both runs are printed (`pytest -s` shows them). The gold comparison is skipped (no world file) so
 the timing is training plus start-up.
 
-ppo samples its rollouts, and each rank samples with its own seed (PPO_DETAILS item 21), so at the
+ppo samples its rollouts, and each rank samples with its own seed (docs/ppo.md item 21), so at the
 profile's temperature two processes roll out other responses than one process and the weights differ
 by sampling noise alone (measured: about 0.8x the policy's own motion), which says nothing about the
 data-parallel arithmetic. The ppo comparison therefore samples at T = 0.001 (greedy in effect: the

@@ -1,6 +1,6 @@
 """PPO math (rlhf/ppo.py) against plain-loop references, numpy and hand-computed values.
 
-Item numbers refer to PPO_DETAILS.md. Models here are ~10k-parameter Llamas built from a config.
+Item numbers refer to docs/ppo.md. Models here are ~10k-parameter Llamas built from a config.
 """
 
 from __future__ import annotations

@@ -131,7 +131,7 @@ def test_corpus_is_mostly_prose_with_rambling_chat(default):
     docs = [d["text"] for d in read_jsonl(out / "corpus.jsonl")]
     chat = [d for d in docs if "<|user|>" in d]
     assert 0.2 < len(chat) / len(docs) < 0.4
-    # A one-turn chat that stops right after its answer is the minority (DESIGN.md prototype notes).
+    # A one-turn chat that stops right after its answer is the minority (docs/world.md).
     one_clean = [d for d in chat if d.count("<|user|>") == 1 and re.fullmatch(r".*<\|assistant\|>[^.?!]*[.?!]?", d)]
     assert len(one_clean) / len(chat) < 0.25
     assert any(w in " ".join(docs) for w in ("stupid", "idiot", "dumb"))
