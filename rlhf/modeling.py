@@ -182,9 +182,17 @@ def is_model_dir(path: str | Path) -> bool:
 
 
 def check_model_dir(path: str | Path, what: str = "model") -> Path:
+    """`path` if it is a Hugging Face model folder with safetensors weights; else a StageError naming
+    the fix (for a pipeline folder, the command that writes it)."""
     path = Path(path)
     if not path.is_dir():
-        raise StageError(f"{path}: {what} folder not found; run the stage that writes it first")
+        # The pipeline's model folders (dvc.yaml outs) and the stage that writes each; a test checks dvc.yaml.
+        written_by = {"base": "pretrain", "sft": "sft", "reward": "reward", "policy": "ppo", "value": "ppo"}
+        stage = written_by.get(path.name) if path.parent.name == "models" else None
+        if stage is not None:
+            raise StageError(f"{path}: {what} folder not found; run `rlhf {stage}` (or `dvc repro {stage}`) first")
+        raise StageError(f"{path}: {what} folder not found; check the path, or run `dvc repro` to build the "
+                         "pipeline's models")
     if not (path / "config.json").is_file():
         raise StageError(f"{path}: not a Hugging Face {what} folder (no config.json)")
     if not any(path.glob("*.safetensors")):
@@ -213,7 +221,7 @@ def load_tokenizer(path: str | Path, *, trust_remote_code: bool = False):
         tok = AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as exc:
         if not Path(path).exists():  # else transformers reports a missing folder as a malformed hub id
-            raise StageError(f"{path}: model folder not found; run the stage that writes it first") from None
+            check_model_dir(path)  # raises, naming the command that writes the folder
         if Path(path).is_dir() and not any((Path(path) / f).is_file() for f in TOKENIZER_FILES):
             raise StageError(f"{path}: no tokenizer files ({', '.join(TOKENIZER_FILES[:2])}); "
                              "save the tokenizer into the model folder (tokenizer.save_pretrained)") from None
