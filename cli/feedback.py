@@ -24,7 +24,8 @@ def sample(
 
     Writes one record per prompt: {"prompt_id", "prompt", "responses": [K], "ended": [K]}.
 
-    Example:  rlhf sample && dvc exp run -S sample.k=6
+    Example:  rlhf sample
+    Example:  dvc exp run -S sample.k=6
     """
     run_stage("sample", params, model=model, prompts=prompts, out=out, metrics=metrics)
 
@@ -67,8 +68,11 @@ def reward(
     Reports held-out pairwise accuracy against the labels and the gold judge, Spearman correlation
     with the gold judge, and the bias that centers the demonstrations' reward at 0.
 
+    reward.data_format says what --data holds: K-way rankings from `rlhf rank` (default), pairwise
+    {prompt, chosen, rejected} records, or Anthropic HH-RLHF {chosen, rejected} transcripts ('hh').
+
     Example:  rlhf reward
-    Example:  dvc exp run -S reward.data_format=hh   (with --data pointing at HH-RLHF transcripts)
+    Example:  rlhf reward --data hh-rlhf/train.jsonl --params hh-params.yaml
     """
     run_stage("reward", params, sft=sft, data=data, demos=demos, world=world, out=out, metrics=metrics, plots=plots,
               checkpoints=checkpoints)

@@ -11,6 +11,7 @@ from cli.main import app
 from tests.conftest import ROOT
 
 runner = CliRunner()
+WIDE = {"COLUMNS": "200"}  # rich wraps help at the terminal's width; wide enough that no example wraps
 
 
 def test_top_level_help_is_fast_and_lists_stages():
@@ -62,3 +63,132 @@ def test_bad_params_exit_1_naming_the_key(tmp_path, bad, key):
     res = runner.invoke(app, ["sft", "--params", str(tmp_path / "params.yaml")])
     assert res.exit_code == 1
     assert key in res.output
+
+
+# ----------------------------------------------------------------------------------------------
+# The likeliest first mistake: a hyperparameter given as a flag
+
+
+@pytest.mark.parametrize("args, line", [
+    (["sft", "--lr", "0.001"], "error: no option --lr: sft.lr is a parameter; "
+                               "change it with  dvc exp run -S sft.lr=0.001  or in params.yaml"),
+    (["ppo", "--steps=10"], "error: no option --steps: ppo.steps is a parameter; "
+                            "change it with  dvc exp run -S ppo.steps=10  or in params.yaml"),
+    (["sft", "--warmup-steps", "5"], "dvc exp run -S sft.warmup_steps=5  or in params.yaml"),
+    (["sft", "--params", "p.yaml", "--ptx-coef", "0"], "ppo.ptx_coef is a parameter of the ppo stage, not of sft; "
+                                                       "change it with  dvc exp run -S ppo.ptx_coef=0  or in p.yaml"),
+    (["world", "--lr", "1"], "world has no parameter lr (ppo.lr, "),  # lr of several other stages
+    (["sft", "-S", "sft.lr=0.01"], "-S belongs to dvc exp run; run  dvc exp run -S sft.lr=0.01"),
+])
+def test_params_key_given_as_a_flag_gets_the_dvc_fix(args, line):
+    res = runner.invoke(app, args)
+    assert res.exit_code == 2
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 2 and lines[0].startswith("Usage: ") and f" {args[0]} " in lines[0], res.stderr
+    assert lines[1].startswith("error: no option ") and line in lines[1], lines[1]
+
+
+def test_a_typo_of_a_real_option_keeps_the_suggestion():
+    res = runner.invoke(app, ["ppo", "--chekpoints", "x"])
+    assert res.exit_code == 2
+    assert "No such option: --chekpoints" in res.stderr and "--checkpoints" in res.stderr
+    assert "dvc exp run" not in res.stderr
+
+
+# ----------------------------------------------------------------------------------------------
+# Help: a stage's params with their values, examples one per line, --version
+
+
+def _stage_fields(name):
+    import dataclasses
+    import importlib
+
+    return [f.name for f in dataclasses.fields(importlib.import_module(f"stages.{name}").Params)]
+
+
+def test_each_stage_help_lists_every_params_key_and_its_value():
+    import yaml
+
+    from tests.test_contract import dvc_stages
+
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    for name in dvc_stages():
+        res = runner.invoke(app, [name, "--help", "--params", str(ROOT / "params.yaml")])
+        assert res.exit_code == 0, name
+        panel = res.output.split(f"Params · {name}: in {ROOT / 'params.yaml'}", 1)[1]
+        rows = {line[2:].split()[0]: line for line in panel.splitlines()
+                if line.startswith("│ ") and line[2:3].isalpha()}  # a key's first line; not its wrapped docstring
+        for key in _stage_fields(name):
+            value = params[name][key]
+            assert key in rows, (name, key)
+            if isinstance(value, (int, float, str)) and not isinstance(value, bool) and value != "":
+                assert f" {value} " in rows[key], (name, key, rows[key])
+
+
+def test_help_reads_values_from_the_params_file_given(tmp_path):
+    text = (ROOT / "params.yaml").read_text()
+    (tmp_path / "p.yaml").write_text(text.replace("sft:\n", "sft:\n  lr: 0.123\n", 1).replace("  lr: 0.001\n", "", 1))
+    res = runner.invoke(app, ["sft", "--params", str(tmp_path / "p.yaml"), "--help"], env=WIDE)
+    assert res.exit_code == 0
+    assert "Params · sft: in " in res.output and "0.123" in res.output
+
+
+def test_help_without_a_params_file_lists_the_keys_with_their_docstrings(tmp_path):
+    res = runner.invoke(app, ["sft", "--help", "--params", str(tmp_path / "absent.yaml")], env=WIDE)
+    assert res.exit_code == 0
+    assert "sft: not found in" in res.output and "fields only" in res.output
+    assert "Peak AdamW learning rate" in res.output  # sft.lr's field docstring
+    assert all(key in res.output for key in _stage_fields("sft"))
+
+
+def test_every_command_shows_its_examples_one_per_line_and_angle_brackets_survive():
+    import inspect
+
+    from tests.test_contract import cli_commands
+
+    callbacks = {c.name or c.callback.__name__: c.callback for c in app.registered_commands}
+    for name in cli_commands():
+        doc = inspect.getdoc(callbacks[name])
+        examples = [ln.strip() for ln in doc.splitlines() if ln.strip().startswith("Example")]
+        res = runner.invoke(app, [name, "--help"], env=WIDE)
+        text = res.output.split("─ Options", 1)[0]  # the docstring part
+        shown = [ln.strip() for ln in text.splitlines() if "Example" in ln]
+        assert shown == examples, (name, shown, examples)  # each on its own line, none joined
+    assert "plots/<stage>/..." in runner.invoke(app, ["evaluate", "--help"], env=WIDE).output
+    assert "rlhf <stage> --help" in runner.invoke(app, ["--help"], env=WIDE).output
+
+
+def test_version_comes_from_the_package_metadata():
+    from importlib.metadata import version
+
+    res = runner.invoke(app, ["--version"])
+    assert res.exit_code == 0 and res.output.strip() == f"rlhf {version('rlhf')}"
+
+
+def test_stage_help_is_fast_and_imports_no_torch():
+    code = ("import sys, time; t0 = time.time(); from typer.testing import CliRunner; from cli.main import app; "
+            "res = CliRunner().invoke(app, ['sft', '--help']); assert res.exit_code == 0 and 'Params' in res.output; "
+            "assert 'torch' not in sys.modules and 'transformers' not in sys.modules; print(time.time() - t0)")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    assert res.returncode == 0, res.stderr
+    assert float(res.stdout) < 3.0  # ~0.2 s on an idle machine; generous for a loaded CI runner
+
+
+# ----------------------------------------------------------------------------------------------
+# Errors name the command that makes the missing input
+
+
+def test_a_missing_model_folder_names_the_command_that_writes_it(tmp_path):
+    from rlhf.errors import StageError
+    from rlhf.modeling import check_model_dir
+    from tests.test_contract import dvc_stages
+
+    written = {out: name for name, stage in dvc_stages().items() for out in stage.get("outs", [])
+               if isinstance(out, str) and out.startswith("models/")}
+    assert set(written) >= {"models/base", "models/sft", "models/reward", "models/policy"}
+    for out, name in written.items():
+        with pytest.raises(StageError) as err:
+            check_model_dir(tmp_path / out, "model")
+        assert f"model folder not found; run `rlhf {name}` (or `dvc repro {name}`) first" in str(err.value), out
+    with pytest.raises(StageError, match="folder not found; check the path, or run `dvc repro`"):
+        check_model_dir(tmp_path / "elsewhere", "model")

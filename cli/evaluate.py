@@ -1,4 +1,4 @@
-"""Commands added by the report work: evaluate (base vs SFT vs policy, benchmarks, the report)."""
+"""Evaluation: base vs SFT vs policy on held-out prompts and public benchmarks, and the report."""
 
 from __future__ import annotations
 
@@ -31,7 +31,6 @@ def evaluate(
     them (docs/evaluation.md). A benchmark whose file is absent is skipped and noted in the report.
 
     Example:  rlhf evaluate && xdg-open reports/report.html
-
     Example:  dvc exp run -S evaluate.judge=reward -S evaluate.reward_model=models/reward
     """
     run_stage("evaluate", params, test=test, world=world, truthfulqa=truthfulqa, crows_pairs=crows_pairs, rtp=rtp,

@@ -1,4 +1,4 @@
-"""Commands of the pipeline's spine: world, prepare, pretrain, sft."""
+"""Data and the supervised policy (InstructGPT step 1): world, prepare, pretrain, sft."""
 
 from __future__ import annotations
 

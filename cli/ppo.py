@@ -1,4 +1,4 @@
-"""Commands of the reinforcement-learning step: ppo."""
+"""PPO-ptx against the reward model (InstructGPT step 3): ppo."""
 
 from __future__ import annotations
 
