@@ -28,9 +28,9 @@ def read_labels(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def label(tmp_path: Path, keys: str, labeler: str = "alice"):
+def label(tmp_path: Path, keys: str, labeler: str = "alice", *options: str):
     return runner.invoke(app, ["label", "--labeler", labeler, "--candidates", str(tmp_path / "cands.jsonl"),
-                               "--out", str(tmp_path / "labels" / "human.jsonl")], input=keys)
+                               "--out", str(tmp_path / "labels" / "human.jsonl"), *options], input=keys)
 
 
 def test_label_session_undo_skip_quit_and_resume(tmp_path):
@@ -59,10 +59,13 @@ def test_label_session_undo_skip_quit_and_resume(tmp_path):
     assert [(r["prompt_id"], r["ranking"]) for r in recs] == [("p0", [1, 0, 2]), ("p1", [0, 1, 2]),
                                                               ("p2", [0, 2, 1]), ("p3", [1, 2, 0])]
 
-    # Session 3: nothing left for alice; a second labeler starts from the first prompt in the same file.
+    # Session 3: nothing left for alice, nor for bob (every prompt is ranked by someone); with --overlap
+    # bob ranks prompts others have ranked, from the first one, in the same file.
     res = label(tmp_path, "")
     assert "Nothing to label" in res.output
     res = label(tmp_path, "3>1>2\n", labeler="bob")
+    assert "Nothing to label" in res.output and len(read_labels(out)) == 4
+    res = label(tmp_path, "3>1>2\n", "bob", "--overlap")
     assert res.exit_code == 0, res.output
     recs = read_labels(out)
     assert len(recs) == 5 and recs[-1]["labeler"] == "bob" and recs[-1]["prompt_id"] == "p0"
