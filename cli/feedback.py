@@ -107,6 +107,7 @@ def label(
     import sys
 
     from rich.console import Console
+    from rich.text import Text
 
     from rlhf.errors import OutputError, StageError
     from rlhf.labeling import LabelSession
@@ -133,4 +134,4 @@ def label(
     except KeyboardInterrupt:
         console.print("\ninterrupted; every answer so far is saved. Rerun the same command to resume.")
         raise typer.Exit(130) from None
-    console.print(f"label: {result.ranked} ranked, {result.skipped} skipped, {result.left} left -> {out}")
+    console.print(Text(f"label: {result.ranked} ranked, {result.skipped} skipped, {result.left} left -> {out}"))

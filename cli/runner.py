@@ -16,6 +16,7 @@ Untrusted text in errors and summaries is printed with its control characters es
 
 from __future__ import annotations
 
+import errno
 import importlib
 import os
 import time
@@ -72,7 +73,8 @@ def write_failed(name: str, exc: BaseException, outputs: dict[str, Path]) -> str
     else:  # no file named (a write() on an open file): name the outputs the stage was writing
         from rlhf.io import write_errno
 
-        code = write_errno(exc) or 5
+        codes = [write_errno(exc, path) for path in outputs.values()] or [write_errno(exc)]
+        code = errno.ENOSPC if errno.ENOSPC in codes else next((c for c in codes if c), errno.EIO)
         listing = ", ".join(f"--{k.replace('_', '-')} {p}" for k, p in outputs.items())
         message = f"{os.strerror(code).lower()} while {name} wrote its outputs ({listing}); free space or fix that disk, or point them elsewhere"
     for option, path in outputs.items():

@@ -255,8 +255,8 @@ class LabelSession:
         pid, left = self._next()
         if pid is None:
             if left == 0:
-                self.console.print(f"Nothing to label: all {len(self.candidates)} prompts are ranked"
-                                   + (f" by {self.labeler}." if self.overlap else "."))
+                self.console.print(Text(f"Nothing to label: all {len(self.candidates)} prompts are ranked"
+                                        + (f" by {visible(self.labeler, one_line=True)}." if self.overlap else ".")))
             else:
                 self.console.print(f"All {left} prompts still to rank are on other labelers' screens right now; "
                                    "rerun later, or pass --overlap to rank prompts others rank too.")
@@ -277,7 +277,7 @@ class LabelSession:
                 res.quit = True
                 return
             if cmd in ("h", "help", "?"):
-                self.console.print(help_text(k))
+                self.console.print(Text(help_text(k)))
                 continue
             if cmd in ("s", "skip"):
                 self.queue.remove(pid)
@@ -292,7 +292,7 @@ class LabelSession:
                 try:
                     ranking, ties, unsafe = parse_answer(line, k)
                 except StageError as exc:
-                    self.console.print(Text(f"not recorded: {exc}", style="red"))
+                    self.console.print(Text(visible(f"not recorded: {exc}", one_line=True), style="red"))
                     continue
                 self._label(pid, ranking, ties, unsafe, res)
                 if self.limit is not None and len(self.added) >= self.limit:
