@@ -76,7 +76,8 @@ def write_failed(name: str, exc: BaseException, outputs: dict[str, Path]) -> str
         codes = [write_errno(exc, path) for path in outputs.values()] or [write_errno(exc)]
         code = errno.ENOSPC if errno.ENOSPC in codes else next((c for c in codes if c), errno.EIO)
         listing = ", ".join(f"--{k.replace('_', '-')} {p}" for k, p in outputs.items())
-        message = f"{os.strerror(code).lower()} while {name} wrote its outputs ({listing}); free space or fix that disk, or point them elsewhere"
+        message = (f"{os.strerror(code).lower()} while {name} wrote its outputs ({listing}); "
+                   "free space or fix that disk, or point them elsewhere")
     for option, path in outputs.items():
         if option != "checkpoints":
             try:
@@ -100,10 +101,7 @@ def run_stage(name: str, params_path: Path, **paths: Any) -> dict[str, Any]:
     module = importlib.import_module(f"stages.{name}")
     outputs = stage_outputs(name, paths)
     # Under a launcher (torchrun, accelerate) every rank runs this; rank 0 writes, so rank 0 locks.
-    if os.environ.get("RANK", "0") != "0":
-        outputs_to_lock: dict[str, Path] = {}
-    else:
-        outputs_to_lock = outputs
+    outputs_to_lock = outputs if os.environ.get("RANK", "0") == "0" else {}
 
     def stale(path: Path, note: dict[str, Any]) -> None:
         err_console.print(Text(visible(f"note: taking over the lock of {path} left by pid {note.get('pid')} "
@@ -123,16 +121,17 @@ def run_stage(name: str, params_path: Path, **paths: Any) -> dict[str, Any]:
         # The last line of defence: a write no write site caught (or torch's short-write RuntimeError),
         # or an input the OS would not read.
         code = write_errno(exc)
-        if code is None:
+        if code is None or isinstance(exc, (ConnectionError, TimeoutError)):
             raise
         filename = getattr(exc, "filename", None)
         if filename and _option_of(Path(filename), outputs) is None:
-            fail(f"{filename}: {os.strerror(code).lower()}; check the file, its folder's permissions and the disk, then rerun")
+            fail(f"{filename}: {os.strerror(code).lower()}; check the file, its folder's permissions and the disk, "
+                 "then rerun")
         fail(write_failed(name, exc, outputs))
     except KeyboardInterrupt:
         err_console.print(f"{name}: interrupted; rerun the same command to resume from its last checkpoint")
         raise typer.Exit(130) from None
     summary = module.summary(result) if hasattr(module, "summary") else "done"
-    out_console.print(Text(f"{name}: ", style="bold green") + Text(visible(f"{summary} [{time.time() - t0:.1f} s]", one_line=True)),
-                      soft_wrap=True)
+    line = visible(f"{summary} [{time.time() - t0:.1f} s]", one_line=True)
+    out_console.print(Text(f"{name}: ", style="bold green") + Text(line), soft_wrap=True)
     return result

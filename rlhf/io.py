@@ -108,7 +108,7 @@ def write_errno(exc: BaseException, path: Path | None = None, need: int | None =
     a disk that filled up), and safetensors reports I/O errors as SafetensorError ("(os error 28)").
     """
     if isinstance(exc, OSError):
-        return exc.errno or errno.EIO
+        return exc.errno  # None for a library's OSError that is no OS error ("Can't load tokenizer")
     text = str(exc)
     if type(exc).__name__ == "SafetensorError":
         match = re.search(r"os error (\d+)", text)

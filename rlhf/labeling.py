@@ -301,7 +301,10 @@ class LabelSession:
                     return
             pid, left = self._next()
             shown = False
-        self.console.print("All prompts handled." + (" Skipped ones are offered again next time." if self.skipped else ""))
+        if self.queue:  # the rest is on other labelers' screens
+            self.console.print(f"The other {len(self.queue)} prompts still to rank are being ranked by other labelers.")
+        else:
+            self.console.print("All prompts handled." + (" Skipped ones are offered again next time." if self.skipped else ""))
 
     def _label(self, pid: str, shown_ranking: list[int], shown_ties: list[list[int]], shown_unsafe: list[int],
                res: SessionResult) -> None:
@@ -336,7 +339,8 @@ class LabelSession:
         else:
             # Nothing done this session: take back this labeler's last saved label (from an earlier session).
             with self.labels.open() as view:
-                mine = [r["prompt_id"] for r in view.records if r["labeler"] == self.labeler and r["prompt_id"] in self.candidates]
+                mine = [r["prompt_id"] for r in view.records
+                        if r["labeler"] == self.labeler and r["prompt_id"] in self.candidates]
             if not mine:
                 self.console.print(Text("nothing to undo", style="yellow"))
                 return
