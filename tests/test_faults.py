@@ -227,6 +227,30 @@ def test_sft_disk_full_at_each_save_point_then_resumes_to_the_same_result(tiny_r
     assert not ckpt.exists() and not leftovers(tmp_path)
 
 
+def test_pretrain_disk_full_at_its_metrics_removes_the_model_and_keeps_the_checkpoint(tiny_run, tmp_path, monkeypatch):
+    """The same contract in another training stage: the model written just before the metrics is removed."""
+    from cli.main import app
+
+    paths = {"out": tmp_path / "models/base", "metrics": tmp_path / "metrics/pretrain.json",
+             "plots": tmp_path / "plots/pretrain", "checkpoints": tmp_path / "checkpoints/pretrain"}
+    args = ["pretrain", "--corpus", str(tiny_run.prepared / "corpus.jsonl"),
+            *[a for k, v in paths.items() for a in (f"--{k}", str(v))], "--params", str(TINY)]
+    real_write_bytes = Path.write_bytes
+
+    def metrics_fill_disk(self, data):
+        if self.name.startswith(".pretrain.json."):
+            raise ENOSPC
+        return real_write_bytes(self, data)
+
+    monkeypatch.setattr(Path, "write_bytes", metrics_fill_disk)
+    res = CliRunner().invoke(app, args)
+    assert one_error_line(res).startswith(f"error: no space left on device writing {paths['metrics']}; free ")
+    assert res.stderr.strip().endswith(f"or point --metrics elsewhere; the checkpoint in {paths['checkpoints']} is kept: "
+                                       "rerun the same command to resume from it")
+    assert checkpoint_step(paths) == 20  # of 30 steps, a checkpoint every 10
+    assert not paths["out"].exists() and not paths["plots"].exists() and not leftovers(tmp_path)
+
+
 def _can_mount_tmpfs(where: Path) -> bool:
     if os.geteuid() != 0 or not shutil.which("mount"):
         return False
