@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Optional
 
 import typer
 
@@ -81,22 +82,38 @@ def reward(
 @app.command()
 def label(
     labeler: str = typer.Option(..., "--labeler", help="your name, stored with every ranking"),
-    candidates: Path = typer.Option(Path("data/samples/candidates.jsonl"), help="candidates to rank"),
-    out: Path = typer.Option(Path("labels/human.jsonl"), help="labels file (rankings format), saved after every answer"),
+    candidates: Path = typer.Option(Path("data/samples/candidates.jsonl"),
+                                    help="candidates to rank (or reports/responses.jsonl to judge the models)"),
+    out: Path = typer.Option(Path("labels/human.jsonl"),
+                             help="labels file (rankings format), saved after every answer; several labelers may share it"),
+    overlap: bool = typer.Option(False, "--overlap",
+                                 help="also rank prompts other labelers ranked or are ranking (to measure agreement)"),
+    limit: Optional[int] = typer.Option(None, "--limit", min=1, help="stop after this many rankings"),
+    shuffle: Optional[bool] = typer.Option(None, "--shuffle/--no-shuffle", show_default=False,
+                                           help="show each prompt's responses in a seeded random order, saved in the "
+                                                "file's order [default: on for files that name their models]"),
+    seed: int = typer.Option(0, "--seed", help="seed of the shuffled order (with the labeler's name and the prompt id)"),
 ) -> None:
     """Rank candidate responses by hand in the terminal (outside the DAG; `rank` reads the result).
 
-    Shows a prompt and its K responses; type a ranking best first such as 2>1>4>3, or s (skip),
-    u (undo), h (help), q (quit). Each answer is saved at once; rerun to resume where you stopped.
-    Then `dvc exp run -S rank.source=human` trains the reward model on your rankings.
+    Shows a prompt and its K responses; type a ranking of all K best first (for K=4: 2>1>4>3; a tie:
+    2=1>4>3; flag response 3 as unsafe: 2>1>4>3 !3), or s (skip), u (undo), h (help), q (quit). Each
+    answer is saved at once; rerun to resume where you stopped. Several labelers can work on one file
+    at once: each gets prompts nobody else has ranked or is ranking, unless --overlap. Then
+    `dvc exp run -S rank.source=human` trains the reward model on your rankings.
 
     Example:  rlhf label --labeler alice
+
+    Example:  rlhf label --labeler bob --overlap --limit 20
+
+    Example:  rlhf label --labeler carol --candidates reports/responses.jsonl --out labels/eval.jsonl   (blinded)
     """
     import sys
 
     from rich.console import Console
+    from rich.text import Text
 
-    from rlhf.errors import StageError
+    from rlhf.errors import OutputError, StageError
     from rlhf.labeling import LabelSession
     from stages.sample import read_candidates
 
@@ -111,11 +128,14 @@ def label(
         return line.rstrip("\n")
 
     try:
-        session = LabelSession(read_candidates(candidates), out, labeler, console=console, read_line=read_line)
+        session = LabelSession(read_candidates(candidates), out, labeler, console=console, read_line=read_line,
+                               overlap=overlap, limit=limit, shuffle=shuffle, seed=seed)
         result = session.run()
+    except OutputError as exc:
+        fail(exc.render("--out") + "; the answers before this one are saved")
     except StageError as exc:
         fail(str(exc))
     except KeyboardInterrupt:
         console.print("\ninterrupted; every answer so far is saved. Rerun the same command to resume.")
         raise typer.Exit(130) from None
-    console.print(f"label: {result.labeled} ranked, {result.skipped} skipped, {result.remaining} left -> {out}")
+    console.print(Text(f"label: {result.ranked} ranked, {result.skipped} skipped, {result.left} left -> {out}"))

@@ -176,11 +176,6 @@ def decode_response(tokenizer, ids: Sequence[int]) -> tuple[str, bool]:
 # Models
 
 
-def is_model_dir(path: str | Path) -> bool:
-    path = Path(path)
-    return (path / "config.json").is_file()
-
-
 def check_model_dir(path: str | Path, what: str = "model") -> Path:
     """`path` if it is a Hugging Face model folder with safetensors weights; else a StageError naming
     the fix (for a pipeline folder, the command that writes it)."""
@@ -286,15 +281,30 @@ def build_llama(tokenizer, *, hidden: int, layers: int, heads: int, intermediate
 
 
 def save_model(model, tokenizer, out: str | Path) -> None:
-    """Write a standard HF folder (config, safetensors, tokenizer with chat template) atomically."""
+    """Write a standard HF folder (config, safetensors, tokenizer with chat template) atomically.
+
+    A failed write (a full disk, a permission) leaves no folder under `out` and is one line naming
+    the file: safetensors reports it as SafetensorError "(os error 28)", turned here into the OSError
+    it is, named after the weights file, so `atomic_dir` reports it like any other write.
+    """
+    import os
+
     from transformers.utils import logging as hf_logging
 
-    from rlhf.io import atomic_dir
+    from rlhf.io import atomic_dir, write_errno
 
     hf_logging.disable_progress_bar()  # our own progress bars are enough; keep the log one line per stage
 
-    with atomic_dir(out) as tmp:
-        model.save_pretrained(tmp, safe_serialization=True)
+    # The weights, plus the tokenizer files (tokenizer.json takes ~60 bytes per vocabulary entry) and config.
+    need = sum(t.numel() * t.element_size() for t in model.state_dict().values()) + 64 * len(tokenizer) + 100_000
+    with atomic_dir(out, need=need) as tmp:
+        try:
+            model.save_pretrained(tmp, safe_serialization=True)
+        except Exception as exc:
+            code = write_errno(exc)
+            if code is None or isinstance(exc, OSError):
+                raise
+            raise OSError(code, os.strerror(code), str(tmp / "model.safetensors")) from exc
         tokenizer.save_pretrained(tmp)
 
 

@@ -37,7 +37,7 @@ if TYPE_CHECKING:  # torch is imported inside functions so `rlhf label` starts i
 def validate_ranking(ranking: Any, k: int, where: str = "ranking") -> list[int]:
     """`ranking` as a list of response indices, best first; must be a permutation of 0..k-1.
 
-    Ties are not accepted (a tie is only meaningful when a labeler declares it, and no declared-tie format exists yet).
+    Ties are declared beside it, in a record's optional `ties` field (`validate_ties`).
     """
     if not isinstance(ranking, (list, tuple)):
         raise StageError(f"{where}: ranking must be a list of response indices, got {type(ranking).__name__}")
@@ -56,27 +56,59 @@ def validate_ranking(ranking: Any, k: int, where: str = "ranking") -> list[int]:
     return list(ranking)
 
 
+def validate_ties(ties: Any, ranking: Sequence[int], where: str = "ties") -> list[list[int]]:
+    """Declared ties: groups of response indices a labeler judged equally good (docs/formats.md).
+
+    Each group has at least 2 indices, no index is in two groups, and a group's members stand next
+    to each other in `ranking`. Pairs inside a group are no preference (`ranking_pairs`).
+    """
+    if not isinstance(ties, list) or not all(
+            isinstance(g, list) and len(g) >= 2 and all(isinstance(i, int) and not isinstance(i, bool) for i in g)
+            for g in ties):
+        raise StageError(f"{where}: 'ties' must be a list of groups of at least 2 response indices, e.g. [[0, 4]]")
+    place = {r: p for p, r in enumerate(ranking)}
+    seen: set[int] = set()
+    for g in ties:
+        unknown = [i for i in g if i not in place]
+        if unknown:
+            raise StageError(f"{where}: tie group {g} names response {unknown[0]}, which is not in ranking {list(ranking)}")
+        twice = [i for i in g if i in seen or g.count(i) > 1]
+        if twice:
+            raise StageError(f"{where}: response {twice[0]} is in two tie groups; merge them into one")
+        seen.update(g)
+        spots = sorted(place[i] for i in g)
+        if spots[-1] - spots[0] != len(g) - 1:
+            raise StageError(f"{where}: tied responses {g} are not next to each other in ranking {list(ranking)}; "
+                             "list tied responses together")
+    return ties
+
+
 def validate_ranking_record(record: dict[str, Any], where: str) -> dict[str, Any]:
-    """A rankings-format record whose `ranking` is a permutation of its `responses` (K >= 2)."""
+    """A rankings-format record whose `ranking` is a permutation of its `responses` (K >= 2), ties declared in `ties`."""
     responses = record["responses"]
     if len(responses) < 2 or not all(isinstance(r, str) for r in responses):
         raise StageError(f"{where}: 'responses' must be a list of at least 2 strings")
     validate_ranking(record["ranking"], len(responses), where)
+    if "ties" in record:
+        validate_ties(record["ties"], record["ranking"], where)
     return record
 
 
-def parse_ranking_text(text: str, k: int) -> list[int]:
-    """A typed ranking such as '2>1>4>3' (1-based, best first) as 0-based indices.
+def parse_ranking_text(text: str, k: int) -> tuple[list[int], list[list[int]]]:
+    """A typed ranking such as '2>1>4>3', or with declared ties '1=4>3>2' (1-based, best first).
 
-    Also accepts spaces or commas as separators ('2 1 4 3'). Raises StageError with a message a
+    Returns (the ranking as 0-based indices, best first; the tie groups as 0-based indices, in ranking
+    order). Spaces or commas also separate ranks ('2 1 4 3'). Raises StageError with a message a
     labeler can act on.
     """
-    parts = [p for p in re.split(r"[>\s,]+", text.strip()) if p]
-    if not parts:
-        raise StageError("empty ranking; type e.g. " + ">".join(str(i) for i in range(1, k + 1)))
-    if not all(p.isdigit() for p in parts):
-        raise StageError(f"'{text.strip()}' is not a ranking; use numbers 1..{k} separated by '>'")
-    nums = [int(p) for p in parts]
+    example = ">".join(str(i) for i in range(1, k + 1))
+    tiers = [t.split("=") for t in re.split(r"[>\s,]+", re.sub(r"\s*=\s*", "=", text.strip())) if t]
+    if not tiers:
+        raise StageError(f"empty ranking; type e.g. {example}")
+    tokens = [t for tier in tiers for t in tier]
+    if not all(t.isdigit() for t in tokens):
+        raise StageError(f"'{text.strip()}' is not a ranking; use numbers 1..{k} separated by '>' ('=' for a tie)")
+    nums = [int(t) for t in tokens]
     out_of_range = [n for n in nums if not 1 <= n <= k]
     if out_of_range:
         raise StageError(f"response {out_of_range[0]} does not exist; use numbers 1..{k}")
@@ -86,12 +118,14 @@ def parse_ranking_text(text: str, k: int) -> list[int]:
     if len(nums) != k:
         missing = sorted(set(range(1, k + 1)) - set(nums))
         raise StageError(f"rank all {k} responses; missing {', '.join(map(str, missing))}")
-    return [n - 1 for n in nums]
+    return [n - 1 for n in nums], [[int(t) - 1 for t in tier] for tier in tiers if len(tier) > 1]
 
 
-def ranking_pairs(ranking: Sequence[int]) -> list[tuple[int, int]]:
-    """All C(K,2) (winner, loser) pairs implied by a full ranking, best first."""
-    return [(ranking[a], ranking[b]) for a, b in combinations(range(len(ranking)), 2)]
+def ranking_pairs(ranking: Sequence[int], ties: Sequence[Sequence[int]] | None = None) -> list[tuple[int, int]]:
+    """All (winner, loser) pairs implied by a ranking, best first: C(K,2) of them, less the declared ties."""
+    group = {i: n for n, g in enumerate(ties or ()) for i in g}
+    return [(ranking[a], ranking[b]) for a, b in combinations(range(len(ranking)), 2)
+            if ranking[a] not in group or group[ranking[a]] != group.get(ranking[b])]
 
 
 # ----------------------------------------------------------------------------------------------

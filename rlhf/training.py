@@ -93,6 +93,17 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def tensor_bytes(obj: Any) -> int:
+    """Bytes of the tensors in a nested state (what a checkpoint of it needs on disk, roughly)."""
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(tensor_bytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(tensor_bytes(v) for v in obj)
+    return 0
+
+
 class Checkpointer:
     """Periodic atomic checkpoints in `directory`, tagged with a fingerprint of the run."""
 
@@ -105,11 +116,15 @@ class Checkpointer:
         return self.directory / "checkpoint.pt" if self.directory else None
 
     def save(self, state: dict[str, Any]) -> None:
+        """Write atomically; a write that fails (a full disk) leaves the previous checkpoint in place.
+
+        torch.save gets an open file, not a path: a failed write then raises OSError with its errno
+        (ENOSPC) instead of the zip writer's "unexpected pos" RuntimeError.
+        """
         if self.path is None:
             return
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        with atomic_path(self.path) as tmp:
-            torch.save({"tag": self.tag, **state}, tmp)
+        with atomic_path(self.path, need=tensor_bytes(state)) as tmp, tmp.open("wb") as fh:
+            torch.save({"tag": self.tag, **state}, fh)
 
     def load(self) -> dict[str, Any] | None:
         """The saved state of this same run, or None (no checkpoint, or one from other params)."""
@@ -150,7 +165,31 @@ def open_live(directory: str | Path, resume: bool = False):
             json.loads(summary.read_text(encoding="utf-8"))
         except (json.JSONDecodeError, UnicodeDecodeError):
             summary.unlink()
-    return Live(str(directory), dvcyaml=None, save_dvc_exp=False, report=None, resume=resume)
+    try:
+        live = Live(str(directory), dvcyaml=None, save_dvc_exp=False, report=None, resume=resume)
+    except OSError as exc:
+        raise _live_write_failure(exc, directory) from exc
+    # dvclive writes its curves in place, not atomically: a failed write (a full disk) names the folder,
+    # and the CLI removes the partial folder (the curves come back from the checkpoint on resume).
+    for name in ("log_metric", "next_step", "make_summary", "end"):
+        setattr(live, name, _naming_failures(getattr(live, name), directory))
+    return live
+
+
+def _live_write_failure(exc: OSError, directory: Path):
+    from rlhf.io import write_failure
+
+    return write_failure(exc, exc.filename or directory)
+
+
+def _naming_failures(method, directory: Path):
+    def call(*args, **kwargs):
+        try:
+            return method(*args, **kwargs)
+        except OSError as exc:
+            raise _live_write_failure(exc, directory) from exc
+
+    return call
 
 
 def live_snapshot(live) -> dict[str, str]:
@@ -180,13 +219,6 @@ def restore_live(live, files: dict[str, str] | None, step: int) -> None:
         atomic_write_text(root / rel, text)
     live.summary = json.loads(files.get("metrics.json", "{}"))
     live.step = step
-
-
-def require_file(path: str | Path, hint: str) -> Path:
-    path = Path(path)
-    if not path.exists():
-        raise StageError(f"{path}: not found; {hint}")
-    return path
 
 
 def epoch_batches(n_items: int, batch_size: int, step: int, seed: int) -> list[int]:

@@ -155,10 +155,12 @@ def read_human_labels(path: str | Path) -> dict[tuple[str, str, str], float]:
             if not isinstance(responses, list) or sorted(ranking) != list(range(len(responses))):
                 raise StageError(f"{where}: 'ranking' must be a permutation of the indices of 'responses'")
             place = {r: pos for pos, r in enumerate(ranking)}
+            tie = {r: n for n, group in enumerate(rec.get("ties") or []) for r in group}  # declared ties score 0.5
             for i_a, x in enumerate(responses):
                 for i_b, y in enumerate(responses):
                     if x != y:
-                        out[(prompt, x, y)] = 1.0 if place[i_a] < place[i_b] else 0.0
+                        tied = i_a in tie and tie[i_a] == tie.get(i_b)
+                        out[(prompt, x, y)] = 0.5 if tied else 1.0 if place[i_a] < place[i_b] else 0.0
         elif "chosen" in rec and "rejected" in rec:
             x, y = rec["chosen"], rec["rejected"]
             v = 0.5 if rec.get("tie") else 1.0

@@ -108,7 +108,7 @@ def load_groups(path: Path, data_format: str) -> list[dict[str, Any]]:
     if data_format == "rankings":
         for lineno, r in enumerate(read_jsonl(path, RANKING_SCHEMA), start=1):
             validate_ranking_record(r, f"{path}:{lineno}")
-            pairs = _distinct(ranking_pairs(r["ranking"]), r["responses"])
+            pairs = _distinct(ranking_pairs(r["ranking"], r.get("ties")), r["responses"])  # declared ties: no pair
             if pairs:
                 groups.append({"prompt": r["prompt"], "responses": list(r["responses"]), "pairs": pairs,
                                "ranking": list(r["ranking"]), "labeler": r["labeler"]})
@@ -218,17 +218,9 @@ def heldout_metrics(groups: list[dict[str, Any]], scores: list[list[float]], gol
 
 
 def _gold_agreement_distinct(g: dict[str, Any], gold: list[float]) -> tuple[int, int]:
-    """Labeler-vs-gold agreement over pairs of different responses only (as `rank` measures it)."""
-    pos = {r: i for i, r in enumerate(g["ranking"])}
-    hits = total = 0
-    k = len(g["responses"])
-    for i in range(k):
-        for j in range(i + 1, k):
-            if g["responses"][i] == g["responses"][j] or gold[i] == gold[j]:
-                continue
-            total += 1
-            hits += (pos[i] < pos[j]) == (gold[i] > gold[j])
-    return hits, total
+    """Labeler-vs-gold agreement over the group's preference pairs (different responses, no declared tie)."""
+    decided = [(w, l) for w, l in g["pairs"] if gold[w] != gold[l]]
+    return sum(gold[w] > gold[l] for w, l in decided), len(decided)
 
 
 def build_reward_model(sft: Path, tokenizer, head_init_std: float, seed: int):

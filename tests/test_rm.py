@@ -184,8 +184,8 @@ def test_validate_ranking_rejects(ranking, k, match):
 
 
 def test_parse_ranking_text():
-    assert parse_ranking_text("2>1>4>3", 4) == [1, 0, 3, 2]
-    assert parse_ranking_text(" 3 1 2 ", 3) == [2, 0, 1]
+    assert parse_ranking_text("2>1>4>3", 4) == ([1, 0, 3, 2], [])
+    assert parse_ranking_text(" 3 1 2 ", 3) == ([2, 0, 1], [])
     for text, match in [("1>2", "missing 3"), ("1>1>2", "twice"), ("1>2>5", "does not exist"),
                         ("a>b>c", "not a ranking"), ("", "empty")]:
         with pytest.raises(StageError, match=match):
