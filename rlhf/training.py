@@ -182,13 +182,6 @@ def restore_live(live, files: dict[str, str] | None, step: int) -> None:
     live.step = step
 
 
-def require_file(path: str | Path, hint: str) -> Path:
-    path = Path(path)
-    if not path.exists():
-        raise StageError(f"{path}: not found; {hint}")
-    return path
-
-
 def epoch_batches(n_items: int, batch_size: int, step: int, seed: int) -> list[int]:
     """Indices of the batch at global `step`: epochs are fresh permutations seeded by (seed, epoch).
 

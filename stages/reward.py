@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import hashlib
 import math
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -176,14 +175,14 @@ def score_groups(model, encoded: list[list[list[int]]], pad_id: int, device, bat
 
 def heldout_metrics(groups: list[dict[str, Any]], scores: list[list[float]], gold: list[list[float]] | None) -> dict[str, Any]:
     """Pairwise accuracy against the labels (and the gold judge), Spearman with gold, labelers vs gold."""
-    from rlhf.rm import score_agreement, spearman
+    from rlhf.agreement import gold_agreement, rate, score_agreement, spearman
 
     hits = n = 0.0
     for g, s in zip(groups, scores):
         for w, l in g["pairs"]:
             n += 1
             hits += 0.5 if s[w] == s[l] else float(s[w] > s[l])
-    out: dict[str, Any] = {"pairs": int(n), "accuracy_labels": round(hits / n, 4) if n else None}
+    out: dict[str, Any] = {"pairs": int(n), "accuracy_labels": rate(hits, n)}
     if gold is None:
         return out
     # Gold statistics per distinct prompt (overlapping labelers share one prompt's responses).
@@ -193,7 +192,7 @@ def heldout_metrics(groups: list[dict[str, Any]], scores: list[list[float]], gol
     rhos, pooled_s, pooled_g = [], [], []
     for g, s, gs in zip(groups, scores, gold):
         if "ranking" in g:
-            a, t = _gold_agreement_distinct(g, gs)
+            a, t = gold_agreement(g["ranking"], gs, g["responses"])  # as `rank` measures it
             lab_hits, lab_n = lab_hits + a, lab_n + t
         key = g["prompt"] + "\x00" + "\x00".join(g["responses"])
         if key in seen:
@@ -207,28 +206,14 @@ def heldout_metrics(groups: list[dict[str, Any]], scores: list[list[float]], gol
         pooled_s.extend(s)
         pooled_g.extend(gs)
     out["gold_pairs"] = int(g_n)
-    out["accuracy_gold"] = round(g_hits / g_n, 4) if g_n else None
+    out["accuracy_gold"] = rate(g_hits, g_n)
     out["spearman_gold_within_prompt"] = round(sum(rhos) / len(rhos), 4) if rhos else None
     pooled = spearman(pooled_s, pooled_g)
     out["spearman_gold_pooled"] = round(pooled, 4) if pooled is not None else None
     if lab_n:
         # The bar the RM is measured against: how often the labels themselves agree with gold here.
-        out["labels_gold_agreement"] = round(lab_hits / lab_n, 4)
+        out["labels_gold_agreement"] = rate(lab_hits, lab_n)
     return out
-
-
-def _gold_agreement_distinct(g: dict[str, Any], gold: list[float]) -> tuple[int, int]:
-    """Labeler-vs-gold agreement over pairs of different responses only (as `rank` measures it)."""
-    pos = {r: i for i, r in enumerate(g["ranking"])}
-    hits = total = 0
-    k = len(g["responses"])
-    for i in range(k):
-        for j in range(i + 1, k):
-            if g["responses"][i] == g["responses"][j] or gold[i] == gold[j]:
-                continue
-            total += 1
-            hits += (pos[i] < pos[j]) == (gold[i] > gold[j])
-    return hits, total
 
 
 def build_reward_model(sft: Path, tokenizer, head_init_std: float, seed: int):

@@ -19,12 +19,9 @@ from typing import Any
 import torch
 
 from rlhf.errors import StageError
-from rlhf.io import read_jsonl, remove_outputs, write_json
+from rlhf.io import DEMONSTRATION_SCHEMA, PROMPT_SCHEMA, read_jsonl, remove_outputs, write_json
 from rlhf.params import require, to_dict
 from rlhf.training import IGNORE_INDEX
-
-SFT_SCHEMA = {"prompt": (str, True), "response": (str, True)}
-TEST_SCHEMA = {"id": (str, True), "prompt": (str, True)}
 
 
 @dataclass(frozen=True)
@@ -74,28 +71,21 @@ def build_example(tokenizer, prompt: str, response: str, max_len: int) -> tuple[
 
 def collate(examples: list[tuple[list[int], list[int]]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Right-padded (B, T) ids, mask and labels; padding is IGNORE_INDEX in the labels."""
-    width = max(len(ids) for ids, _ in examples)
-    ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    labels = torch.full_like(ids, IGNORE_INDEX)
-    for i, (x, y) in enumerate(examples):
-        ids[i, : len(x)] = torch.tensor(x)
-        mask[i, : len(x)] = 1
-        labels[i, : len(y)] = torch.tensor(y)
+    from rlhf.modeling import right_pad
+
+    ids, mask = right_pad([x for x, _ in examples], pad_id)
+    labels, _ = right_pad([y for _, y in examples], IGNORE_INDEX)
     return ids, mask, labels
 
 
 def gold_compare(models: dict[str, Any], tokenizer, prompts: list[str], judge, *, max_new_tokens: int, device) -> dict[str, Any]:
     """Greedy responses of each model on `prompts`, scored by the gold judge."""
-    from rlhf.gold import summarize
-    from rlhf.modeling import generate_responses
+    from rlhf.gold import answer_test_prompts
 
     out = {}
     for name, model in models.items():
-        gen = generate_responses(model, tokenizer, prompts, max_new_tokens=max_new_tokens, temperature=0.0,
-                                 batch_size=64, seed=0, device=device)
-        out[name] = summarize(judge, prompts, [g["response"] for g in gen])
-        out[name]["ended_with_eos"] = round(sum(g["ended"] for g in gen) / len(gen), 4)
+        answers = answer_test_prompts(model, tokenizer, prompts, judge, max_new_tokens=max_new_tokens, device=device)
+        out[name] = {**answers.gold, "ended_with_eos": answers.ended_share}
     return out
 
 
@@ -113,9 +103,9 @@ def run(params: Params, *, base: Path, data: Path, world: Path | None, out: Path
     data = Path(data)
     tokenizer = load_tokenizer(base)
     model = load_causal_lm(base).to(device)
-    demos = read_jsonl(data / "sft.jsonl", SFT_SCHEMA)
-    val_demos = read_jsonl(data / "sft_val.jsonl", SFT_SCHEMA, allow_empty=True)
-    test = read_jsonl(data / "test.jsonl", TEST_SCHEMA)
+    demos = read_jsonl(data / "sft.jsonl", DEMONSTRATION_SCHEMA)
+    val_demos = read_jsonl(data / "sft_val.jsonl", DEMONSTRATION_SCHEMA, allow_empty=True)
+    test = read_jsonl(data / "test.jsonl", PROMPT_SCHEMA)
     judge = load_judge(world) if dist.is_main else None  # a broken world file fails now, not after training
     if dist.is_main:
         # Like `dvc repro`, which deletes a stage's outs first: a killed or failed run leaves no stale
