@@ -11,15 +11,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-AXES = ("helpful", "truthful", "harmless", "total")
+from rlhf.judge import AXES, GoldJudge
 
 
 def load_judge(world: Path | None):
     """The gold judge of `world` (data/raw/world.json), or None when the data has no world file."""
     if world is None or not Path(world).is_file():
         return None
-    from rlhf.judge import GoldJudge
-
     return GoldJudge.from_file(world)
 
 
