@@ -40,17 +40,18 @@ def pair_agreement(a: Sequence[int], b: Sequence[int], responses: Sequence[str] 
     return agree, total
 
 
+def pairs_gold_agreement(pairs: Sequence[tuple[int, int]], gold: Sequence[float], eps: float = TIE_EPS) -> tuple[int, int]:
+    """(pairs whose winner gold also scores higher, pairs gold does not tie) over (winner, loser) pairs."""
+    decided = [(w, l) for w, l in pairs if abs(gold[w] - gold[l]) > eps]
+    return sum(gold[w] > gold[l] for w, l in decided), len(decided)
+
+
 def gold_agreement(ranking: Sequence[int], gold: Sequence[float], responses: Sequence[str] | None = None,
                    eps: float = TIE_EPS) -> tuple[int, int]:
     """(pairs `ranking` orders as the gold scores do, pairs compared); gold ties are skipped."""
     pos = _positions(ranking)
-    agree = total = 0
-    for i, j in compared_pairs(len(gold), responses):
-        if abs(gold[i] - gold[j]) <= eps:
-            continue
-        total += 1
-        agree += (pos[i] < pos[j]) == (gold[i] > gold[j])
-    return agree, total
+    pairs = [(i, j) if pos[i] < pos[j] else (j, i) for i, j in compared_pairs(len(gold), responses)]
+    return pairs_gold_agreement(pairs, gold, eps)
 
 
 def score_agreement(scores: Sequence[float], ref: Sequence[float], eps: float = TIE_EPS) -> tuple[float, int]:

@@ -175,7 +175,7 @@ def score_groups(model, encoded: list[list[list[int]]], pad_id: int, device, bat
 
 def heldout_metrics(groups: list[dict[str, Any]], scores: list[list[float]], gold: list[list[float]] | None) -> dict[str, Any]:
     """Pairwise accuracy against the labels (and the gold judge), Spearman with gold, labelers vs gold."""
-    from rlhf.agreement import gold_agreement, rate, score_agreement, spearman
+    from rlhf.agreement import pairs_gold_agreement, rate, score_agreement, spearman
 
     hits = n = 0.0
     for g, s in zip(groups, scores):
@@ -192,7 +192,7 @@ def heldout_metrics(groups: list[dict[str, Any]], scores: list[list[float]], gol
     rhos, pooled_s, pooled_g = [], [], []
     for g, s, gs in zip(groups, scores, gold):
         if "ranking" in g:
-            a, t = gold_agreement(g["ranking"], gs, g["responses"])  # as `rank` measures it
+            a, t = pairs_gold_agreement(g["pairs"], gs)  # the labels' own pairs, as `rank` measures them
             lab_hits, lab_n = lab_hits + a, lab_n + t
         key = g["prompt"] + "\x00" + "\x00".join(g["responses"])
         if key in seen:

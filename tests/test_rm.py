@@ -9,7 +9,14 @@ import random
 import pytest
 import torch
 
-from rlhf.agreement import gold_agreement, pair_agreement, ranking_from_scores, score_agreement, spearman
+from rlhf.agreement import (
+    gold_agreement,
+    pair_agreement,
+    pairs_gold_agreement,
+    ranking_from_scores,
+    score_agreement,
+    spearman,
+)
 from rlhf.errors import StageError
 from rlhf.rm import (
     flat_pairs,
@@ -226,6 +233,8 @@ def test_agreement_skips_identical_texts_and_matches_a_plain_loop():
         scored = [(i, j) for i, j in pairs if gold[i] != gold[j]]
         assert gold_agreement(a, gold, resp) == (sum((pa[i] < pa[j]) == (gold[i] > gold[j]) for i, j in scored),
                                                  len(scored))
+        winners_first = [(i, j) if pa[i] < pa[j] else (j, i) for i, j in pairs]
+        assert pairs_gold_agreement(winners_first, gold) == gold_agreement(a, gold, resp)
     assert ranking_from_scores([0.2, 0.9, 0.2, 0.5]) == [1, 3, 0, 2]  # ties keep index order
 
 
