@@ -236,3 +236,12 @@ def test_import_closure_sees_function_level_imports():
     closure = import_closure("stages/rank.py")
     assert "rlhf/judge.py" in closure  # imported inside rank.run and through rlhf.gold.load_judge
     assert "rlhf/world.py" in closure  # `from rlhf import world as W` in rlhf/judge.py
+
+
+def test_stages_import_only_the_library():
+    """A stage never imports another stage, and the library never imports a stage: shared code lives in
+    rlhf/, so one stage's edit cannot silently rerun (or fail to rerun) another."""
+    for path in sorted((ROOT / "stages").glob("*.py")) + sorted((ROOT / "rlhf").glob("*.py")):
+        rel = path.relative_to(ROOT).as_posix()
+        imported = {f for f in imported_files(rel) if f.startswith(("stages/", "cli/"))}
+        assert not imported, f"{rel} imports {sorted(imported)}; move what it needs into rlhf/"
