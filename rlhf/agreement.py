@@ -40,7 +40,8 @@ def pair_agreement(a: Sequence[int], b: Sequence[int], responses: Sequence[str] 
     return agree, total
 
 
-def pairs_gold_agreement(pairs: Sequence[tuple[int, int]], gold: Sequence[float], eps: float = TIE_EPS) -> tuple[int, int]:
+def pairs_gold_agreement(pairs: Sequence[tuple[int, int]], gold: Sequence[float],
+                         eps: float = TIE_EPS) -> tuple[int, int]:
     """(pairs whose winner gold also scores higher, pairs gold does not tie) over (winner, loser) pairs."""
     decided = [(w, l) for w, l in pairs if abs(gold[w] - gold[l]) > eps]
     return sum(gold[w] > gold[l] for w, l in decided), len(decided)

@@ -297,7 +297,8 @@ def param_count(model) -> int:
 # Batching and scoring
 
 
-def pad_sequences(seqs: Sequence[Sequence[int]], pad_value: int, *, side: str = "left") -> tuple[torch.Tensor, torch.Tensor]:
+def pad_sequences(seqs: Sequence[Sequence[int]], pad_value: int, *,
+                  side: str = "left") -> tuple[torch.Tensor, torch.Tensor]:
     """(B, T) ids and mask of `seqs`, padded with `pad_value` on the left (generation, scoring) or the
     right (teacher-forced losses); T is the longest sequence."""
     width = max(len(s) for s in seqs)

@@ -78,6 +78,23 @@ def collate(examples: list[tuple[list[int], list[int]]], pad_id: int) -> tuple[t
     return ids, mask, labels
 
 
+@torch.no_grad()
+def validation_loss(model, examples: list[tuple[list[int], list[int]]], pad_id: int, device,
+                    batch_size: int = 64) -> float:
+    """Mean loss per response token over `examples` (batches weighted by their response tokens)."""
+    from rlhf.modeling import autocast
+    from rlhf.training import masked_lm_loss
+
+    total, count = 0.0, 0
+    for i in range(0, len(examples), batch_size):
+        ids, mask, labels = (t.to(device) for t in collate(examples[i: i + batch_size], pad_id))
+        with autocast(device):
+            loss = masked_lm_loss(model(input_ids=ids, attention_mask=mask, use_cache=False).logits, labels)
+        n = int((labels[:, 1:] != IGNORE_INDEX).sum())
+        total, count = total + float(loss) * n, count + n
+    return total / count
+
+
 def gold_compare(models: dict[str, Any], tokenizer, prompts: list[str], judge, *, max_new_tokens: int, device) -> dict[str, Any]:
     """Greedy responses of each model on `prompts`, scored by the gold judge."""
     from rlhf.gold import answer_test_prompts
@@ -130,18 +147,8 @@ def run(params: Params, *, base: Path, data: Path, world: Path | None, out: Path
             logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
         return masked_lm_loss(logits, labels)
 
-    @torch.no_grad()
     def evaluate() -> dict[str, float]:
-        if not val_ex:
-            return {}
-        total, count = 0.0, 0
-        for i in range(0, len(val_ex), 64):
-            ids, mask, labels = (t.to(device) for t in collate(val_ex[i: i + 64], tokenizer.pad_token_id))
-            with autocast(device):
-                loss = masked_lm_loss(model(input_ids=ids, attention_mask=mask, use_cache=False).logits, labels)
-            n = int((labels[:, 1:] != IGNORE_INDEX).sum())
-            total, count = total + float(loss) * n, count + n
-        return {"val_loss": total / count}
+        return {"val_loss": validation_loss(model, val_ex, tokenizer.pad_token_id, device)} if val_ex else {}
 
     live = open_live(plots, resume=checkpointer.load() is not None) if dist.is_main else None
     last = train_loop(
@@ -164,13 +171,10 @@ def run(params: Params, *, base: Path, data: Path, world: Path | None, out: Path
 
     # 2. Gold judge on held-out test prompts: base vs SFT, greedy (evaluation only, never trained on).
     if judge is not None:
-        prompts = [r["prompt"] for r in test]
-        if params.eval_prompts:
-            prompts = prompts[: params.eval_prompts]
-        base_model = load_causal_lm(base).to(device)
-        result["gold_test"] = gold_compare({"base": base_model, "sft": model}, tokenizer, prompts, judge,
-                                           max_new_tokens=params.eval_max_new_tokens, device=device)
-        result["gold_test"]["prompts"] = len(prompts)
+        prompts = [r["prompt"] for r in test][: params.eval_prompts or None]  # 0 = all
+        models = {"base": load_causal_lm(base).to(device), "sft": model}
+        scores = gold_compare(models, tokenizer, prompts, judge, max_new_tokens=params.eval_max_new_tokens, device=device)
+        result["gold_test"] = {**scores, "prompts": len(prompts)}
     write_json(metrics, result)  # written last: its presence marks a finished run
     checkpointer.clear()  # only now: a kill during the gold comparison still resumes near the end
     result["timing"] = {"wall_s": round(time.time() - t0, 1)}
