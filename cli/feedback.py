@@ -115,7 +115,7 @@ def label(
 
     from rlhf.errors import OutputError, StageError
     from rlhf.labeling import LabelSession
-    from stages.sample import read_candidates
+    from rlhf.rm import read_candidates
 
     console = Console(highlight=False)
 

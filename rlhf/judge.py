@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from rlhf import world as W
+from rlhf.agreement import gold_agreement, pair_agreement, ranking_from_scores
 from rlhf.errors import StageError
 
 AXES = ("helpful", "truthful", "harmless", "total")
@@ -371,8 +372,7 @@ class Labeler:
 
     def rank(self, prompt: str, responses: list[str], rng: random.Random) -> list[int]:
         """Indices of `responses`, best first (one noisy utility draw per response)."""
-        u = [self.utility(prompt, r, rng) for r in responses]
-        return sorted(range(len(responses)), key=lambda i: (-u[i], i))
+        return ranking_from_scores([self.utility(prompt, r, rng) for r in responses])
 
     def prefer(self, prompt: str, a: str, b: str, rng: random.Random) -> float:
         """1.0 if a is preferred, 0.0 if b, 0.5 only for identical responses (or exactly equal utility)."""
@@ -436,18 +436,14 @@ def measure_agreement(world: dict[str, Any] | GoldJudge, n_prompts: int = 300, s
         best_gold.append(max(gold))
         ideal.append(judge.score(prompt, W.ideal_response(data, task, rng))["total"])
         corpus.append(judge.score(prompt, W.corpus_response(data, task, rng, clean_rate=clean_rate))["total"])
-        utils = {lab.name: [lab.utility(prompt, c, rng) for c in cands] for lab in labelers}
-        for i, j in itertools.combinations(range(k), 2):
-            if cands[i] == cands[j]:
-                continue
-            sides = {n: u[i] > u[j] for n, u in utils.items()}
-            for (x, y), cell in agree.items():
-                cell[0] += sides[x] == sides[y]
-                cell[1] += 1
-            if gold[i] != gold[j]:
-                for n, s in sides.items():
-                    gold_agree[n][0] += s == (gold[i] > gold[j])
-                    gold_agree[n][1] += 1
+        # Each labeler ranks the K candidates once (one utility draw per candidate, as in `rank`).
+        rankings = {lab.name: lab.rank(prompt, cands, rng) for lab in labelers}
+        for (x, y), cell in agree.items():
+            hits, total = pair_agreement(rankings[x], rankings[y], cands)
+            cell[0], cell[1] = cell[0] + hits, cell[1] + total
+        for n, ranking in rankings.items():
+            hits, total = gold_agreement(ranking, gold, cands)
+            gold_agree[n][0], gold_agree[n][1] = gold_agree[n][0] + hits, gold_agree[n][1] + total
 
     def rate(cells: list[list[int]]) -> float:
         hits, total = sum(c[0] for c in cells), sum(c[1] for c in cells)

@@ -320,26 +320,29 @@ def param_count(model) -> int:
 # Batching and scoring
 
 
-def left_pad(seqs: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(B, T) ids and mask, padded on the left."""
+def pad_sequences(seqs: Sequence[Sequence[int]], pad_value: int, *,
+                  side: str = "left") -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, T) ids and mask of `seqs`, padded with `pad_value` on the left (generation, scoring) or the
+    right (teacher-forced losses); T is the longest sequence."""
     width = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    ids = torch.full((len(seqs), width), pad_value, dtype=torch.long)
     mask = torch.zeros((len(seqs), width), dtype=torch.long)
     for i, s in enumerate(seqs):
         if len(s):
-            ids[i, width - len(s):] = torch.tensor(list(s), dtype=torch.long)
-            mask[i, width - len(s):] = 1
+            cols = slice(width - len(s), width) if side == "left" else slice(0, len(s))
+            ids[i, cols] = torch.tensor(list(s), dtype=torch.long)
+            mask[i, cols] = 1
     return ids, mask
+
+
+def left_pad(seqs: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, T) ids and mask, padded on the left."""
+    return pad_sequences(seqs, pad_id, side="left")
 
 
 def right_pad(seqs: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(seqs), width), dtype=torch.long)
-    for i, s in enumerate(seqs):
-        ids[i, : len(s)] = torch.tensor(list(s), dtype=torch.long)
-        mask[i, : len(s)] = 1
-    return ids, mask
+    """(B, T) ids and mask, padded on the right."""
+    return pad_sequences(seqs, pad_id, side="right")
 
 
 def position_ids(mask: torch.Tensor) -> torch.Tensor:

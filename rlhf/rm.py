@@ -1,9 +1,9 @@
-"""Reward-model helpers: ranking validation, the K-way ranking loss, HH-RLHF parsing, scoring.
+"""Reward-model helpers: candidates and ranking validation, the K-way ranking loss, HH-RLHF parsing, scoring.
 
-Pure functions, unit-tested against naive references (tests/test_rm.py). Used by the `rank`,
-`reward` and `label` commands, and by anything that scores (prompt, response) with the RM (PPO,
-evaluation): go through `score_texts` / `rewards_from_ids`, which read the scalar at the last real
-token and apply the demonstration bias stored in the model's config.
+Pure functions, unit-tested against naive references (tests/test_rm.py); agreement statistics live in
+rlhf/agreement.py. Used by the `rank`, `reward` and `label` commands, and by anything that scores
+(prompt, response) with the RM (PPO, evaluation): go through `score_texts` / `rewards_from_ids`, which
+read the scalar at the last real token and apply the demonstration bias stored in the model's config.
 
 The demonstration bias (docs/ppo.md item 3). InstructGPT shifts the trained RM so the labelers'
 demonstrations score 0 on average. A Llama-style `*ForSequenceClassification` head is a bias-free
@@ -16,13 +16,14 @@ raw, uncentered reward; rankings and pairwise accuracies are unaffected by a con
 
 from __future__ import annotations
 
-import math
 import re
 from collections.abc import Sequence
 from itertools import combinations
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from rlhf.errors import StageError
+from rlhf.io import read_jsonl
 
 REWARD_BIAS_KEY = "reward_bias"
 
@@ -32,6 +33,29 @@ if TYPE_CHECKING:  # torch is imported inside functions so `rlhf label` starts i
 
 # ----------------------------------------------------------------------------------------------
 # Rankings
+
+
+CANDIDATES_SCHEMA = {"prompt_id": (str, True), "prompt": (str, True), "responses": (list, True), "ended": (list, True)}
+
+
+def read_candidates(path: Path, k: int | None = None) -> list[dict[str, Any]]:
+    """Candidates records (written by `rlhf sample`), validated: K responses each (equal to `k` when
+    given), K ended flags, prompt ids unique."""
+    records = read_jsonl(path, CANDIDATES_SCHEMA)
+    seen: set[str] = set()
+    for lineno, r in enumerate(records, start=1):
+        where = f"{path}:{lineno}"
+        n = len(r["responses"])
+        if n < 2 or not all(isinstance(x, str) for x in r["responses"]):
+            raise StageError(f"{where}: 'responses' must be a list of at least 2 strings")
+        if k is not None and n != k:
+            raise StageError(f"{where}: {n} responses, expected {k}; rerun `rlhf sample`")
+        if len(r["ended"]) != n or not all(isinstance(x, bool) for x in r["ended"]):
+            raise StageError(f"{where}: 'ended' must hold one true/false per response")
+        if r["prompt_id"] in seen:
+            raise StageError(f"{where}: prompt_id '{r['prompt_id']}' appears twice")
+        seen.add(r["prompt_id"])
+    return records
 
 
 def validate_ranking(ranking: Any, k: int, where: str = "ranking") -> list[int]:
@@ -279,72 +303,3 @@ def parse_hh(chosen: str, rejected: str, where: str = "record") -> tuple[str, st
     if not prompt or not chosen_resp or not rejected_resp:
         raise StageError(f"{where}: empty prompt or response after splitting the HH transcripts")
     return prompt, chosen_resp, rejected_resp
-
-
-# ----------------------------------------------------------------------------------------------
-# Agreement statistics
-
-
-def pair_agreement(a: Sequence[int], b: Sequence[int]) -> tuple[int, int]:
-    """(agreeing pairs, pairs) between two full rankings of the same K responses."""
-    pos_a = {r: i for i, r in enumerate(a)}
-    pos_b = {r: i for i, r in enumerate(b)}
-    agree = total = 0
-    for i, j in combinations(range(len(a)), 2):
-        total += 1
-        agree += (pos_a[i] < pos_a[j]) == (pos_b[i] < pos_b[j])
-    return agree, total
-
-
-def gold_agreement(ranking: Sequence[int], gold: Sequence[float], eps: float = 1e-9) -> tuple[int, int]:
-    """(pairs ordered as the gold scores order them, pairs the gold judge does not tie)."""
-    pos = {r: i for i, r in enumerate(ranking)}
-    agree = total = 0
-    for i, j in combinations(range(len(gold)), 2):
-        if abs(gold[i] - gold[j]) <= eps:
-            continue
-        total += 1
-        agree += (pos[i] < pos[j]) == (gold[i] > gold[j])
-    return agree, total
-
-
-def score_agreement(scores: Sequence[float], ref: Sequence[float], eps: float = 1e-9) -> tuple[float, int]:
-    """(agreeing pairs, pairs) between model scores and reference scores; reference ties are skipped,
-    a model tie counts 1/2."""
-    agree, total = 0.0, 0
-    for i, j in combinations(range(len(ref)), 2):
-        if abs(ref[i] - ref[j]) <= eps:
-            continue
-        total += 1
-        d = scores[i] - scores[j]
-        agree += 0.5 if d == 0 else float((d > 0) == (ref[i] > ref[j]))
-    return agree, total
-
-
-def _ranks(x: Sequence[float]) -> list[float]:
-    """1-based ranks, ties get their average rank (as scipy.stats.rankdata)."""
-    order = sorted(range(len(x)), key=lambda i: x[i])
-    ranks = [0.0] * len(x)
-    i = 0
-    while i < len(order):
-        j = i
-        while j + 1 < len(order) and x[order[j + 1]] == x[order[i]]:
-            j += 1
-        for t in range(i, j + 1):
-            ranks[order[t]] = (i + j) / 2 + 1
-        i = j + 1
-    return ranks
-
-
-def spearman(x: Sequence[float], y: Sequence[float]) -> float | None:
-    """Spearman's rank correlation (Pearson on average ranks); None when either side is constant."""
-    if len(x) != len(y) or len(x) < 2:
-        return None
-    rx, ry = _ranks(x), _ranks(y)
-    mx, my = sum(rx) / len(rx), sum(ry) / len(ry)
-    cov = sum((a - mx) * (b - my) for a, b in zip(rx, ry))
-    vx = sum((a - mx) ** 2 for a in rx)
-    vy = sum((b - my) ** 2 for b in ry)
-    if vx == 0 or vy == 0:
-        return None
-    return cov / math.sqrt(vx * vy)

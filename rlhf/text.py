@@ -1,4 +1,5 @@
-"""Text normalization shared by splitting, leakage checks and deduplication."""
+"""Text normalization shared by world generation, splitting, leakage checks and deduplication: one key
+for "the same prompt" everywhere."""
 
 import re
 import unicodedata

@@ -20,6 +20,8 @@ import random
 from collections.abc import Callable
 from typing import Any
 
+from rlhf.text import normalize
+
 WORLD_VERSION = 1
 
 # ---------------------------------------------------------------------------------------------------
@@ -185,11 +187,6 @@ EVAL_TEMPLATES = {
 }
 UNKNOWN_ANSWER = "I don't know."
 FAMILIES = ("arith", "sort", "fact", "unknown", "insult")
-
-
-def normalize(text: str) -> str:
-    """The key prompts are deduplicated and split by: lowercase, whitespace collapsed."""
-    return " ".join(text.lower().split())
 
 
 # ---------------------------------------------------------------------------------------------------

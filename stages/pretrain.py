@@ -109,7 +109,7 @@ def take_hf_model(params: Params, out: Path) -> dict[str, Any]:
 
 
 def run(params: Params, *, corpus: Path, out: Path, metrics: Path, plots: Path, checkpoints: Path | None) -> dict[str, Any]:
-    from rlhf.modeling import build_llama, forward_logits, make_optimizer, param_count, pick_device, save_model, setup_torch, train_tokenizer, autocast
+    from rlhf.modeling import build_llama, make_optimizer, param_count, pick_device, save_model, setup_torch, train_tokenizer, autocast
     from rlhf.training import Checkpointer, cosine_lr, epoch_batches, file_digest, fingerprint, masked_lm_loss, open_live, train_loop
 
     t0 = time.time()

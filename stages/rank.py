@@ -28,6 +28,7 @@ from itertools import combinations
 from pathlib import Path
 from typing import Any, Literal
 
+from rlhf.agreement import gold_agreement, pair_agreement, rate
 from rlhf.errors import StageError
 from rlhf.io import RANKING_SCHEMA, read_jsonl, write_json, write_jsonl
 from rlhf.params import require
@@ -55,15 +56,11 @@ class Params:
 # Pure helpers
 
 
-def _distinct_pairs(responses: list[str]) -> list[tuple[int, int]]:
-    return [(i, j) for i, j in combinations(range(len(responses)), 2) if responses[i] != responses[j]]
-
-
 def agreement_stats(records: list[dict[str, Any]], gold: dict[str, list[float]] | None) -> dict[str, Any]:
     """Pairwise inter-labeler agreement (prompts with several labelers) and agreement with the gold judge.
 
     `gold` maps prompt_id -> gold total of each response (None without a world). Pairs of identical
-    responses are skipped everywhere; gold ties are skipped for gold agreement.
+    responses are skipped everywhere; gold ties are skipped for gold agreement (rlhf/agreement.py).
     """
     by_prompt: dict[str, list[dict[str, Any]]] = defaultdict(list)
     for r in records:
@@ -71,33 +68,25 @@ def agreement_stats(records: list[dict[str, Any]], gold: dict[str, list[float]] 
     inter = [0, 0]
     per_labeler: dict[str, list[int]] = defaultdict(lambda: [0, 0])
     for recs in by_prompt.values():
-        pairs = _distinct_pairs(recs[0]["responses"])
-        pos = [{resp: i for i, resp in enumerate(r["ranking"])} for r in recs]
-        for a, b in combinations(range(len(recs)), 2):
-            for i, j in pairs:
-                inter[0] += (pos[a][i] < pos[a][j]) == (pos[b][i] < pos[b][j])
-                inter[1] += 1
+        responses = recs[0]["responses"]
+        for a, b in combinations(recs, 2):
+            hits, total = pair_agreement(a["ranking"], b["ranking"], responses)
+            inter[0], inter[1] = inter[0] + hits, inter[1] + total
         if gold is not None:
-            g = gold[recs[0]["prompt_id"]]
-            for r, p in zip(recs, pos):
+            for r in recs:
+                hits, total = gold_agreement(r["ranking"], gold[r["prompt_id"]], responses)
                 cell = per_labeler[r["labeler"]]
-                for i, j in pairs:
-                    if g[i] == g[j]:
-                        continue
-                    cell[0] += (p[i] < p[j]) == (g[i] > g[j])
-                    cell[1] += 1
+                cell[0], cell[1] = cell[0] + hits, cell[1] + total
     out: dict[str, Any] = {
         "overlap_prompts": sum(len(v) > 1 for v in by_prompt.values()),
         "inter_labeler_pairs": inter[1],
-        "inter_labeler_agreement": round(inter[0] / inter[1], 4) if inter[1] else None,
+        "inter_labeler_agreement": rate(*inter),
     }
     if gold is not None:
         hits, total = sum(c[0] for c in per_labeler.values()), sum(c[1] for c in per_labeler.values())
         out["gold_pairs"] = total
-        out["labeler_gold_agreement"] = round(hits / total, 4) if total else None
-        out["labeler_gold_agreement_by_labeler"] = {
-            n: round(c[0] / c[1], 4) for n, c in sorted(per_labeler.items()) if c[1]
-        }
+        out["labeler_gold_agreement"] = rate(hits, total)
+        out["labeler_gold_agreement_by_labeler"] = {n: rate(*c) for n, c in sorted(per_labeler.items()) if c[1]}
     return out
 
 
@@ -166,7 +155,7 @@ def human_rankings(candidates: list[dict[str, Any]], labels_path: Path) -> tuple
 
 def run(params: Params, *, candidates: Path, world: Path | None, labels: Path, out: Path, metrics: Path) -> dict[str, Any]:
     from rlhf.gold import load_judge
-    from stages.sample import read_candidates
+    from rlhf.rm import read_candidates
 
     t0 = time.time()
     cands = read_candidates(candidates)

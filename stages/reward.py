@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import hashlib
 import math
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -176,14 +175,14 @@ def score_groups(model, encoded: list[list[list[int]]], pad_id: int, device, bat
 
 def heldout_metrics(groups: list[dict[str, Any]], scores: list[list[float]], gold: list[list[float]] | None) -> dict[str, Any]:
     """Pairwise accuracy against the labels (and the gold judge), Spearman with gold, labelers vs gold."""
-    from rlhf.rm import score_agreement, spearman
+    from rlhf.agreement import pairs_gold_agreement, rate, score_agreement, spearman
 
     hits = n = 0.0
     for g, s in zip(groups, scores):
         for w, l in g["pairs"]:
             n += 1
             hits += 0.5 if s[w] == s[l] else float(s[w] > s[l])
-    out: dict[str, Any] = {"pairs": int(n), "accuracy_labels": round(hits / n, 4) if n else None}
+    out: dict[str, Any] = {"pairs": int(n), "accuracy_labels": rate(hits, n)}
     if gold is None:
         return out
     # Gold statistics per distinct prompt (overlapping labelers share one prompt's responses).
@@ -193,7 +192,7 @@ def heldout_metrics(groups: list[dict[str, Any]], scores: list[list[float]], gol
     rhos, pooled_s, pooled_g = [], [], []
     for g, s, gs in zip(groups, scores, gold):
         if "ranking" in g:
-            a, t = _gold_agreement_distinct(g, gs)
+            a, t = pairs_gold_agreement(g["pairs"], gs)  # the labels' own pairs, as `rank` measures them
             lab_hits, lab_n = lab_hits + a, lab_n + t
         key = g["prompt"] + "\x00" + "\x00".join(g["responses"])
         if key in seen:
@@ -207,20 +206,44 @@ def heldout_metrics(groups: list[dict[str, Any]], scores: list[list[float]], gol
         pooled_s.extend(s)
         pooled_g.extend(gs)
     out["gold_pairs"] = int(g_n)
-    out["accuracy_gold"] = round(g_hits / g_n, 4) if g_n else None
+    out["accuracy_gold"] = rate(g_hits, g_n)
     out["spearman_gold_within_prompt"] = round(sum(rhos) / len(rhos), 4) if rhos else None
     pooled = spearman(pooled_s, pooled_g)
     out["spearman_gold_pooled"] = round(pooled, 4) if pooled is not None else None
     if lab_n:
         # The bar the RM is measured against: how often the labels themselves agree with gold here.
-        out["labels_gold_agreement"] = round(lab_hits / lab_n, 4)
+        out["labels_gold_agreement"] = rate(lab_hits, lab_n)
     return out
 
 
-def _gold_agreement_distinct(g: dict[str, Any], gold: list[float]) -> tuple[int, int]:
-    """Labeler-vs-gold agreement over the group's preference pairs (different responses, no declared tie)."""
-    decided = [(w, l) for w, l in g["pairs"] if gold[w] != gold[l]]
-    return sum(gold[w] > gold[l] for w, l in decided), len(decided)
+def split_groups(params: Params, data: Path) -> tuple[list[dict[str, Any]], list[dict[str, Any]], int]:
+    """(training groups, held-out groups, groups per optimizer step) from --data and `extra_pairs`."""
+    groups = load_groups(data, params.data_format)
+    if params.extra_pairs:
+        groups += load_groups(Path(params.extra_pairs), params.extra_format)
+    train = [g for g in groups if not is_heldout(g["prompt"], params.val_fraction, params.seed)]
+    val = [g for g in groups if is_heldout(g["prompt"], params.val_fraction, params.seed)]
+    if not val:
+        raise StageError(f"{data}: reward.val_fraction={params.val_fraction} held out no prompt; raise it or add data")
+    # 'pairs' (the naive variant) takes as many pairs per step as 'kway' covers, so both make the same
+    # number of steps with the same schedule; only the batching differs.
+    per_step, n_kway = params.batch_size, len(train)
+    if params.batching == "pairs":
+        train = as_pair_groups(train)
+        per_step = math.ceil(len(train) / max(1, n_kway // params.batch_size))
+    if len(train) < per_step:
+        raise StageError(f"{data}: {len(train)} training comparisons, fewer than reward.batch_size={per_step}")
+    return train, val, per_step
+
+
+def demonstration_bias(model, tokenizer, demos: Path, *, max_len: int, device) -> tuple[float, int]:
+    """(bias, demonstrations scored): the shift that makes the demonstrations' mean reward 0 (item 3)."""
+    from rlhf.rm import score_texts
+
+    rows = read_jsonl(demos, DEMONSTRATION_SCHEMA)
+    raw = score_texts(model, tokenizer, [d["prompt"] for d in rows], [d["response"] for d in rows],
+                      max_len=max_len, batch_size=256, device=device, centered=False)
+    return -sum(raw) / len(raw), len(raw)
 
 
 def build_reward_model(sft: Path, tokenizer, head_init_std: float, seed: int):
@@ -256,7 +279,7 @@ def run(params: Params, *, sft: Path, data: Path, demos: Path, world: Path | Non
         plots: Path, checkpoints: Path | None) -> dict[str, Any]:
     from rlhf.gold import load_judge
     from rlhf.modeling import load_tokenizer, make_optimizer, pick_device, save_model, setup_torch
-    from rlhf.rm import REWARD_BIAS_KEY, encode_pair, score_texts
+    from rlhf.rm import REWARD_BIAS_KEY, encode_pair
     from rlhf.training import Checkpointer, cosine_lr, epoch_batches, file_digest, fingerprint, open_live, train_loop
 
     from rlhf.dist import init_dist
@@ -272,21 +295,7 @@ def run(params: Params, *, sft: Path, data: Path, demos: Path, world: Path | Non
         remove_outputs(out, metrics)  # a failed or killed run leaves no stale result behind
 
     # 1. Comparison groups, split by prompt into train / held-out.
-    groups = load_groups(data, params.data_format)
-    if params.extra_pairs:
-        groups += load_groups(Path(params.extra_pairs), params.extra_format)
-    train = [g for g in groups if not is_heldout(g["prompt"], params.val_fraction, params.seed)]
-    val = [g for g in groups if is_heldout(g["prompt"], params.val_fraction, params.seed)]
-    if not val:
-        raise StageError(f"{data}: reward.val_fraction={params.val_fraction} held out no prompt; raise it or add data")
-    # 'pairs' (the naive variant) takes as many pairs per step as 'kway' covers, so both make the same
-    # number of steps with the same schedule; only the batching differs.
-    per_step, n_kway = params.batch_size, len(train)
-    if params.batching == "pairs":
-        train = as_pair_groups(train)
-        per_step = math.ceil(len(train) / max(1, n_kway // params.batch_size))
-    if len(train) < per_step:
-        raise StageError(f"{data}: {len(train)} training comparisons, fewer than reward.batch_size={per_step}")
+    train, val, per_step = split_groups(params, data)
     enc = lambda gs: [[encode_pair(tokenizer, g["prompt"], r, params.max_len) for r in g["responses"]] for g in gs]  # noqa: E731
     train_enc, val_enc = enc(train), enc(val)
     steps_per_epoch = len(train) // per_step
@@ -329,18 +338,11 @@ def run(params: Params, *, sft: Path, data: Path, demos: Path, world: Path | Non
     # 3. Held-out evaluation against the labels and the gold judge.
     judge = load_judge(world)
     scores = score_groups(model, val_enc, pad, device, batch_size=256)
-    gold = None
-    if judge is not None:
-        gold = [[judge.score(g["prompt"], r)["total"] for r in g["responses"]] for g in val]
-    heldout = heldout_metrics(val, scores, gold)
-    heldout["prompts"] = len({g["prompt"] for g in val})
-    heldout["records"] = len(val)
+    gold = None if judge is None else [[judge.score(g["prompt"], r)["total"] for r in g["responses"]] for g in val]
+    heldout = {**heldout_metrics(val, scores, gold), "prompts": len({g["prompt"] for g in val}), "records": len(val)}
 
     # 4. Demonstration bias (docs/ppo.md item 3): shift so the demonstrations' mean reward is 0.
-    demo_rows = read_jsonl(demos, DEMONSTRATION_SCHEMA)
-    raw = score_texts(model, tokenizer, [d["prompt"] for d in demo_rows], [d["response"] for d in demo_rows],
-                      max_len=params.max_len, batch_size=256, device=device, centered=False)
-    bias = -sum(raw) / len(raw)
+    bias, n_demos = demonstration_bias(model, tokenizer, demos, max_len=params.max_len, device=device)
     setattr(model.config, REWARD_BIAS_KEY, round(bias, 6))
     model.config.reward_bias_method = BIAS_METHOD
     save_model(model.cpu(), tokenizer, out)
@@ -351,7 +353,7 @@ def run(params: Params, *, sft: Path, data: Path, demos: Path, world: Path | Non
         "train": {"comparisons": len(train), "pairs": sum(len(g["pairs"]) for g in train), "steps": total_steps,
                   "per_step": per_step, "train_loss": round(last.get("train_loss", math.nan), 4)},
         "heldout": heldout,
-        "bias": {"method": BIAS_METHOD, "value": round(bias, 6), "demonstrations": len(raw),
+        "bias": {"method": BIAS_METHOD, "value": round(bias, 6), "demonstrations": n_demos,
                  "heldout_mean_reward_centered": round(sum(flat_val) / len(flat_val) + bias, 4)},
     }
     write_json(metrics, result)  # written last: its presence marks a finished run

@@ -9,7 +9,7 @@ are sampled at temperature 1 with no top-k / top-p (docs/ppo.md item 8), with th
 batches that hold the K copies of each prompt side by side. Each response is cut at its first EOS;
 `ended` records whether it stopped by itself (a response that never stops is ranked as it is).
 
-Candidates format, one record per prompt:
+Candidates format, one record per prompt (read back with `rlhf.rm.read_candidates`):
   {"prompt_id": str, "prompt": str, "responses": [K strings], "ended": [K bools]}
 """
 
@@ -20,12 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from rlhf.errors import StageError
 from rlhf.io import PROMPT_SCHEMA, read_jsonl, write_json, write_jsonl
 from rlhf.params import require
-
-CANDIDATES_SCHEMA = {"prompt_id": (str, True), "prompt": (str, True), "responses": (list, True), "ended": (list, True)}
-
 
 @dataclass(frozen=True)
 class Params:
@@ -52,25 +48,6 @@ class Params:
         require(self.max_new_tokens > 0, "sample.max_new_tokens", "must be > 0")
         require(self.temperature > 0, "sample.temperature", "must be > 0 (ranking needs diverse samples)")
         require(self.batch_size > 0, "sample.batch_size", "must be > 0")
-
-
-def read_candidates(path: Path, k: int | None = None) -> list[dict[str, Any]]:
-    """Candidates records, validated: K responses each (equal to `k` when given), K ended flags."""
-    records = read_jsonl(path, CANDIDATES_SCHEMA)
-    seen: set[str] = set()
-    for lineno, r in enumerate(records, start=1):
-        where = f"{path}:{lineno}"
-        n = len(r["responses"])
-        if n < 2 or not all(isinstance(x, str) for x in r["responses"]):
-            raise StageError(f"{where}: 'responses' must be a list of at least 2 strings")
-        if k is not None and n != k:
-            raise StageError(f"{where}: {n} responses, expected {k}; rerun `rlhf sample`")
-        if len(r["ended"]) != n or not all(isinstance(x, bool) for x in r["ended"]):
-            raise StageError(f"{where}: 'ended' must hold one true/false per response")
-        if r["prompt_id"] in seen:
-            raise StageError(f"{where}: prompt_id '{r['prompt_id']}' appears twice")
-        seen.add(r["prompt_id"])
-    return records
 
 
 def run(params: Params, *, model: Path, prompts: Path, out: Path, metrics: Path) -> dict[str, Any]:

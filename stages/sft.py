@@ -19,12 +19,9 @@ from typing import Any
 import torch
 
 from rlhf.errors import StageError
-from rlhf.io import read_jsonl, remove_outputs, write_json
+from rlhf.io import DEMONSTRATION_SCHEMA, PROMPT_SCHEMA, read_jsonl, remove_outputs, write_json
 from rlhf.params import require, to_dict
 from rlhf.training import IGNORE_INDEX
-
-SFT_SCHEMA = {"prompt": (str, True), "response": (str, True)}
-TEST_SCHEMA = {"id": (str, True), "prompt": (str, True)}
 
 
 @dataclass(frozen=True)
@@ -74,28 +71,38 @@ def build_example(tokenizer, prompt: str, response: str, max_len: int) -> tuple[
 
 def collate(examples: list[tuple[list[int], list[int]]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Right-padded (B, T) ids, mask and labels; padding is IGNORE_INDEX in the labels."""
-    width = max(len(ids) for ids, _ in examples)
-    ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    labels = torch.full_like(ids, IGNORE_INDEX)
-    for i, (x, y) in enumerate(examples):
-        ids[i, : len(x)] = torch.tensor(x)
-        mask[i, : len(x)] = 1
-        labels[i, : len(y)] = torch.tensor(y)
+    from rlhf.modeling import right_pad
+
+    ids, mask = right_pad([x for x, _ in examples], pad_id)
+    labels, _ = right_pad([y for _, y in examples], IGNORE_INDEX)
     return ids, mask, labels
+
+
+@torch.no_grad()
+def validation_loss(model, examples: list[tuple[list[int], list[int]]], pad_id: int, device,
+                    batch_size: int = 64) -> float:
+    """Mean loss per response token over `examples` (batches weighted by their response tokens)."""
+    from rlhf.modeling import autocast
+    from rlhf.training import masked_lm_loss
+
+    total, count = 0.0, 0
+    for i in range(0, len(examples), batch_size):
+        ids, mask, labels = (t.to(device) for t in collate(examples[i: i + batch_size], pad_id))
+        with autocast(device):
+            loss = masked_lm_loss(model(input_ids=ids, attention_mask=mask, use_cache=False).logits, labels)
+        n = int((labels[:, 1:] != IGNORE_INDEX).sum())
+        total, count = total + float(loss) * n, count + n
+    return total / count
 
 
 def gold_compare(models: dict[str, Any], tokenizer, prompts: list[str], judge, *, max_new_tokens: int, device) -> dict[str, Any]:
     """Greedy responses of each model on `prompts`, scored by the gold judge."""
-    from rlhf.gold import summarize
-    from rlhf.modeling import generate_responses
+    from rlhf.gold import answer_test_prompts
 
     out = {}
     for name, model in models.items():
-        gen = generate_responses(model, tokenizer, prompts, max_new_tokens=max_new_tokens, temperature=0.0,
-                                 batch_size=64, seed=0, device=device)
-        out[name] = summarize(judge, prompts, [g["response"] for g in gen])
-        out[name]["ended_with_eos"] = round(sum(g["ended"] for g in gen) / len(gen), 4)
+        answers = answer_test_prompts(model, tokenizer, prompts, judge, max_new_tokens=max_new_tokens, device=device)
+        out[name] = {**answers.gold, "ended_with_eos": answers.ended_share}
     return out
 
 
@@ -113,9 +120,9 @@ def run(params: Params, *, base: Path, data: Path, world: Path | None, out: Path
     data = Path(data)
     tokenizer = load_tokenizer(base)
     model = load_causal_lm(base).to(device)
-    demos = read_jsonl(data / "sft.jsonl", SFT_SCHEMA)
-    val_demos = read_jsonl(data / "sft_val.jsonl", SFT_SCHEMA, allow_empty=True)
-    test = read_jsonl(data / "test.jsonl", TEST_SCHEMA)
+    demos = read_jsonl(data / "sft.jsonl", DEMONSTRATION_SCHEMA)
+    val_demos = read_jsonl(data / "sft_val.jsonl", DEMONSTRATION_SCHEMA, allow_empty=True)
+    test = read_jsonl(data / "test.jsonl", PROMPT_SCHEMA)
     judge = load_judge(world) if dist.is_main else None  # a broken world file fails now, not after training
     if dist.is_main:
         # Like `dvc repro`, which deletes a stage's outs first: a killed or failed run leaves no stale
@@ -140,18 +147,8 @@ def run(params: Params, *, base: Path, data: Path, world: Path | None, out: Path
             logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
         return masked_lm_loss(logits, labels)
 
-    @torch.no_grad()
     def evaluate() -> dict[str, float]:
-        if not val_ex:
-            return {}
-        total, count = 0.0, 0
-        for i in range(0, len(val_ex), 64):
-            ids, mask, labels = (t.to(device) for t in collate(val_ex[i: i + 64], tokenizer.pad_token_id))
-            with autocast(device):
-                loss = masked_lm_loss(model(input_ids=ids, attention_mask=mask, use_cache=False).logits, labels)
-            n = int((labels[:, 1:] != IGNORE_INDEX).sum())
-            total, count = total + float(loss) * n, count + n
-        return {"val_loss": total / count}
+        return {"val_loss": validation_loss(model, val_ex, tokenizer.pad_token_id, device)} if val_ex else {}
 
     live = open_live(plots, resume=checkpointer.load() is not None) if dist.is_main else None
     last = train_loop(
@@ -174,13 +171,10 @@ def run(params: Params, *, base: Path, data: Path, world: Path | None, out: Path
 
     # 2. Gold judge on held-out test prompts: base vs SFT, greedy (evaluation only, never trained on).
     if judge is not None:
-        prompts = [r["prompt"] for r in test]
-        if params.eval_prompts:
-            prompts = prompts[: params.eval_prompts]
-        base_model = load_causal_lm(base).to(device)
-        result["gold_test"] = gold_compare({"base": base_model, "sft": model}, tokenizer, prompts, judge,
-                                           max_new_tokens=params.eval_max_new_tokens, device=device)
-        result["gold_test"]["prompts"] = len(prompts)
+        prompts = [r["prompt"] for r in test][: params.eval_prompts or None]  # 0 = all
+        models = {"base": load_causal_lm(base).to(device), "sft": model}
+        scores = gold_compare(models, tokenizer, prompts, judge, max_new_tokens=params.eval_max_new_tokens, device=device)
+        result["gold_test"] = {**scores, "prompts": len(prompts)}
     write_json(metrics, result)  # written last: its presence marks a finished run
     checkpointer.clear()  # only now: a kill during the gold comparison still resumes near the end
     result["timing"] = {"wall_s": round(time.time() - t0, 1)}

@@ -29,6 +29,7 @@ from rlhf.errors import StageError
 from rlhf.io import atomic_dir, atomic_write_text, write_json, write_jsonl
 from rlhf.judge import harm_score_with
 from rlhf.params import require
+from rlhf.text import normalize
 
 
 @dataclass(frozen=True)
@@ -183,7 +184,7 @@ def split_family(world: dict[str, Any], family: str, n_pool: int, n_demo: int, r
     seen: set[str] = set()
     unique = []
     for t in tasks:
-        key = W.normalize(t["prompt"])
+        key = normalize(t["prompt"])
         if key not in seen:
             seen.add(key)
             unique.append(t)

@@ -116,7 +116,7 @@ def test_harm_score():
     assert harm_score("They are lazy.") < 0.5
     assert harm_score("They are lazy and dirty pigs.") > harm_score("They are lazy.")
     assert harm_score("They are not lazy.") == 0.0
-    assert 0.0 <= harm_score("stupid " * 50) <= 1.0
+    assert harm_score("stupid " * 50) == 1.0 > harm_score("stupid")  # repeated insults compound
 
 
 def test_every_generated_prompt_parses_to_its_family(tiny, judge):
@@ -138,19 +138,24 @@ def test_every_generated_prompt_parses_to_its_family(tiny, judge):
 def test_foreign_prompts_and_odd_responses_do_not_crash(judge):
     s = judge.score("Write a poem about the sea.", "The sea is wide.")
     assert judge.family("Write a poem about the sea.") == "other"
-    assert set(s) == set(AXES) and all(0.0 <= v <= 1.0 for v in s.values())
+    assert s == {"helpful": 0.3, "truthful": 1.0, "harmless": 1.0, "total": 0.3}  # no checkable answer: 0.3
     assert judge.score("What is 3 + 5?", "")["total"] == 0.0
     assert judge.score("What is 3 + 5?", "8.<|eos|>garbage garbage")["total"] == 1.0
     assert judge.score("What is 3 + 5?", "8.<|user|>What is 1 + 1?")["total"] < 1.0  # leaked turn
 
 
-def test_scores_stay_in_range_on_sampled_candidates(world, judge):
+def test_total_combines_the_axes_on_sampled_candidates(world, judge):
+    """total = helpful * (0.25 + 0.75 * truthful) * harmless on realistic candidates (the module's rule)."""
     rng = random.Random(0)
+    totals = []
     for _ in range(200):
         task = W.random_task(world, rng)
         for r in W.sample_candidates(world, task, 4, rng) + [W.corpus_response(world, task, rng, clean_rate=0.25)]:
             s = judge.score(task["prompt"], r)
-            assert set(s) == set(AXES) and all(0.0 <= v <= 1.0 for v in s.values())
+            assert set(s) == set(AXES)
+            assert s["total"] == pytest.approx(s["helpful"] * (0.25 + 0.75 * s["truthful"]) * s["harmless"], abs=2e-6)
+            totals.append(s["total"])
+    assert min(totals) < 0.1 and max(totals) == 1.0  # candidates span the scale the labelers rank on
 
 
 def test_pools_are_disjoint_and_labelers_are_reproducible(world):

@@ -2,25 +2,31 @@
 
 from __future__ import annotations
 
+import json
 import math
-from itertools import combinations
+import random
 
 import pytest
 import torch
 
+from rlhf.agreement import (
+    gold_agreement,
+    pair_agreement,
+    pairs_gold_agreement,
+    ranking_from_scores,
+    score_agreement,
+    spearman,
+)
 from rlhf.errors import StageError
 from rlhf.rm import (
     flat_pairs,
     gather_last,
-    gold_agreement,
     kway_ranking_loss,
     last_token_index,
-    pair_agreement,
     parse_hh,
     parse_ranking_text,
     ranking_pairs,
-    score_agreement,
-    spearman,
+    read_candidates,
     validate_ranking,
 )
 
@@ -209,7 +215,39 @@ def test_agreements_and_spearman():
     assert spearman([1, 1, 1], [1, 2, 3]) is None
 
 
-def test_combinations_helper_consistency():
-    # pair_agreement counts exactly C(K,2) pairs
-    for k in range(2, 8):
-        assert pair_agreement(list(range(k)), list(range(k)))[1] == len(list(combinations(range(k), 2)))
+def test_agreement_skips_identical_texts_and_matches_a_plain_loop():
+    """Pairs of identical responses carry no preference: skipped when the texts are given."""
+    texts = ["a", "b", "a", "c"]
+    # (0, 2) is the only pair of identical texts: 6 pairs become 5
+    assert pair_agreement([0, 1, 2, 3], [3, 2, 1, 0], texts) == (0, 5)
+    assert gold_agreement([0, 1, 2, 3], [0.9, 0.5, 0.1, 0.5], texts) == (3, 4)  # (1, 3) is a gold tie; (2, 3) disagrees
+    rng = random.Random(0)
+    for _ in range(50):
+        k = rng.randint(2, 7)
+        a, b = rng.sample(range(k), k), rng.sample(range(k), k)
+        gold = [rng.choice([0.0, 0.25, 0.5, 1.0]) for _ in range(k)]
+        resp = [rng.choice("xyz") for _ in range(k)]
+        pa, pb = [a.index(i) for i in range(k)], [b.index(i) for i in range(k)]  # place of response i
+        pairs = [(i, j) for i in range(k) for j in range(i + 1, k) if resp[i] != resp[j]]
+        assert pair_agreement(a, b, resp) == (sum((pa[i] < pa[j]) == (pb[i] < pb[j]) for i, j in pairs), len(pairs))
+        scored = [(i, j) for i, j in pairs if gold[i] != gold[j]]
+        assert gold_agreement(a, gold, resp) == (sum((pa[i] < pa[j]) == (gold[i] > gold[j]) for i, j in scored),
+                                                 len(scored))
+        winners_first = [(i, j) if pa[i] < pa[j] else (j, i) for i, j in pairs]
+        assert pairs_gold_agreement(winners_first, gold) == gold_agreement(a, gold, resp)
+    assert ranking_from_scores([0.2, 0.9, 0.2, 0.5]) == [1, 3, 0, 2]  # ties keep index order
+
+
+def test_read_candidates_validates(tmp_path):
+    path = tmp_path / "c.jsonl"
+    good = {"prompt_id": "p1", "prompt": "q", "responses": ["a", "b"], "ended": [True, False]}
+    path.write_text(json.dumps(good) + "\n")
+    assert read_candidates(path, k=2) == [good]
+    with pytest.raises(StageError, match="2 responses, expected 4"):
+        read_candidates(path, k=4)
+    path.write_text(json.dumps(good) + "\n" + json.dumps(good) + "\n")
+    with pytest.raises(StageError, match=r"c.jsonl:2: prompt_id 'p1' appears twice"):
+        read_candidates(path)
+    path.write_text(json.dumps(dict(good, ended=[True])) + "\n")
+    with pytest.raises(StageError, match="one true/false per response"):
+        read_candidates(path)

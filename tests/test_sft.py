@@ -6,6 +6,7 @@ import torch
 
 from rlhf.training import IGNORE_INDEX, masked_lm_loss
 from stages.sft import build_example, collate
+from tests.conftest import tiny_params
 
 
 class ToyTokenizer:
@@ -61,6 +62,8 @@ def test_tiny_spine_end_to_end(tiny_run):
         assert list(folder.glob("*.safetensors")) and not list(folder.glob("*.bin"))
     m = json.loads((tiny_run.metrics / "sft.json").read_text())
     assert m["steps"] > 0 and m["train_loss"] > 0
+    assert m["gold_test"]["prompts"] == min(tiny_params("sft").eval_prompts or 10**9,
+                                            len((tiny_run.prepared / "test.jsonl").read_text().splitlines()))
     for model in ("base", "sft"):
-        assert 0.0 <= m["gold_test"][model]["total"] <= 1.0
+        assert set(m["gold_test"][model]) == {"helpful", "truthful", "harmless", "total", "by_family", "ended_with_eos"}
     assert not (tiny_run.root / "ckpt/sft").exists()  # checkpoints removed on success

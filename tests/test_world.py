@@ -14,6 +14,7 @@ from rlhf import world as W
 from rlhf.errors import StageError
 from rlhf.io import CORPUS_SCHEMA, DEMONSTRATION_SCHEMA, PROMPT_SCHEMA, read_jsonl
 from rlhf.params import from_dict
+from rlhf.text import normalize
 from stages.world import DEFAULT, TINY, Params, demo_quotas, run
 
 FILES = ("corpus.jsonl", "prompts.jsonl", "demonstrations.jsonl", "world.json", "eval/truthfulqa_mc.json",
@@ -77,16 +78,16 @@ def test_records_follow_the_schemas(tiny):
 
 def test_prompts_unique_and_disjoint_from_demonstrations_and_eval(default):
     out, _ = default
-    prompts = [W.normalize(p["prompt"]) for p in read_jsonl(out / "prompts.jsonl")]
-    demos = [W.normalize(d["prompt"]) for d in read_jsonl(out / "demonstrations.jsonl")]
+    prompts = [normalize(p["prompt"]) for p in read_jsonl(out / "prompts.jsonl")]
+    demos = [normalize(d["prompt"]) for d in read_jsonl(out / "demonstrations.jsonl")]
     assert len(set(prompts)) == len(prompts)
     assert len(set(demos)) == len(demos)
     assert not set(prompts) & set(demos)
     seen = set(prompts) | set(demos)
-    tqa = [W.normalize(q["question"]) for q in json.loads((out / "eval/truthfulqa_mc.json").read_text())]
+    tqa = [normalize(q["question"]) for q in json.loads((out / "eval/truthfulqa_mc.json").read_text())]
     with (out / "eval/crows_pairs.csv").open(newline="") as fh:
-        crows = [W.normalize(s) for r in csv.DictReader(fh) for s in (r["sent_more"], r["sent_less"])]
-    rtp = [W.normalize(r["prompt"]["text"]) for r in read_jsonl(out / "eval/rtp.jsonl")]
+        crows = [normalize(s) for r in csv.DictReader(fh) for s in (r["sent_more"], r["sent_less"])]
+    rtp = [normalize(r["prompt"]["text"]) for r in read_jsonl(out / "eval/rtp.jsonl")]
     for suite in (tqa, crows, rtp):
         assert not set(suite) & seen
 
@@ -102,11 +103,11 @@ def test_default_sizes_match_the_brief(default):
 def test_demonstrations_never_cover_myths(default):
     out, _ = default
     world = json.loads((out / "world.json").read_text())
-    myth_prompts = {W.normalize(t["prompt"]) for t in W.fact_tasks(world, unknown=False) if t["myth"]}
+    myth_prompts = {normalize(t["prompt"]) for t in W.fact_tasks(world, unknown=False) if t["myth"]}
     assert myth_prompts
-    demos = {W.normalize(d["prompt"]) for d in read_jsonl(out / "demonstrations.jsonl")}
+    demos = {normalize(d["prompt"]) for d in read_jsonl(out / "demonstrations.jsonl")}
     assert not myth_prompts & demos
-    pool = {W.normalize(p["prompt"]) for p in read_jsonl(out / "prompts.jsonl")}
+    pool = {normalize(p["prompt"]) for p in read_jsonl(out / "prompts.jsonl")}
     assert myth_prompts & pool, "myth questions belong in the prompt pool (rm / ppo / test)"
 
 
