@@ -5,8 +5,7 @@ reports/report.md and reports/figures/*.png (the PNGs the Markdown links to). No
 the network: the HTML opens offline, anywhere. Its first screen answers "did the policy beat SFT, by how
 much, how sure": a verdict sentence, the regressions, and every metric with its 95% interval and the
 direction that is better. `read_curves(plots)` collects the dvclive TSV curves of every training stage
-that exists (pretrain, sft, reward, ppo); `read_images(plots)` the PNGs a stage drew itself (PPO's
-over-optimization chart).
+that exists (pretrain, sft, reward, ppo); `read_overoptimization(plots)` PPO's proxy-vs-gold table.
 """
 
 from __future__ import annotations
@@ -98,13 +97,19 @@ def read_curves(plots: Path | None) -> dict[str, dict[str, tuple[list[float], li
     return out
 
 
-def read_images(plots: Path | None) -> dict[str, dict[str, bytes]]:
-    """{stage: {name: PNG bytes}}: the charts a stage drew itself (`plots/<stage>/*.png`)."""
-    out: dict[str, dict[str, bytes]] = {}
+def read_overoptimization(plots: Path | None) -> dict[str, list[dict[str, float]]]:
+    """{stage: rows of (step, sqrt_kl, proxy_score, gold_score)} from `plots/<stage>/overoptimization.csv`."""
+    out: dict[str, list[dict[str, float]]] = {}
     if plots is None or not Path(plots).is_dir():
         return out
-    for png in sorted(Path(plots).glob("*/*.png")):
-        out.setdefault(png.parent.name, {})[png.stem] = png.read_bytes()
+    for path in sorted(Path(plots).glob("*/overoptimization.csv")):
+        with path.open(encoding="utf-8", newline="") as fh:
+            try:
+                rows = [{k: float(v) for k, v in r.items()} for r in csv.DictReader(fh)]
+            except (TypeError, ValueError):
+                continue
+        if rows and {"sqrt_kl", "proxy_score", "gold_score"} <= set(rows[0]):
+            out[path.parent.name] = rows
     return out
 
 
@@ -266,6 +271,31 @@ def fig_curves(stage: str, curves: dict[str, tuple[list[float], list[float], str
     return _png(fig)
 
 
+def fig_overoptimization(rows: list[dict[str, float]], window: int = 5) -> bytes:
+    """Proxy and gold score per rollout against √KL (Gao et al. 2022): the points, and a moving average
+    taken in √KL order (KL does not grow monotonically with the step, so step order would scribble)."""
+    import matplotlib.pyplot as plt
+
+    rows = sorted(rows, key=lambda r: r["sqrt_kl"])
+    x = [r["sqrt_kl"] for r in rows]
+    fig, ax = plt.subplots(figsize=(7, 3.8))
+    twin = ax.twinx()
+    for axis, key, color, label in ((ax, "proxy_score", "tab:blue", "proxy: reward-model score"),
+                                    (twin, "gold_score", "tab:red", "gold judge score (true)")):
+        y = [r[key] for r in rows]
+        axis.scatter(x, y, s=12, color=color, alpha=0.4)
+        w = max(1, min(window, len(y)))
+        avg = [sum(y[max(0, i - w + 1): i + 1]) / len(y[max(0, i - w + 1): i + 1]) for i in range(len(y))]
+        axis.plot(x, avg, color=color, lw=1.8, label=f"{label}, moving average of {w}")
+        axis.set_ylabel(label, color=color)
+    ax.set_xlabel("√KL(π ‖ π_SFT), KL in nats per response")
+    ax.set_title("Over-optimization watch: proxy and gold score against √KL")
+    handles = ax.get_legend_handles_labels()[0] + twin.get_legend_handles_labels()[0]
+    ax.legend(handles, [h.get_label() for h in handles], loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=2,
+              fontsize=8, frameon=False)
+    return _png(fig)
+
+
 # ----------------------------------------------------------------------------------------------
 # Numbers and sentences
 
@@ -333,18 +363,18 @@ def verdict(result: dict[str, Any], pairs: list[list[str]], prefers: str) -> str
 
 
 def headline_rows(result: dict[str, Any]) -> tuple[list[str], list[list[Any]]]:
-    """Every model, every metric with its interval; the header carries the better direction."""
+    """One row per metric (its better direction in the name), one column per model, intervals beside values."""
     models = result["models"]
-    cols = [("length (words)", lambda m: m.get("length_words")),
-            ("ends with EOS ↑", lambda m: m.get("ended_with_eos")),
-            ("reward-model score (proxy) ↑", lambda m: m.get("reward_model_score"))]
-    cols.append((f"{GOLD.label} ↑", lambda m: with_ci(m.get("gold"), "total")))
+    rows = [("answer length (words)", lambda m: m.get("length_words")),
+            ("answers that end with EOS ↑", lambda m: m.get("ended_with_eos")),
+            ("reward-model score (proxy) ↑", lambda m: m.get("reward_model_score")),
+            (f"{GOLD.label} ↑", lambda m: with_ci(m.get("gold"), "total"))]
     for suite in SUITES:
         for metric in suite.metrics:
-            cols.append((f"{metric.label} {MARK[metric.better]}".strip(),
+            rows.append((f"{metric.label} {MARK[metric.better]}".strip(),
                          lambda m, s=suite.name, k=metric.key: with_ci(m.get(s), k)))
-    cols = [(h, f) for h, f in cols if any(f(m) is not None for m in models.values())]
-    return ["model"] + [h for h, _ in cols], [[n] + [f(m) for _, f in cols] for n, m in models.items()]
+    rows = [(h, f) for h, f in rows if any(f(m) is not None for m in models.values())]
+    return ["metric"] + list(models), [[h] + [f(m) for m in models.values()] for h, f in rows]
 
 
 def win_rows(result: dict[str, Any]) -> tuple[list[str], list[list[Any]]]:
@@ -375,9 +405,9 @@ def family_rows(result: dict[str, Any]) -> tuple[list[str], list[list[Any]]]:
 
 def suite_rows(result: dict[str, Any], suite) -> tuple[list[str], list[list[Any]]]:
     marks = {m.key: MARK[m.better] for m in suite.metrics}
-    rows = [[n] + [with_ci(m[suite.name], k) if k in marks else m[suite.name].get(k) for k in suite.table]
+    rows = [[n] + [with_ci(m[suite.name], k) if k in marks else m[suite.name].get(k) for k, _ in suite.table]
             for n, m in result["models"].items() if suite.name in m]
-    return (["model"] + [f"{k} {marks.get(k, '')}".strip() for k in suite.table], rows) if rows else ([], [])
+    return (["model"] + [f"{label} {marks.get(k, '')}".strip() for k, label in suite.table], rows) if rows else ([], [])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -410,7 +440,10 @@ class _Doc:
         if not head:
             return
         cells = "".join(f"<th>{html.escape(h)}</th>" for h in head)
-        body = "".join("<tr>" + "".join(f"<td>{html.escape(_fmt(v))}</td>" for v in r) + "</tr>" for r in rows)
+        # Numbers stay on one line ("0.783 [0.71, 0.85]"); long text (answers, settings) wraps.
+        cell = lambda v: (f'<td class="text">{html.escape(_fmt(v))}</td>' if len(_fmt(v)) > 40  # noqa: E731
+                          else f"<td>{html.escape(_fmt(v))}</td>")
+        body = "".join("<tr>" + "".join(cell(v) for v in r) + "</tr>" for r in rows)
         self.html.append(f"<table><thead><tr>{cells}</tr></thead><tbody>{body}</tbody></table>")
         md_cell = lambda v: _fmt(v).replace("|", "\\|").replace("\n", " ")  # noqa: E731
         self.md.append("| " + " | ".join(head) + " |\n|" + "---|" * len(head) + "\n"
@@ -429,7 +462,8 @@ CSS = """
 body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}
 table{border-collapse:collapse;margin:0.8em 0;font-size:0.9em}
 th,td{border:1px solid #ccc;padding:4px 8px;text-align:left;vertical-align:top}
-th{background:#f3f3f3} img{max-width:100%;margin:0.5em 0} .note{color:#666;font-size:0.9em}
+th{background:#f3f3f3} td{white-space:nowrap} td.text{white-space:pre-wrap;max-width:340px}
+img{max-width:100%;margin:0.5em 0} .note{color:#666;font-size:0.9em}
 p.verdict{font-size:1.15em;font-weight:600;background:#eef5ee;border-left:4px solid #54a24b;padding:0.5em 0.8em}
 """
 
@@ -453,7 +487,7 @@ def section_headline(doc: _Doc, result: dict[str, Any], pairs: list[list[str]], 
 
 def section_helpfulness(doc: _Doc, result: dict[str, Any], settings: dict[str, str]) -> None:
     doc.h("Helpfulness: win rates")
-    doc.p(f"Judge: {settings.get('judge', result['judge'])}. Intervals: {settings.get('intervals', '')}.")
+    doc.p(f"Judge: {settings.get('judge', 'not recorded')}. Intervals: {settings.get('intervals', '')}.")
     doc.figure("win_rates", fig_win_rates(result["win_rates"]), "win rates with 95% intervals")
     if not result["win_rates"]:
         doc.p("No win rates: evaluate.pairs is empty or no pair was judged.")
@@ -485,7 +519,7 @@ def section_suites(doc: _Doc, result: dict[str, Any], settings: dict[str, str], 
                 doc.table(*block[1:]) if block[0] == "table" else doc.p(block[1])
 
 
-def section_curves(doc: _Doc, curves: dict[str, dict[str, Any]], images: dict[str, dict[str, bytes]]) -> None:
+def section_curves(doc: _Doc, curves: dict[str, dict[str, Any]], overopt: dict[str, list[dict[str, float]]]) -> None:
     doc.h("Training curves")
     for stage in list(CURVE_STAGES) + sorted(set(curves) - set(CURVE_STAGES)):
         if stage not in curves:
@@ -493,11 +527,11 @@ def section_curves(doc: _Doc, curves: dict[str, dict[str, Any]], images: dict[st
             continue
         doc.h(stage, 3)
         doc.figure(f"curves_{stage}", fig_curves(stage, curves[stage]), f"{stage} training curves")
-        if "overoptimization" in images.get(stage, {}):
+        if stage in overopt:
             doc.p("Over-optimization watch (Gao et al. 2022): proxy (reward model) and gold score of each rollout "
                   "against √KL to the SFT policy; a gap that opens as KL grows means the policy exploits the "
-                  "reward model.")
-            doc.figure(f"overoptimization_{stage}", images[stage]["overoptimization"],
+                  "reward model (plots/ppo/overoptimization.csv; the stage's own PNG beside it).")
+            doc.figure(f"overoptimization_{stage}", fig_overoptimization(overopt[stage]),
                        f"{stage}: proxy and gold score against sqrt KL")
 
 
@@ -518,7 +552,7 @@ def build_report(result: dict[str, Any], *, out_dir: Path, examples: list[dict[s
                  curves: dict[str, dict[str, Any]], settings: dict[str, str], suite_examples: dict[str, Any] | None = None,
                  model_paths: dict[str, str] | None = None, pairs: list[list[str]] | None = None,
                  judge_who: str = "the judge prefers", run_info: dict[str, str] | None = None,
-                 images: dict[str, dict[str, bytes]] | None = None) -> dict[str, Path]:
+                 overoptimization: dict[str, list[dict[str, float]]] | None = None) -> dict[str, Path]:
     """Write report.html, report.md and figures/*.png under `out_dir`; returns their paths.
     `pairs` defaults to the order of result["win_rates"]; `judge_who` is the verdict's subject and verb."""
     import matplotlib
@@ -530,7 +564,7 @@ def build_report(result: dict[str, Any], *, out_dir: Path, examples: list[dict[s
     section_headline(doc, result, pairs, judge_who)
     section_helpfulness(doc, result, settings)
     section_suites(doc, result, settings, suite_examples or {})
-    section_curves(doc, curves, images or {})
+    section_curves(doc, curves, overoptimization or {})
     section_examples(doc, list(result["models"]), examples)
     doc.h("Run information")
     doc.table(["what", "value"], [[k, v] for k, v in (run_info or {}).items()])

@@ -59,8 +59,8 @@ class Suite:
     """(file, items, params) -> one line for the report's Settings."""
     metrics: tuple[Metric, ...]
     """Headline metrics, in the report's column order."""
-    table: tuple[str, ...]
-    """Keys shown in the suite's own section."""
+    table: tuple[tuple[str, str], ...]
+    """(key, column title) shown in the suite's own section."""
     details: Callable[[dict[str, dict[str, Any]], dict[str, Any]], list[tuple]] | None = None
     """(metrics per model, examples per model) -> extra report blocks: ("table", head, rows) or ("p", text)."""
 
@@ -254,17 +254,19 @@ SUITES: tuple[Suite, ...] = (
     Suite("truthfulqa", "truthfulqa", "Truthfulness: TruthfulQA",
           load=lambda path, p: B.read_truthfulqa(path), evaluate=_truthfulqa, setting=_truthfulqa_setting,
           metrics=(Metric("mc1", "TruthfulQA MC1", "higher"), Metric("mc2", "TruthfulQA MC2", "higher")),
-          table=("mc1", "mc2", "questions")),
+          table=(("mc1", "MC1"), ("mc2", "MC2"), ("questions", "questions"))),
     Suite("crows_pairs", "crows_pairs", "Bias: CrowS-Pairs",
           load=lambda path, p: B.read_crows_pairs(path), evaluate=_crows,
           setting=lambda path, items, p: f"{path} ({len(items)} pairs), each sentence conditioned on BOS alone",
           metrics=(Metric("pct_stereotype", "CrowS stereotyped share", "half"),
                    Metric("likelihood_diff", "CrowS likelihood diff (nats)", None)),
-          table=("pct_stereotype", "likelihood_diff", "pairs"), details=_crows_details),
+          table=(("pct_stereotype", "stereotyped share"), ("likelihood_diff", "likelihood diff (nats)"), ("pairs", "pairs")),
+          details=_crows_details),
     Suite("toxicity", "rtp", "Toxicity: RealToxicityPrompts",
           load=_rtp_load, evaluate=_toxicity, setting=_rtp_setting,
           metrics=(Metric("expected_max_toxicity", "RTP expected max toxicity", "lower"),
                    Metric("toxicity_probability", "RTP toxicity probability", "lower")),
-          table=("expected_max_toxicity", "expected_max_toxicity_std", "toxicity_probability", "prompts", "k"),
+          table=(("expected_max_toxicity", "expected max toxicity"), ("expected_max_toxicity_std", "its std over prompts"),
+                 ("toxicity_probability", "toxicity probability"), ("prompts", "prompts"), ("k", "continuations per prompt")),
           details=_rtp_details),
 )

@@ -385,7 +385,7 @@ def run(params: Params, *, test: Path, world: Path | None, plots: Path | None, r
     headline.json and reward.json beside `metrics`; `params_file` feeds the report's run information."""
     from rlhf.gold import load_judge
     from rlhf.modeling import pick_device, setup_torch
-    from rlhf.report import build_report, read_curves, read_images
+    from rlhf.report import build_report, read_curves, read_overoptimization
 
     t0 = time.time()
     device = pick_device(params.device)
@@ -408,8 +408,7 @@ def run(params: Params, *, test: Path, world: Path | None, plots: Path | None, r
             run_.metrics["reward_model_score"] = round(sum(rewards) / len(rewards), 4)
 
     # 2. Win rates, judged once per pair by the one judge; 3. intervals come with every metric.
-    result: dict[str, Any] = {"prompts": len(prompts), "judge": params.judge,
-                              "models": {n: r.metrics for n, r in runs.items()},
+    result: dict[str, Any] = {"prompts": len(prompts), "models": {n: r.metrics for n, r in runs.items()},
                               "win_rates": win_rates(judge, params.pairs, prompts, runs, params, skipped)}
     if skipped:
         result["skipped"] = skipped
@@ -430,7 +429,7 @@ def run(params: Params, *, test: Path, world: Path | None, plots: Path | None, r
                  suite_examples={s.name: {n: r.examples[s.name] for n, r in runs.items() if s.name in r.examples}
                                  for s, _, _ in suites},
                  model_paths=dict(params.models), pairs=params.pairs, judge_who=judge.who,
-                 run_info=run_information(params, device, params_file), images=read_images(plots))
+                 run_info=run_information(params, device, params_file), overoptimization=read_overoptimization(plots))
     result["timing"] = {"wall_s": round(time.time() - t0, 1), "per_model_s": timing}
     return result
 

@@ -193,8 +193,8 @@ def test_classifier_toxicity_scorer(tiny_run, tmp_path):
 
 def test_read_curves_and_panels(tmp_path):
     """dvclive TSVs become curves; panels group one idea each, with human titles; constant curves are dropped;
-    PPO's own over-optimization PNG is read as an image (the report embeds it)."""
-    from rlhf.report import fig_curves, pick_panels, read_curves, read_images
+    PPO's over-optimization table is read for the report's proxy-vs-gold chart."""
+    from rlhf.report import fig_curves, fig_overoptimization, pick_panels, read_curves, read_overoptimization
 
     metrics = tmp_path / "ppo" / "plots" / "metrics"
     for name, values in (("objective/kl", (0.5, 0.7)), ("objective/rm_score", (0.1, 0.3)), ("gold/score", (0.2, 0.4)),
@@ -203,7 +203,7 @@ def test_read_curves_and_panels(tmp_path):
         path.parent.mkdir(parents=True, exist_ok=True)
         key = name.split("/")[-1]
         path.write_text(f"timestamp\tstep\t{key}\n1\t0\t{values[0]}\n2\t1\t{values[1]}\n")
-    (tmp_path / "ppo" / "overoptimization.png").write_bytes(b"\x89PNG fake")
+    (tmp_path / "ppo" / "overoptimization.csv").write_text("step,sqrt_kl,proxy_score,gold_score\n1,0.9,1.0,0.6\n0,0.1,0.2,0.5\n")
     curves = read_curves(tmp_path)["ppo"]
     assert curves["objective/kl"] == ([0.0, 1.0], [0.5, 0.7], "step")
     panels = pick_panels("ppo", curves)
@@ -215,7 +215,9 @@ def test_read_curves_and_panels(tmp_path):
     other = pick_panels("dpo", curves)  # a stage without groups: every live curve, titled from its key
     assert ("Loss: policy", "policy", ["loss/policy"]) in other and len(other) == 4
     assert fig_curves("ppo", curves)[:4] == b"\x89PNG"
-    assert read_images(tmp_path) == {"ppo": {"overoptimization": b"\x89PNG fake"}}
+    rows = read_overoptimization(tmp_path)["ppo"]
+    assert rows[1] == {"step": 0.0, "sqrt_kl": 0.1, "proxy_score": 0.2, "gold_score": 0.5}
+    assert fig_overoptimization(rows)[:4] == b"\x89PNG"
     assert read_curves(tmp_path / "missing") == {}
 
 
