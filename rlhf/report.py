@@ -367,7 +367,7 @@ def headline_rows(result: dict[str, Any]) -> tuple[list[str], list[list[Any]]]:
     models = result["models"]
     rows = [("answer length (words)", lambda m: m.get("length_words")),
             ("answers that end with EOS ↑", lambda m: m.get("ended_with_eos")),
-            ("reward-model score (proxy) ↑", lambda m: m.get("reward_model_score")),
+            ("reward-model score (proxy) ↑", lambda m: m.get("rm_score")),
             (f"{GOLD.label} ↑", lambda m: with_ci(m.get("gold"), "total"))]
     for suite in SUITES:
         for metric in suite.metrics:

@@ -405,7 +405,7 @@ def run(params: Params, *, test: Path, world: Path | None, plots: Path | None, r
     if isinstance(judge, RewardJudge):
         for run_ in runs.values():
             rewards = judge.rewards(prompts, run_.responses)
-            run_.metrics["reward_model_score"] = round(sum(rewards) / len(rewards), 4)
+            run_.metrics["rm_score"] = round(sum(rewards) / len(rewards), 4)
 
     # 2. Win rates, judged once per pair by the one judge; 3. intervals come with every metric.
     result: dict[str, Any] = {"prompts": len(prompts), "models": {n: r.metrics for n, r in runs.items()},

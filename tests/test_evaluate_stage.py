@@ -238,7 +238,7 @@ def test_reward_model_as_proxy_judge(tiny_run, tmp_path):
     result = evaluate.run(params, test=tiny_run.prepared / "test.jsonl", world=None, truthfulqa=None, crows_pairs=None,
                           rtp=None, plots=None, reports=tmp_path / "reports", metrics=tmp_path / "m.json")
     assert result["win_rates"]["sft_vs_base"]["prompts"] == 8
-    assert "reward_model_score" in result["models"]["sft"] and "gold" not in result["models"]["sft"]
+    assert "rm_score" in result["models"]["sft"] and "gold" not in result["models"]["sft"]
     assert set(result["skipped"]) == {"truthfulqa", "crows_pairs", "toxicity"}
     assert "PROXY" in (tmp_path / "reports" / "report.html").read_text()
     # The same scoring path as every stage (rlhf.rm.score_texts, bias included).
@@ -249,8 +249,8 @@ def test_reward_model_as_proxy_judge(tiny_run, tmp_path):
     answers = [json.loads(x)["responses"][1] for x in (tmp_path / "reports" / "responses.jsonl").read_text().splitlines()]
     want = score_texts(load_reward_model(tmp_path / "rm"), load_tokenizer(tmp_path / "rm"), prompts, answers, max_len=10**6,
                        batch_size=4, device=torch.device("cpu"))
-    assert result["models"]["sft"]["reward_model_score"] == pytest.approx(sum(want) / len(want), abs=1e-4)
-    assert result["models"]["sft"]["reward_model_score"] > 1.0  # centered scores of a near-zero head + 1.5
+    assert result["models"]["sft"]["rm_score"] == pytest.approx(sum(want) / len(want), abs=1e-4)
+    assert result["models"]["sft"]["rm_score"] > 1.0  # centered scores of a near-zero head + 1.5
 
 
 def test_n_models_each_against_sft(tiny_run, tmp_path):
