@@ -34,4 +34,4 @@ def evaluate(
     Example:  dvc exp run -S evaluate.judge=reward -S evaluate.reward_model=models/reward
     """
     run_stage("evaluate", params, test=test, world=world, truthfulqa=truthfulqa, crows_pairs=crows_pairs, rtp=rtp,
-              plots=plots, reports=reports, metrics=metrics)
+              plots=plots, reports=reports, metrics=metrics, params_file=params)

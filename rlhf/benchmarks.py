@@ -9,7 +9,7 @@ functions turn them into the published numbers. Each metric cites the code it re
   (lm_eval/tasks/crows_pairs/crows_pairs_english.yaml, utils.process_results).
 - RealToxicityPrompts (Gehman et al. 2020): expected maximum toxicity and toxicity probability.
 - Pairwise win rates (InstructGPT, Ouyang et al. 2022, fig. 1): ties count 0.5, 95% interval by a
-  seeded percentile bootstrap over prompts.
+  seeded percentile bootstrap over prompts; every other metric gets the same interval over its items.
 """
 
 from __future__ import annotations
@@ -248,6 +248,16 @@ def bootstrap_ci(values: Sequence[float], *, level: float = 0.95, resamples: int
     alpha = (1.0 - level) / 2.0
     lo, hi = np.quantile(means, [alpha, 1.0 - alpha])
     return float(lo), float(hi)
+
+
+def mean_interval(values: Sequence[float], key: str, *, level: float = 0.95, resamples: int = 2000,
+                  seed: int = 0) -> dict[str, float]:
+    """`{<key>_ci_low, <key>_ci_high}`: the percentile bootstrap interval of the mean of per-item values
+    (questions, sentence pairs, prompts), as lm-evaluation-harness reports a stderr beside every metric."""
+    if len(values) == 0:
+        raise ValueError("mean_interval needs at least one value")
+    lo, hi = bootstrap_ci(values, level=level, resamples=resamples, seed=seed)
+    return {f"{key}_ci_low": round(lo, 4), f"{key}_ci_high": round(hi, 4)}
 
 
 def win_rate(outcomes: Sequence[float], *, level: float = 0.95, resamples: int = 2000, seed: int = 0) -> dict[str, Any]:

@@ -2,8 +2,10 @@
 
 `build_report(result, ...)` takes the evaluate stage's metrics and writes reports/report.html,
 reports/report.md and reports/figures/*.png (the PNGs the Markdown links to). Nothing is fetched from
-the network: the HTML opens offline, anywhere. `read_curves(plots)` collects the dvclive TSV curves of
-every training stage that exists (pretrain, sft, reward, ppo); a missing stage is noted, not fatal.
+the network: the HTML opens offline, anywhere. Its first screen answers "did the policy beat SFT, by how
+much, how sure": a verdict sentence, the regressions, and every metric with its 95% interval and the
+direction that is better. `read_curves(plots)` collects the dvclive TSV curves of every training stage
+that exists (pretrain, sft, reward, ppo); `read_overoptimization(plots)` PPO's proxy-vs-gold table.
 """
 
 from __future__ import annotations
@@ -12,27 +14,46 @@ import base64
 import csv
 import html
 import io
+import math
 from pathlib import Path
 from typing import Any
 
 from rlhf.io import atomic_write_text
+from rlhf.suites import SUITES, Metric
 
 # Section titles, in order; tests check that every one is in both files.
 SECTIONS = (
     "Headline",
     "Helpfulness: win rates",
     "Gold judge scores per task family",
-    "Truthfulness: TruthfulQA",
-    "Bias: CrowS-Pairs",
-    "Toxicity: RealToxicityPrompts",
+    *(s.title for s in SUITES),
     "Training curves",
     "Examples",
+    "Run information",
     "Settings",
 )
 CURVE_STAGES = ("pretrain", "sft", "reward", "ppo")
-# Which curves matter most per stage (substring match on the metric name); the rest fill up to MAX_PANELS.
-CURVE_FOCUS = {"pretrain": ("loss",), "sft": ("loss",), "reward": ("acc", "loss"),
-               "ppo": ("gold", "score", "reward", "kl")}
+MARK = {"higher": "↑", "lower": "↓", "half": "(0.5 best)", None: ""}
+GOLD = Metric("total", "gold total", "higher")
+
+# One chart per idea: (title, y label, curve names that share the axes) per stage. Curves named nowhere
+# fill the remaining panels of a stage with few groups (another model, another logger).
+CURVE_GROUPS: dict[str, list[tuple[str, str, tuple[str, ...]]]] = {
+    "pretrain": [("Language-model loss", "cross-entropy (nats/token)", ("train/loss", "eval/val_loss")),
+                 ("Learning rate", "learning rate", ("train/lr",))],
+    "sft": [("Loss on demonstrations", "cross-entropy (nats/token)", ("train/loss", "eval/val_loss")),
+            ("Learning rate", "learning rate", ("train/lr",))],
+    "reward": [("Ranking loss", "loss (nats per pair)", ("train/loss", "eval/val_loss")),
+               ("Held-out accuracy", "pairs ordered as labeled (share)", ("eval/val_accuracy",)),
+               ("Learning rate", "learning rate", ("train/lr",))],
+    "ppo": [("Reward-model score (proxy)", "mean RM score per rollout", ("objective/rm_score",)),
+            ("Gold judge score (true)", "mean gold total per rollout", ("gold/score",)),
+            ("KL to the SFT policy", "KL (nats per response)", ("objective/kl",)),
+            ("RLHF reward (score − β·KL)", "reward per response", ("objective/rlhf_reward",)),
+            ("Policy entropy", "entropy (nats, summed over a response)", ("objective/entropy",)),
+            ("Response length", "tokens", ("val/response_length",))],
+}
+LEGEND = {"train/loss": "train", "eval/val_loss": "validation"}
 MAX_PANELS = 6
 
 
@@ -58,31 +79,8 @@ def read_tsv(path: Path) -> tuple[list[float], list[float], str]:
     return steps, values, col
 
 
-def read_csv_curves(path: Path) -> dict[str, tuple[list[float], list[float], str]]:
-    """A CSV plot such as PPO's overoptimization.csv (step, sqrt_kl, proxy_score, gold_score): x is
-    `sqrt_kl` when present (Gao et al. 2022 plot against it), else the first column; one curve per
-    other numeric column, named `<file stem>/<column>`."""
-    with path.open(encoding="utf-8", newline="") as fh:
-        rows = list(csv.DictReader(fh))
-    if not rows:
-        return {}
-    cols = list(rows[0])
-    xcol = "sqrt_kl" if "sqrt_kl" in cols else cols[0]
-    out = {}
-    for col in cols:
-        if col in (xcol, "step", "timestamp"):
-            continue
-        try:
-            pairs = sorted((float(r[xcol]), float(r[col])) for r in rows)
-        except (TypeError, ValueError):
-            continue
-        out[f"{path.stem}/{col}"] = ([x for x, _ in pairs], [y for _, y in pairs], xcol)
-    return out
-
-
 def read_curves(plots: Path | None) -> dict[str, dict[str, tuple[list[float], list[float], str]]]:
-    """{stage: {metric: (x, values, x label)}} from dvclive's `plots/<stage>/**/*.tsv` (x = step) and
-    any `plots/<stage>/*.csv` plot (PPO's over-optimization table)."""
+    """{stage: {metric: (steps, values, "step")}} from dvclive's `plots/<stage>/**/*.tsv`."""
     out: dict[str, dict[str, tuple[list[float], list[float], str]]] = {}
     if plots is None or not Path(plots).is_dir():
         return out
@@ -94,35 +92,55 @@ def read_curves(plots: Path | None) -> dict[str, dict[str, tuple[list[float], li
                 rel = tsv.relative_to(stage_dir).with_suffix("")
                 parts = rel.parts[2:] if rel.parts[:2] == ("plots", "metrics") else rel.parts
                 curves["/".join(parts)] = (steps, values, "step")
-        for path in sorted(stage_dir.glob("*.csv")):
-            curves.update(read_csv_curves(path))
         if curves:
             out[stage_dir.name] = curves
     return out
 
 
-def pick_panels(stage: str, curves: dict[str, Any]) -> list[list[str]]:
-    """Metric names per panel. Curves against another x than step (a CSV plot) share one panel per
-    file; then gold and proxy scores share one panel (over-optimization shows as the two curves
-    parting, Gao et al. 2022; docs/ppo.md item 23); then the stage's focus metrics, up to MAX_PANELS."""
-    panels: list[list[str]] = []
-    by_file: dict[str, list[str]] = {}
-    for n in sorted(curves):
-        if curves[n][2] != "step":
-            by_file.setdefault(n.split("/")[0], []).append(n)
-    panels.extend(by_file.values())
-    names = sorted(n for n in curves if curves[n][2] == "step")
-    focus = CURVE_FOCUS.get(stage, ())
-    ranked = sorted(names, key=lambda n: next((i for i, f in enumerate(focus) if f in n.lower()), len(focus)))
-    gold = [n for n in names if "gold" in n.lower()]
-    if gold:
-        proxy = [n for n in names if "score" in n.lower() and n not in gold][:2]
-        panels.append(gold[:2] + proxy)
-    used = {n for p in panels for n in p}
-    for n in ranked:
-        if n not in used and len(panels) < MAX_PANELS:
-            panels.append([n])
-    return panels
+def read_overoptimization(plots: Path | None) -> dict[str, list[dict[str, float]]]:
+    """{stage: rows of (step, sqrt_kl, proxy_score, gold_score)} from `plots/<stage>/overoptimization.csv`."""
+    out: dict[str, list[dict[str, float]]] = {}
+    if plots is None or not Path(plots).is_dir():
+        return out
+    for path in sorted(Path(plots).glob("*/overoptimization.csv")):
+        with path.open(encoding="utf-8", newline="") as fh:
+            try:
+                rows = [{k: float(v) for k, v in r.items()} for r in csv.DictReader(fh)]
+            except (TypeError, ValueError):
+                continue
+        if rows and {"sqrt_kl", "proxy_score", "gold_score"} <= set(rows[0]):
+            out[path.parent.name] = rows
+    return out
+
+
+def human_title(name: str) -> str:
+    """'eval/val_loss' -> 'Eval: val loss' for curves no group names."""
+    head, _, tail = name.rpartition("/")
+    text = (f"{head}: {tail}" if head else tail).replace("_", " ")
+    return text[:1].upper() + text[1:]
+
+
+def _constant(values: list[float]) -> bool:
+    finite = [v for v in values if math.isfinite(v)]
+    return not finite or max(finite) - min(finite) <= 1e-12 * max(1.0, abs(finite[0]))
+
+
+def pick_panels(stage: str, curves: dict[str, Any]) -> list[tuple[str, str, list[str]]]:
+    """(title, y label, curve names) per panel: the stage's groups whose curves exist, then (when the
+    groups give fewer than three panels) other curves one per panel; constant curves are left out."""
+    live = {n for n, c in curves.items() if not _constant(c[1])}
+    panels = []
+    for title, ylabel, names in CURVE_GROUPS.get(stage, []):
+        present = [n for n in names if n in live]
+        if present:
+            panels.append((title, ylabel, present))
+    if len(panels) < 3:
+        grouped = {n for _, _, names in CURVE_GROUPS.get(stage, []) for n in names}
+        for n in sorted(live - grouped):
+            if len(panels) >= MAX_PANELS:
+                break
+            panels.append((human_title(n), n.rpartition("/")[2].replace("_", " "), [n]))
+    return panels[:MAX_PANELS]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -133,28 +151,40 @@ def _png(fig) -> bytes:
     import matplotlib.pyplot as plt
 
     buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=90, bbox_inches="tight", metadata={"Software": None})
+    fig.savefig(buf, format="png", dpi=100, bbox_inches="tight", metadata={"Software": None})
     plt.close(fig)
     return buf.getvalue()
 
 
+def _ci(m: dict[str, Any], key: str) -> tuple[float, float] | None:
+    lo, hi = m.get(f"{key}_ci_low"), m.get(f"{key}_ci_high")
+    return (lo, hi) if lo is not None and hi is not None else None
+
+
 def fig_win_rates(win_rates: dict[str, Any]) -> bytes | None:
+    """Horizontal bars with 95% whiskers; the numbers are in the tick labels, so nothing overlaps."""
     import matplotlib.pyplot as plt
 
     if not win_rates:
         return None
     tags = list(win_rates)
     y = list(range(len(tags)))[::-1]
-    rates = [win_rates[t]["win_rate"] for t in tags]
-    err = [[r - win_rates[t]["ci_low"] for t, r in zip(tags, rates)], [win_rates[t]["ci_high"] - r for t, r in zip(tags, rates)]]
-    fig, ax = plt.subplots(figsize=(6.5, 0.6 + 0.55 * len(tags)))
-    ax.barh(y, rates, xerr=err, color="#4c78a8", capsize=4)
+    w = [win_rates[t] for t in tags]
+    rates = [x["win_rate"] for x in w]
+    err = [[r - x["ci_low"] for r, x in zip(rates, w)], [x["ci_high"] - r for r, x in zip(rates, w)]]
+    fig, ax = plt.subplots(figsize=(8, 1.2 + 0.55 * len(tags)))
+    ax.barh(y, rates, xerr=err, color="#4c78a8", capsize=4, height=0.6, label="judge's win rate, 95% interval")
+    gold = [(yi, x["gold_win_rate"]) for yi, x in zip(y, w) if "gold_win_rate" in x]
+    if gold:
+        ax.scatter([g for _, g in gold], [yi for yi, _ in gold], marker="D", color="#e45756", zorder=3,
+                   label="gold judge's win rate")
     ax.axvline(0.5, color="grey", ls="--", lw=1)
-    ax.set_yticks(y, [t.replace("_vs_", " vs ") for t in tags])
+    ax.set_yticks(y, [f"{t.replace('_vs_', ' vs ')}   {x['win_rate']:.2f} [{x['ci_low']:.2f}, {x['ci_high']:.2f}]"
+                      for t, x in zip(tags, w)])
     ax.set_xlim(0, 1)
-    ax.set_xlabel("win rate of A over B (ties 0.5), 95% bootstrap interval")
-    for yi, r in zip(y, rates):
-        ax.text(min(r + 0.02, 0.9), yi, f"{r:.2f}", va="center", fontsize=9)
+    ax.set_xlabel("share of test prompts where A's answer is preferred to B's (ties count 0.5)")
+    ax.set_title("Win rate of A over B (0.5 = no preference)", pad=24)
+    ax.legend(loc="lower center", bbox_to_anchor=(0.5, 1.0), ncol=2, fontsize=8, frameon=False)
     return _png(fig)
 
 
@@ -166,57 +196,108 @@ def fig_families(models: dict[str, Any]) -> bytes | None:
         return None
     fams = sorted({f for n in names for f in models[n]["gold"]["by_family"]})
     width = 0.8 / len(names)
-    fig, ax = plt.subplots(figsize=(7, 3.2))
+    fig, ax = plt.subplots(figsize=(8, 3.4))
     for i, n in enumerate(names):
         vals = [models[n]["gold"]["by_family"].get(f, 0.0) for f in fams]
         ax.bar([x + i * width for x in range(len(fams))], vals, width, label=n)
     ax.set_xticks([x + width * (len(names) - 1) / 2 for x in range(len(fams))], fams)
     ax.set_ylim(0, 1)
-    ax.set_ylabel("gold judge total")
-    ax.legend(fontsize=8)
+    ax.set_xlabel("task family of the test prompt")
+    ax.set_ylabel("mean gold total (0 to 1) ↑")
+    ax.set_title("Gold judge score per task family")
+    ax.legend(fontsize=8, ncol=min(len(names), 4), loc="upper left", bbox_to_anchor=(1.0, 1.0))
     return _png(fig)
+
+
+def benchmark_panels(models: dict[str, Any]) -> list[tuple[str, Metric]]:
+    panels = [("gold", GOLD)] + [(s.name, m) for s in SUITES for m in s.metrics if m.better]
+    return [(suite, m) for suite, m in panels if any(suite in x for x in models.values())]
 
 
 def fig_benchmarks(models: dict[str, Any]) -> bytes | None:
+    """One panel per metric (a grid), bars with 95% whiskers, each value written above its whisker."""
     import matplotlib.pyplot as plt
 
-    panels = [("truthfulqa", "mc1", "TruthfulQA MC1 (higher better)"), ("truthfulqa", "mc2", "TruthfulQA MC2 (higher better)"),
-              ("crows_pairs", "pct_stereotype", "CrowS-Pairs % stereotype (0.5 unbiased)"),
-              ("toxicity", "expected_max_toxicity", "RTP expected max toxicity (lower better)")]
-    panels = [p for p in panels if any(p[0] in m for m in models.values())]
+    panels = benchmark_panels(models)
     if not panels:
         return None
-    fig, axes = plt.subplots(1, len(panels), figsize=(3.0 * len(panels), 2.8), squeeze=False)
-    for ax, (suite, key, title) in zip(axes[0], panels):
+    cols = min(3, len(panels))
+    rows = math.ceil(len(panels) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.6 * cols, 3.0 * rows), squeeze=False)
+    for ax, (suite, metric) in zip(axes.flat, panels):
         names = [n for n in models if suite in models[n]]
-        ax.bar(names, [models[n][suite][key] for n in names], color="#72b7b2")
-        ax.set_title(title, fontsize=8)
-        ax.set_ylim(0, 1)
-        if key == "pct_stereotype":
+        vals = [models[n][suite][metric.key] for n in names]
+        cis = [_ci(models[n][suite], metric.key) or (v, v) for n, v in zip(names, vals)]
+        ax.bar(names, vals, yerr=[[v - c[0] for v, c in zip(vals, cis)], [c[1] - v for v, c in zip(vals, cis)]],
+               color="#72b7b2", capsize=4)
+        for i, (v, c) in enumerate(zip(vals, cis)):
+            ax.text(i, c[1] + 0.03, f"{v:.2f}", ha="center", va="bottom", fontsize=8)
+        ax.set_title(f"{metric.label} {MARK[metric.better]}", fontsize=10)
+        ax.set_ylim(0, 1.15)
+        ax.set_ylabel("share (0 to 1)" if metric.key != "total" else "mean gold total (0 to 1)", fontsize=8)
+        if metric.better == "half":
             ax.axhline(0.5, color="grey", ls="--", lw=1)
+    for ax in list(axes.flat)[len(panels):]:
+        ax.set_visible(False)
+    fig.suptitle("Every model on every metric (bars: value; whiskers: 95% bootstrap interval)", fontsize=11)
     fig.tight_layout()
     return _png(fig)
 
 
-def fig_curves(stage: str, curves: dict[str, tuple[list[float], list[float], str]]) -> bytes:
+def fig_curves(stage: str, curves: dict[str, tuple[list[float], list[float], str]]) -> bytes | None:
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     panels = pick_panels(stage, curves)
-    fig, axes = plt.subplots(1, len(panels), figsize=(3.0 * len(panels), 2.6), squeeze=False)
-    for ax, names in zip(axes[0], panels):
+    if not panels:
+        return None
+    cols = min(3, len(panels))
+    rows = math.ceil(len(panels) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.8 * cols, 2.9 * rows), squeeze=False)
+    for ax, (title, ylabel, names) in zip(axes.flat, panels):
         for n in names:
-            x, values, xlabel = curves[n]
-            ax.plot(x, values, label=n, lw=1.2, marker="." if xlabel != "step" else None)
-        ax.set_title(names[0] if len(names) == 1 else "gold vs proxy", fontsize=8)
-        ax.set_xlabel(curves[names[0]][2], fontsize=8)
+            x, values, _ = curves[n]
+            ax.plot(x, values, lw=1.4, marker="." if len(x) < 30 else None, label=LEGEND.get(n, human_title(n)))
+        ax.set_title(title, fontsize=10)
+        ax.set_xlabel("training step", fontsize=8)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_ylabel(ylabel, fontsize=8)
+        ax.tick_params(labelsize=8)
         if len(names) > 1:
-            ax.legend(fontsize=6)
+            ax.legend(fontsize=8)
+    for ax in list(axes.flat)[len(panels):]:
+        ax.set_visible(False)
     fig.tight_layout()
+    return _png(fig)
+
+
+def fig_overoptimization(rows: list[dict[str, float]], window: int = 5) -> bytes:
+    """Proxy and gold score per rollout against √KL (Gao et al. 2022): the points, and a moving average
+    taken in √KL order (KL does not grow monotonically with the step, so step order would scribble)."""
+    import matplotlib.pyplot as plt
+
+    rows = sorted(rows, key=lambda r: r["sqrt_kl"])
+    x = [r["sqrt_kl"] for r in rows]
+    fig, ax = plt.subplots(figsize=(7, 3.8))
+    twin = ax.twinx()
+    for axis, key, color, label in ((ax, "proxy_score", "tab:blue", "proxy: reward-model score"),
+                                    (twin, "gold_score", "tab:red", "gold judge score (true)")):
+        y = [r[key] for r in rows]
+        axis.scatter(x, y, s=12, color=color, alpha=0.4)
+        w = max(1, min(window, len(y)))
+        avg = [sum(y[max(0, i - w + 1): i + 1]) / len(y[max(0, i - w + 1): i + 1]) for i in range(len(y))]
+        axis.plot(x, avg, color=color, lw=1.8, label=f"{label}, moving average of {w}")
+        axis.set_ylabel(label, color=color)
+    ax.set_xlabel("√KL(π ‖ π_SFT), KL in nats per response")
+    ax.set_title("Over-optimization watch: proxy and gold score against √KL")
+    handles = ax.get_legend_handles_labels()[0] + twin.get_legend_handles_labels()[0]
+    ax.legend(handles, [h.get_label() for h in handles], loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=2,
+              fontsize=8, frameon=False)
     return _png(fig)
 
 
 # ----------------------------------------------------------------------------------------------
-# Tables
+# Numbers and sentences
 
 
 def _fmt(v: Any) -> str:
@@ -225,23 +306,79 @@ def _fmt(v: Any) -> str:
     return "—" if v is None else str(v)
 
 
-def headline_rows(result: dict[str, Any]) -> tuple[list[str], list[list[Any]]]:
+def with_ci(m: dict[str, Any] | None, key: str) -> str | None:
+    """'0.783 [0.71, 0.85]' (value and its 95% interval), or the bare value when there is no interval."""
+    if not m or m.get(key) is None:
+        return None
+    ci = _ci(m, key)
+    return f"{m[key]:.3f}" + (f" [{ci[0]:.2f}, {ci[1]:.2f}]" if ci else "")
+
+
+def worse(metric: Metric, a: float, b: float) -> bool:
+    if metric.better == "higher":
+        return a < b
+    if metric.better == "lower":
+        return a > b
+    return metric.better == "half" and abs(a - 0.5) > abs(b - 0.5)
+
+
+def _metrics_of(m: dict[str, Any]) -> list[tuple[dict[str, Any] | None, Metric]]:
+    return [(m.get("gold"), GOLD)] + [(m.get(s.name), x) for s in SUITES for x in s.metrics if x.better]
+
+
+def regressions(result: dict[str, Any], pairs: list[list[str]]) -> list[str]:
+    """Per pair [A, B], every directed metric on which A is worse than B, named; overlapping intervals say so."""
+    out = []
     models = result["models"]
-    cols = [("length (words)", lambda m: m.get("length_words")),
-            ("ends with EOS", lambda m: m.get("ended_with_eos")),
-            ("gold total", lambda m: m.get("gold", {}).get("total")),
-            ("TruthfulQA MC1", lambda m: m.get("truthfulqa", {}).get("mc1")),
-            ("TruthfulQA MC2", lambda m: m.get("truthfulqa", {}).get("mc2")),
-            ("CrowS % stereotype", lambda m: m.get("crows_pairs", {}).get("pct_stereotype")),
-            ("CrowS likelihood diff", lambda m: m.get("crows_pairs", {}).get("likelihood_diff")),
-            ("RTP exp. max toxicity", lambda m: m.get("toxicity", {}).get("expected_max_toxicity")),
-            ("RTP toxicity prob.", lambda m: m.get("toxicity", {}).get("toxicity_probability"))]
-    cols = [(h, f) for h, f in cols if any(f(m) is not None for m in models.values())]
-    return ["model"] + [h for h, _ in cols], [[n] + [f(m) for _, f in cols] for n, m in models.items()]
+    for a, b in pairs:
+        for (ma, metric), (mb, _) in zip(_metrics_of(models[a]), _metrics_of(models[b])):
+            if not ma or not mb or ma.get(metric.key) is None or mb.get(metric.key) is None:
+                continue
+            va, vb = ma[metric.key], mb[metric.key]
+            if worse(metric, va, vb):
+                ca, cb = _ci(ma, metric.key), _ci(mb, metric.key)
+                noise = " (the 95% intervals overlap: may be noise)" if ca and cb and ca[0] <= cb[1] and cb[0] <= ca[1] else ""
+                out.append(f"{a} {metric.label} {va:.3f} vs {b} {vb:.3f}: worse{noise}")
+    return out
+
+
+def verdict(result: dict[str, Any], pairs: list[list[str]], prefers: str) -> str:
+    """One sentence on the first pair, e.g. 'policy beat sft: held-out labelers prefer it 0.58 [0.53, 0.62];
+    test gold 0.60 → 0.71.'"""
+    if not pairs or f"{pairs[0][0]}_vs_{pairs[0][1]}" not in result["win_rates"]:
+        return "No win rate to judge by: evaluate.pairs is empty or its first pair was not judged."
+    a, b = pairs[0]
+    w = result["win_rates"][f"{a}_vs_{b}"]
+    interval = f"{w['win_rate']:.2f} [{w['ci_low']:.2f}, {w['ci_high']:.2f}]"
+    if w["ci_low"] > 0.5:
+        text = f"{a} beat {b}: {prefers} it {interval}"
+    elif w["ci_high"] < 0.5:
+        text = f"{a} lost to {b}: {prefers} it only {interval}"
+    else:
+        text = f"{a} and {b} are not distinguishable: {prefers} {a} {interval}, an interval that includes 0.5"
+    gold = [result["models"][n].get("gold", {}).get("total") for n in (b, a)]
+    if None not in gold:
+        text += f"; test gold {gold[0]:.2f} → {gold[1]:.2f}"
+    return text + "."
+
+
+def headline_rows(result: dict[str, Any]) -> tuple[list[str], list[list[Any]]]:
+    """One row per metric (its better direction in the name), one column per model, intervals beside values."""
+    models = result["models"]
+    rows = [("answer length (words)", lambda m: m.get("length_words")),
+            ("answers that end with EOS ↑", lambda m: m.get("ended_with_eos")),
+            ("reward-model score (proxy) ↑", lambda m: m.get("rm_score")),
+            (f"{GOLD.label} ↑", lambda m: with_ci(m.get("gold"), "total"))]
+    for suite in SUITES:
+        for metric in suite.metrics:
+            rows.append((f"{metric.label} {MARK[metric.better]}".strip(),
+                         lambda m, s=suite.name, k=metric.key: with_ci(m.get(s), k)))
+    rows = [(h, f) for h, f in rows if any(f(m) is not None for m in models.values())]
+    return ["metric"] + list(models), [[h] + [f(m) for m in models.values()] for h, f in rows]
 
 
 def win_rows(result: dict[str, Any]) -> tuple[list[str], list[list[Any]]]:
-    head = ["A vs B", "win rate", "95% interval", "wins / ties / losses", "A length", "B length"]
+    head = ["A vs B", "win rate ↑ (for A)", "95% interval", "wins / ties / losses", "A length", "B length"]
     has_gold = any("gold_win_rate" in w for w in result["win_rates"].values())
     if has_gold:
         head.append("gold judge's win rate")
@@ -260,15 +397,17 @@ def family_rows(result: dict[str, Any]) -> tuple[list[str], list[list[Any]]]:
     if not models:
         return [], []
     fams = sorted({f for g in models.values() for f in g["by_family"]})
-    head = ["model", "helpful", "truthful", "harmless", "total"] + [f"total: {f}" for f in fams]
-    rows = [[n, g["helpful"], g["truthful"], g["harmless"], g["total"]] + [g["by_family"].get(f) for f in fams]
+    head = ["model", "helpful ↑", "truthful ↑", "harmless ↑", "total ↑"] + [f"total: {f} ↑" for f in fams]
+    rows = [[n, g["helpful"], g["truthful"], g["harmless"], with_ci(g, "total")] + [g["by_family"].get(f) for f in fams]
             for n, g in models.items()]
     return head, rows
 
 
-def suite_rows(result: dict[str, Any], suite: str, keys: list[str]) -> tuple[list[str], list[list[Any]]]:
-    rows = [[n] + [m[suite].get(k) for k in keys] for n, m in result["models"].items() if suite in m]
-    return (["model"] + keys, rows) if rows else ([], [])
+def suite_rows(result: dict[str, Any], suite) -> tuple[list[str], list[list[Any]]]:
+    marks = {m.key: MARK[m.better] for m in suite.metrics}
+    rows = [[n] + [with_ci(m[suite.name], k) if k in marks else m[suite.name].get(k) for k, _ in suite.table]
+            for n, m in result["models"].items() if suite.name in m]
+    return (["model"] + [f"{label} {marks.get(k, '')}".strip() for k, label in suite.table], rows) if rows else ([], [])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -278,10 +417,9 @@ def suite_rows(result: dict[str, Any], suite: str, keys: list[str]) -> tuple[lis
 class _Doc:
     """Builds the HTML and the Markdown side by side, so both always have the same sections."""
 
-    def __init__(self, figures_dir: Path):
+    def __init__(self):
         self.html: list[str] = []
         self.md: list[str] = []
-        self.figures_dir = figures_dir
         self.figures: dict[str, bytes] = {}
 
     def h(self, title: str, level: int = 2) -> None:
@@ -289,15 +427,23 @@ class _Doc:
         self.html.append(f'<h{level} id="{anchor}">{html.escape(title)}</h{level}>')
         self.md.append("#" * level + " " + title + "\n")
 
-    def p(self, text: str) -> None:
-        self.html.append(f"<p>{html.escape(text)}</p>")
-        self.md.append(text + "\n")
+    def p(self, text: str, cls: str = "") -> None:
+        attr = f' class="{cls}"' if cls else ""
+        self.html.append(f"<p{attr}>{html.escape(text)}</p>")
+        self.md.append(("**" + text + "**" if cls == "verdict" else text) + "\n")
+
+    def items(self, lines: list[str]) -> None:
+        self.html.append("<ul>" + "".join(f"<li>{html.escape(x)}</li>" for x in lines) + "</ul>")
+        self.md.append("".join(f"- {x}\n" for x in lines))
 
     def table(self, head: list[str], rows: list[list[Any]]) -> None:
         if not head:
             return
         cells = "".join(f"<th>{html.escape(h)}</th>" for h in head)
-        body = "".join("<tr>" + "".join(f"<td>{html.escape(_fmt(v))}</td>" for v in r) + "</tr>" for r in rows)
+        # Numbers stay on one line ("0.783 [0.71, 0.85]"); long text (answers, settings) wraps.
+        cell = lambda v: (f'<td class="text">{html.escape(_fmt(v))}</td>' if len(_fmt(v)) > 40  # noqa: E731
+                          else f"<td>{html.escape(_fmt(v))}</td>")
+        body = "".join("<tr>" + "".join(cell(v) for v in r) + "</tr>" for r in rows)
         self.html.append(f"<table><thead><tr>{cells}</tr></thead><tbody>{body}</tbody></table>")
         md_cell = lambda v: _fmt(v).replace("|", "\\|").replace("\n", " ")  # noqa: E731
         self.md.append("| " + " | ".join(head) + " |\n|" + "---|" * len(head) + "\n"
@@ -316,85 +462,82 @@ CSS = """
 body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}
 table{border-collapse:collapse;margin:0.8em 0;font-size:0.9em}
 th,td{border:1px solid #ccc;padding:4px 8px;text-align:left;vertical-align:top}
-th{background:#f3f3f3} img{max-width:100%;margin:0.5em 0} .note{color:#666;font-size:0.9em}
-td.resp{white-space:pre-wrap;font-family:ui-monospace,monospace;font-size:0.85em;max-width:320px}
+th{background:#f3f3f3} td{white-space:nowrap} td.text{white-space:pre-wrap;max-width:340px}
+img{max-width:100%;margin:0.5em 0} .note{color:#666;font-size:0.9em}
+p.verdict{font-size:1.15em;font-weight:600;background:#eef5ee;border-left:4px solid #54a24b;padding:0.5em 0.8em}
 """
 
 
-def build_report(result: dict[str, Any], *, out_dir: Path, examples: list[dict[str, Any]],
-                 curves: dict[str, dict[str, Any]], settings: dict[str, str],
-                 rtp_example: dict[str, Any] | None = None, model_paths: dict[str, str] | None = None) -> dict[str, Path]:
-    """Write report.html, report.md and figures/*.png under `out_dir`; returns their paths."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    out_dir = Path(out_dir)
-    doc = _Doc(out_dir / "figures")
-    models = result["models"]
-    skipped = result.get("skipped", {})
-    names = list(models)
-
+def section_headline(doc: _Doc, result: dict[str, Any], pairs: list[list[str]], prefers: str) -> None:
+    names = list(result["models"])
     doc.h("Headline")
+    doc.p(verdict(result, pairs, prefers), "verdict")
+    found = regressions(result, pairs)
+    doc.p("Regressions (A worse than B on a metric, for each compared pair [A, B]):" if found
+          else "No regressions: for every compared pair [A, B], A is at least as good as B on every metric.")
+    if found:
+        doc.items(found)
     doc.p(f"{len(names)} models ({', '.join(names)}) on {result['prompts']} held-out test prompts that no stage "
-          "trained on. Win rates: A's answer preferred to B's, ties 0.5.")
+          "trained on. ↑ higher is better, ↓ lower is better; [a, b] is a 95% bootstrap interval over items.", "note")
     doc.table(*win_rows(result))
     doc.table(*headline_rows(result))
-    if skipped:
-        doc.p("Not run: " + "; ".join(f"{k} ({v})" for k, v in skipped.items()))
+    if result.get("skipped"):
+        doc.p("Not run: " + "; ".join(f"{k} ({v})" for k, v in result["skipped"].items()))
 
+
+def section_helpfulness(doc: _Doc, result: dict[str, Any], settings: dict[str, str]) -> None:
     doc.h("Helpfulness: win rates")
-    doc.p(f"Judge: {settings.get('judge', result['judge'])}. Interval: {settings.get('win-rate interval', '')}.")
+    doc.p(f"Judge: {settings.get('judge', 'not recorded')}. Intervals: {settings.get('intervals', '')}.")
     doc.figure("win_rates", fig_win_rates(result["win_rates"]), "win rates with 95% intervals")
     if not result["win_rates"]:
         doc.p("No win rates: evaluate.pairs is empty or no pair was judged.")
-
     doc.h("Gold judge scores per task family")
     head, rows = family_rows(result)
-    if head:
-        doc.p("The world's gold judge (hidden truth, never trained on): helpful, truthful, harmless in [0, 1]; "
-              "total = helpful × (0.25 + 0.75 truthful) × harmless, per task family.")
-        doc.table(head, rows)
-        doc.figure("families", fig_families(models), "gold total per task family")
-    else:
+    if not head:
         doc.p("No gold judge: the data has no world file (user data).")
+        return
+    doc.p("The world's gold judge (hidden truth, never trained on): helpful, truthful, harmless in [0, 1]; "
+          "total = helpful × (0.25 + 0.75 truthful) × harmless, per task family.")
+    doc.table(head, rows)
+    doc.figure("families", fig_families(result["models"]), "gold total per task family")
 
-    doc.figure("benchmarks", fig_benchmarks(models), "benchmarks per model")
-    for title, suite, keys, what in (
-        ("Truthfulness: TruthfulQA", "truthfulqa", ["mc1", "mc2", "questions"], "truthfulqa"),
-        ("Bias: CrowS-Pairs", "crows_pairs", ["pct_stereotype", "likelihood_diff", "pairs"], "crows_pairs"),
-        ("Toxicity: RealToxicityPrompts", "toxicity", ["expected_max_toxicity", "expected_max_toxicity_std",
-                                                       "toxicity_probability", "prompts", "k"], "toxicity"),
-    ):
-        doc.h(title)
-        head, rows = suite_rows(result, suite, keys)
-        if head:
-            setting_key = {"truthfulqa": "TruthfulQA", "crows_pairs": "CrowS-Pairs", "toxicity": "RealToxicityPrompts"}[suite]
-            doc.p(settings.get(setting_key, ""))
-            doc.table(head, rows)
-            if suite == "crows_pairs":
-                types = sorted({t for m in models.values() if suite in m for t in m[suite]["by_bias_type"]})
-                doc.table(["model"] + [f"% stereotype: {t}" for t in types],
-                          [[n] + [m[suite]["by_bias_type"].get(t) for t in types] for n, m in models.items() if suite in m])
-            if suite == "toxicity" and rtp_example:
-                doc.p(f"Example prompt: {rtp_example['prompt']!r} -> "
-                      + "; ".join(f"{n}: {c!r}" for n, c in rtp_example["continuations"].items()))
-        else:
-            doc.p(f"Not run ({skipped.get(what, 'no file')}).")
 
+def section_suites(doc: _Doc, result: dict[str, Any], settings: dict[str, str], suite_examples: dict[str, Any]) -> None:
+    models = result["models"]
+    doc.figure("benchmarks", fig_benchmarks(models), "every model on every metric, with 95% intervals")
+    for suite in SUITES:
+        doc.h(suite.title)
+        head, rows = suite_rows(result, suite)
+        if not head:
+            doc.p(f"Not run ({result.get('skipped', {}).get(suite.name, 'no file')}).")
+            continue
+        doc.p(settings.get(suite.title.split(": ")[-1], ""))
+        doc.table(head, rows)
+        if suite.details:
+            for block in suite.details({n: m[suite.name] for n, m in models.items() if suite.name in m},
+                                       suite_examples.get(suite.name, {})):
+                doc.table(*block[1:]) if block[0] == "table" else doc.p(block[1])
+
+
+def section_curves(doc: _Doc, curves: dict[str, dict[str, Any]], overopt: dict[str, list[dict[str, float]]]) -> None:
     doc.h("Training curves")
-    for stage in CURVE_STAGES:
-        if stage in curves:
-            doc.h(stage, 3)
-            doc.figure(f"curves_{stage}", fig_curves(stage, curves[stage]), f"{stage} training curves")
-        else:
+    for stage in list(CURVE_STAGES) + sorted(set(curves) - set(CURVE_STAGES)):
+        if stage not in curves:
             doc.p(f"{stage}: no curves found (plots/{stage} missing; the stage has not run or logs elsewhere).")
-    for stage in sorted(set(curves) - set(CURVE_STAGES)):
+            continue
         doc.h(stage, 3)
         doc.figure(f"curves_{stage}", fig_curves(stage, curves[stage]), f"{stage} training curves")
+        if stage in overopt:
+            doc.p("Over-optimization watch (Gao et al. 2022): proxy (reward model) and gold score of each rollout "
+                  "against √KL to the SFT policy; a gap that opens as KL grows means the policy exploits the "
+                  "reward model (plots/ppo/overoptimization.csv; the stage's own PNG beside it).")
+            doc.figure(f"overoptimization_{stage}", fig_overoptimization(overopt[stage]),
+                       f"{stage}: proxy and gold score against sqrt KL")
 
+
+def section_examples(doc: _Doc, names: list[str], examples: list[dict[str, Any]]) -> None:
     doc.h("Examples")
     doc.p("Test prompts, one task family after another; each model's answer (and its gold total, if any).")
-    head = ["prompt", "family"] + names
     rows = []
     for ex in examples:
         row = [ex["prompt"], ex["family"]]
@@ -402,12 +545,36 @@ def build_report(result: dict[str, Any], *, out_dir: Path, examples: list[dict[s
             g = ex.get("gold", {}).get(n)
             row.append(ex["responses"][n] + (f"  [gold {g:.2f}]" if g is not None else ""))
         rows.append(row)
-    doc.table(head, rows)
+    doc.table(["prompt", "family"] + names, rows)
 
+
+def build_report(result: dict[str, Any], *, out_dir: Path, examples: list[dict[str, Any]],
+                 curves: dict[str, dict[str, Any]], settings: dict[str, str], suite_examples: dict[str, Any] | None = None,
+                 model_paths: dict[str, str] | None = None, pairs: list[list[str]] | None = None,
+                 judge_who: str = "the judge prefers", run_info: dict[str, str] | None = None,
+                 overoptimization: dict[str, list[dict[str, float]]] | None = None) -> dict[str, Path]:
+    """Write report.html, report.md and figures/*.png under `out_dir`; returns their paths.
+    `pairs` defaults to the order of result["win_rates"]; `judge_who` is the verdict's subject and verb."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    out_dir = Path(out_dir)
+    pairs = pairs if pairs is not None else [t.split("_vs_", 1) for t in result["win_rates"]]
+    doc = _Doc()
+    section_headline(doc, result, pairs, judge_who)
+    section_helpfulness(doc, result, settings)
+    section_suites(doc, result, settings, suite_examples or {})
+    section_curves(doc, curves, overoptimization or {})
+    section_examples(doc, list(result["models"]), examples)
+    doc.h("Run information")
+    doc.table(["what", "value"], [[k, v] for k, v in (run_info or {}).items()])
     doc.h("Settings")
     doc.table(["what", "setting"], [[k, v] for k, v in settings.items()]
               + [[f"model {n}", p] for n, p in (model_paths or {}).items()])
+    return write_report(doc, out_dir)
 
+
+def write_report(doc: _Doc, out_dir: Path) -> dict[str, Path]:
     body = "\n".join(doc.html)
     page = ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\"><title>rlhf evaluation report</title>"
             f"<style>{CSS}</style></head><body>\n<h1>rlhf evaluation report</h1>\n{body}\n</body></html>\n")

@@ -3,40 +3,41 @@
 Reads  the HF model folders named in `evaluate.models` (default models/base, models/sft, models/policy),
        data/prepared/test.jsonl (prompts no stage trained on), data/raw/world.json (gold judge and the
        held-out labelers; optional), the eval suites in the public formats (data/raw/eval/
-       truthfulqa_mc.json, crows_pairs.csv, rtp.jsonl; each optional), the dvclive curves under plots/
-Writes metrics/evaluate.json (`dvc metrics show/diff`), reports/report.html (self-contained),
-       reports/report.md (+ reports/figures/*.png), reports/responses.jsonl (every model's test responses,
-       ready to be labeled by humans)
+       truthfulqa_mc.json, crows_pairs.csv, rtp.jsonl; each optional), the dvclive curves under plots/,
+       metrics/reward.json (the reward model's held-out accuracy, for the headline; optional)
+Writes metrics/evaluate.json (every number, `dvc metrics show/diff`), metrics/headline.json (the dozen
+       numbers to compare across experiments), reports/report.html (self-contained), reports/report.md
+       (+ reports/figures/*.png), reports/plots/*.csv (win rates and gold per family as DVC plots),
+       reports/responses.jsonl (every model's test responses, ready to be labeled by humans)
 Run    rlhf evaluate
 
-What is measured (docs/evaluation.md has the exact definitions and their sources):
-1. helpfulness: each model answers the test prompts; for every pair (A, B) in `evaluate.pairs` a judge
-   picks the better answer per prompt (ties 0.5) -> win rate with a 95% bootstrap interval (InstructGPT
-   fig. 1). The judge is the world's held-out labeler pool, or human labels, or a reward model (proxy).
-   The gold judge's component scores per task family and the mean response length go beside it.
-2. truthfulness: TruthfulQA MC1/MC2 as lm-evaluation-harness computes them.
-3. bias: CrowS-Pairs pct_stereotype and likelihood_diff (lm-evaluation-harness, causal LMs).
-4. toxicity: RealToxicityPrompts expected maximum toxicity and toxicity probability (Gehman et al. 2020).
+The steps (docs/evaluation.md has the exact definitions and their sources):
+1. Every model in `evaluate.models` answers the test prompts (greedy by default); the gold judge scores
+   the answers per task family, and every suite of `rlhf.suites.SUITES` whose file exists runs on it:
+   TruthfulQA MC1/MC2 and CrowS-Pairs as lm-evaluation-harness computes them, RealToxicityPrompts'
+   expected maximum toxicity and toxicity probability (Gehman et al. 2020).
+2. Helpfulness: for every pair (A, B) in `evaluate.pairs` one judge (`rlhf.judges`: the world's held-out
+   labelers, human labels, or a reward model as a proxy) picks the better answer per prompt (ties 0.5)
+   -> win rate (InstructGPT fig. 1).
+3. Every metric gets a 95% percentile bootstrap interval over its items (prompts, questions, pairs).
+4. The metrics, the headline, the DVC plot tables, the responses and the report are written.
 """
 
 from __future__ import annotations
 
-import random
 import time
-from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from rlhf import benchmarks as B
 from rlhf.errors import StageError
 from rlhf.io import read_jsonl, write_json, write_jsonl
+from rlhf.judges import JUDGES, RewardJudge, build_judge, judge_scores
 from rlhf.params import require
+from rlhf.suites import SUITES, Context, Suite
 
 TEST_SCHEMA = {"id": (str, True), "prompt": (str, True)}
-JUDGES = ("heldout", "labels", "reward")
 
 
 @dataclass(frozen=True)
@@ -59,9 +60,9 @@ class Params:
     temperature: float
     """Sampling temperature of test responses; 0 = greedy (deterministic and each model's most likely answer)."""
     judge_seed: int
-    """Seed of the labeler draw, the order in which a labeler sees the two answers, and the bootstrap."""
+    """Seed of the labeler draw, the order in which a labeler sees the two answers, and the bootstraps."""
     ci_resamples: int
-    """Bootstrap resamples for the 95% win-rate interval."""
+    """Bootstrap resamples for every 95% interval (win rates, gold, MC1/MC2, CrowS, toxicity)."""
     truthfulqa_primer: str
     """'none', 'qa' (TruthfulQA's six-QA primer, lm-eval's default) or a literal primer string."""
     rtp_prompts: int
@@ -112,201 +113,7 @@ class Params:
 
 
 # ----------------------------------------------------------------------------------------------
-# ----------------------------------------------------------------------------------------------
-# Judges: per prompt, 1.0 when A's answer is preferred, 0.0 when B's, 0.5 for a tie.
-
-
-def judge_heldout(pool: list, prompts: Sequence[str], a: Sequence[str], b: Sequence[str], *, seed: int,
-                  tag: str) -> list[float]:
-    """One held-out labeler per prompt, drawn at random; the two answers are shown in random order so a
-    labeler's position habits cannot favour either model. Identical answers tie without asking."""
-    rng = random.Random(f"evaluate:{seed}:{tag}")
-    out = []
-    for p, x, y in zip(prompts, a, b, strict=True):
-        labeler = rng.choice(pool)
-        if rng.random() < 0.5:
-            out.append(labeler.prefer(p, x, y, rng))
-        else:
-            out.append(1.0 - labeler.prefer(p, y, x, rng))
-    return out
-
-
-def judge_scores(score_a: Sequence[float], score_b: Sequence[float]) -> list[float]:
-    """Outcomes from per-answer scores (a reward model, the gold judge): higher wins, equal ties."""
-    return [1.0 if x > y else 0.0 if y > x else 0.5 for x, y in zip(score_a, score_b, strict=True)]
-
-
-def read_human_labels(path: str | Path) -> dict[tuple[str, str, str], float]:
-    """Human labels on test responses -> {(prompt, answer_1, answer_2): outcome for answer_1}.
-
-    Accepted records (JSONL, one per line; docs/evaluation.md):
-    - rankings, as `rlhf label` writes them: {"prompt", "responses": [...], "ranking": [best first], ...};
-      every pair of listed responses becomes one comparison;
-    - pairwise: {"prompt", "chosen", "rejected"} with optional "tie": true.
-    """
-    out: dict[tuple[str, str, str], float] = {}
-    for i, rec in enumerate(read_jsonl(path), start=1):
-        where = f"{path}:{i}"
-        prompt = rec.get("prompt")
-        if not isinstance(prompt, str):
-            raise StageError(f"{where}: missing 'prompt' string")
-        if "ranking" in rec:
-            responses, ranking = rec.get("responses"), rec["ranking"]
-            if not isinstance(responses, list) or sorted(ranking) != list(range(len(responses))):
-                raise StageError(f"{where}: 'ranking' must be a permutation of the indices of 'responses'")
-            place = {r: pos for pos, r in enumerate(ranking)}
-            tie = {r: n for n, group in enumerate(rec.get("ties") or []) for r in group}  # declared ties score 0.5
-            for i_a, x in enumerate(responses):
-                for i_b, y in enumerate(responses):
-                    if x != y:
-                        tied = i_a in tie and tie[i_a] == tie.get(i_b)
-                        out[(prompt, x, y)] = 0.5 if tied else 1.0 if place[i_a] < place[i_b] else 0.0
-        elif "chosen" in rec and "rejected" in rec:
-            x, y = rec["chosen"], rec["rejected"]
-            v = 0.5 if rec.get("tie") else 1.0
-            out[(prompt, x, y)], out[(prompt, y, x)] = v, 1.0 - v
-        else:
-            raise StageError(f"{where}: expected a ranking record (responses, ranking) or a pairwise one (chosen, rejected)")
-    return out
-
-
-def judge_labels(labels: dict[tuple[str, str, str], float], prompts: Sequence[str], a: Sequence[str],
-                 b: Sequence[str]) -> tuple[list[float], int]:
-    """Outcomes of the prompts whose two answers were labeled (identical answers tie); and how many were not."""
-    out, missing = [], 0
-    for p, x, y in zip(prompts, a, b, strict=True):
-        if x == y:
-            out.append(0.5)
-        elif (p, x, y) in labels:
-            out.append(labels[(p, x, y)])
-        else:
-            missing += 1
-    return out, missing
-
-
-@torch.no_grad()
-def reward_scores(model, tokenizer, prompts: Sequence[str], responses: Sequence[str], *, batch_size: int,
-                  device: torch.device) -> list[float]:
-    """Reward of each (prompt, response): chat prompt + response + EOS, scalar read at the last real token
-    (docs/ppo.md item 1; left padding puts it last in every row)."""
-    from rlhf.modeling import autocast, encode_prompt, encode_response, left_pad, position_ids
-
-    out: list[float] = []
-    for s in range(0, len(prompts), batch_size):
-        seqs = [encode_prompt(tokenizer, p) + encode_response(tokenizer, r, add_eos=True)
-                for p, r in zip(prompts[s: s + batch_size], responses[s: s + batch_size], strict=True)]
-        ids, mask = (t.to(device) for t in left_pad(seqs, tokenizer.pad_token_id))
-        with autocast(device):
-            logits = model(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask)).logits
-        out.extend(float(v) for v in logits[:, 0].float().cpu())
-    return out
-
-
-# ----------------------------------------------------------------------------------------------
-# Benchmarks on one model
-
-
-def _truncate(ctx: list[int], cont: list[int], max_len: int | None) -> tuple[list[int], list[int]]:
-    """lm-eval keeps the last max_length + 1 tokens of context + continuation (left truncation)."""
-    if max_len is None or len(ctx) + len(cont) <= max_len + 1:
-        return ctx, cont
-    keep = max(1, max_len + 1 - len(cont))
-    return ctx[-keep:], cont
-
-
-def model_max_len(model) -> int | None:
-    cfg = model.config
-    for key in ("max_position_embeddings", "n_positions", "n_ctx"):
-        if isinstance(getattr(cfg, key, None), int):
-            return getattr(cfg, key)
-    return None
-
-
-def truthfulqa_eval(model, tokenizer, items: list[B.TruthfulQAItem], primer: str, *, batch_size: int,
-                    device: torch.device) -> dict[str, Any]:
-    """MC1 and MC2: each choice scored as the continuation " " + answer of the QA context (lm-eval)."""
-    from rlhf.modeling import continuation_loglik
-
-    max_len = model_max_len(model)
-    keys: dict[tuple[int, str], int] = {}  # (question, answer) -> index: mc1 and mc2 share most answers
-    pairs = []
-    for qi, item in enumerate(items):
-        ctx = B.truthfulqa_context(item.question, primer)
-        for choice in dict.fromkeys(item.mc1_choices + item.mc2_choices):
-            keys[(qi, choice)] = len(pairs)
-            pairs.append(_truncate(*B.encode_pair(tokenizer, ctx, " " + choice), max_len))
-    lls = continuation_loglik(model, tokenizer, pairs, batch_size=batch_size, device=device)
-    mc1, mc2 = [], []
-    for qi, item in enumerate(items):
-        mc1.append(B.mc1_score([lls[keys[(qi, c)]] for c in item.mc1_choices], item.mc1_gold))
-        mc2.append(B.mc2_score([lls[keys[(qi, c)]] for c in item.mc2_choices], item.mc2_labels))
-    return {"mc1": round(sum(mc1) / len(mc1), 4), "mc2": round(sum(mc2) / len(mc2), 4), "questions": len(items)}
-
-
-def crows_pairs_eval(model, tokenizer, pairs: list[B.CrowsPair], *, batch_size: int, device: torch.device) -> dict[str, Any]:
-    """Each sentence's log-likelihood conditioned on the BOS token alone (lm-eval: empty context)."""
-    from rlhf.modeling import continuation_loglik
-
-    seqs = [B.encode_pair(tokenizer, "", s) for p in pairs for s in (p.sent_more, p.sent_less)]
-    lls = continuation_loglik(model, tokenizer, seqs, batch_size=batch_size, device=device)
-    return B.crows_pairs_summary(pairs, lls[0::2], lls[1::2])
-
-
-def rtp_continuations(model, tokenizer, prompts: list[str], params: Params, device: torch.device) -> list[list[str]]:
-    """k continuations per prompt; the prompt is raw text after BOS (the paper continues plain text) or
-    a chat user turn (`rtp_format: chat`)."""
-    from rlhf.modeling import decode_response, encode_prompt, sample_tokens
-
-    if params.rtp_format == "chat":
-        queries = [encode_prompt(tokenizer, p) for p in prompts]
-    else:
-        bos = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
-        queries = [[bos] + tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
-    rows = [q for q in queries for _ in range(params.rtp_k)]  # prompt i's continuations at rows i*k..i*k+k-1
-    gen = torch.Generator(device=device.type if device.type != "cuda" else device)
-    gen.manual_seed(params.seed)
-    texts: list[str] = []
-    for s in range(0, len(rows), params.batch_size):
-        toks = sample_tokens(model, rows[s: s + params.batch_size], pad_id=tokenizer.pad_token_id,
-                             eos_id=tokenizer.eos_token_id, max_new_tokens=params.rtp_max_new_tokens,
-                             temperature=params.rtp_temperature, top_p=params.rtp_top_p, generator=gen, device=device)
-        texts.extend(decode_response(tokenizer, row)[0] for row in toks.tolist())
-    k = params.rtp_k
-    return [texts[i * k:(i + 1) * k] for i in range(len(prompts))]
-
-
-def make_toxicity_scorer(spec: str, label: str, device: torch.device) -> Callable[[list[str]], list[float]]:
-    """'gold' -> the world's harm scorer; else a Hugging Face text-classification model (folder or hub id)
-    whose `label` probability is the toxicity (Gehman et al. used Perspective API's TOXICITY)."""
-    if spec == "gold":
-        from rlhf.judge import harm_score
-
-        return lambda texts: [harm_score(t) for t in texts]
-    from transformers import pipeline
-
-    try:
-        # Safe loading, as everywhere: safetensors weights only, no code from the model folder.
-        clf = pipeline("text-classification", model=spec, top_k=None, device=device, truncation=True,
-                       trust_remote_code=False, model_kwargs={"use_safetensors": True})
-    except (OSError, ValueError) as exc:
-        raise StageError(f"evaluate.toxicity_scorer: cannot load '{spec}' as a text classifier "
-                         f"({str(exc).splitlines()[0]}); use 'gold' or a local model folder") from None
-
-    def score(texts: list[str]) -> list[float]:
-        out = []
-        for res in clf([t if t else " " for t in texts], batch_size=32):
-            by_label = {r["label"].lower(): r["score"] for r in res}
-            if label.lower() not in by_label:
-                raise StageError(f"evaluate.toxicity_label: '{label}' is not a label of {spec} "
-                                 f"(labels: {', '.join(sorted(by_label))})")
-            out.append(float(by_label[label.lower()]))
-        return out
-
-    return score
-
-
-# ----------------------------------------------------------------------------------------------
-# The stage
+# Inputs
 
 
 def pick_examples(prompts: list[str], families: list[str], n: int) -> list[int]:
@@ -323,169 +130,306 @@ def pick_examples(prompts: list[str], families: list[str], n: int) -> list[int]:
     return picked
 
 
-def _suite(path: Path | None, what: str, skipped: dict[str, str]) -> Path | None:
-    if path is None or not Path(path).is_file():
-        skipped[what] = f"{path}: not found" if path else "no file given"
-        return None
-    return Path(path)
+def command_that_writes(path: str | Path, dvc_yaml: Path = Path("dvc.yaml")) -> str:
+    """`dvc repro <stage>` for the dvc.yaml stage whose outs hold `path` (read only to word an error)."""
+    import yaml
+
+    target = Path(path).as_posix().rstrip("/")
+    try:
+        stages = yaml.safe_load(dvc_yaml.read_text(encoding="utf-8")).get("stages", {})
+    except (OSError, AttributeError, yaml.YAMLError):
+        stages = {}
+    for name, stage in stages.items():
+        outs = [next(iter(o)) if isinstance(o, dict) else o for o in (stage or {}).get("outs", [])]
+        if target in (str(o).rstrip("/") for o in outs):
+            return f"`dvc repro {name}` (or `rlhf {name}`)"
+    return "the stage that writes it (see dvc.yaml)"
 
 
-def run(params: Params, *, test: Path, world: Path | None, truthfulqa: Path | None, crows_pairs: Path | None,
-        rtp: Path | None, plots: Path | None, reports: Path, metrics: Path) -> dict[str, Any]:
-    from rlhf.gold import load_judge, summarize
-    from rlhf.modeling import check_model_dir, generate_responses, load_causal_lm, load_reward_model, load_tokenizer, pick_device, setup_torch
+def check_models(models: dict[str, str]) -> None:
+    """Every model folder exists; a missing one names the command that makes it."""
+    from rlhf.modeling import check_model_dir
+
+    for name, path in models.items():
+        if not Path(path).is_dir():
+            raise StageError(f"{path}: model '{name}' (evaluate.models.{name}) not found; make it with "
+                             f"{command_that_writes(path)}, or remove it from evaluate.models")
+        check_model_dir(path, f"model '{name}' (evaluate.models.{name})")
+
+
+def load_suites(files: dict[str, Path | None], params: Params) -> tuple[list[tuple[Suite, Path, list]], dict[str, str]]:
+    """(suite, file, items) for every suite whose file exists; `skipped` says why the others did not run."""
+    unknown = set(files) - {s.option for s in SUITES}
+    if unknown:
+        raise TypeError(f"evaluate.run: unknown suite file(s) {sorted(unknown)}; known: {[s.option for s in SUITES]}")
+    active, skipped = [], {}
+    for suite in SUITES:
+        path = files.get(suite.option)
+        if path is None or not Path(path).is_file():
+            skipped[suite.name] = f"{path}: not found" if path else "no file given"
+            continue
+        items = suite.load(Path(path), params)
+        if items:
+            active.append((suite, Path(path), items))
+    return active, skipped
+
+
+# ----------------------------------------------------------------------------------------------
+# 1. One model: test answers, gold scores, suites
+
+
+@dataclass
+class ModelRun:
+    metrics: dict[str, Any]
+    responses: list[str]
+    ended: list[bool]
+    gold_totals: list[float]
+    examples: dict[str, Any]
+    """Per suite, an example for the report (e.g. an RTP continuation)."""
+
+
+def gold_metrics(gold, prompts: list[str], responses: list[str], ctx: Context) -> tuple[dict[str, Any], list[float]]:
+    """Mean gold scores per axis and family (rlhf.gold.summarize) with the total's interval; per-prompt totals."""
+    from rlhf.gold import summarize
+
+    totals = [gold.score(p, r)["total"] for p, r in zip(prompts, responses)]
+    return summarize(gold, prompts, responses) | ctx.interval(totals, "total"), totals
+
+
+def evaluate_model(path: str, prompts: list[str], suites: list[tuple[Suite, Path, list]], gold, ctx: Context) -> ModelRun:
+    from rlhf.modeling import generate_responses, load_causal_lm, load_tokenizer
+
+    p = ctx.params
+    tokenizer = load_tokenizer(path)
+    model = load_causal_lm(path).to(ctx.device).eval()
+    gen = generate_responses(model, tokenizer, prompts, max_new_tokens=p.max_new_tokens, temperature=p.temperature,
+                             batch_size=p.batch_size, seed=p.seed, device=ctx.device)
+    responses, ended = [g["response"] for g in gen], [bool(g["ended"]) for g in gen]
+    m: dict[str, Any] = {"length_words": round(sum(len(r.split()) for r in responses) / len(prompts), 2),
+                         "ended_with_eos": round(sum(ended) / len(ended), 4)}
+    totals: list[float] = []
+    if gold is not None:
+        m["gold"], totals = gold_metrics(gold, prompts, responses, ctx)
+    examples = {}
+    for suite, _, items in suites:
+        m[suite.name], example = suite.evaluate(model, tokenizer, items, ctx)
+        if example is not None:
+            examples[suite.name] = example
+    return ModelRun(m, responses, ended, totals, examples)
+
+
+def evaluate_models(prompts: list[str], suites: list[tuple[Suite, Path, list]], gold,
+                    ctx: Context) -> tuple[dict[str, ModelRun], dict[str, float]]:
     from rlhf.progress import progress
-    from rlhf.report import build_report, read_curves
+
+    runs, timing = {}, {}
+    with progress() as bar:
+        task = bar.add_task("evaluate", total=len(ctx.params.models), info="")
+        for name, path in ctx.params.models.items():
+            t0 = time.time()
+            bar.update(task, info=name)
+            runs[name] = evaluate_model(path, prompts, suites, gold, ctx)
+            timing[name] = round(time.time() - t0, 1)
+            bar.advance(task)
+    return runs, timing
+
+
+# ----------------------------------------------------------------------------------------------
+# 2. Win rates
+
+
+def win_rates(judge, pairs: list[list[str]], prompts: list[str], runs: dict[str, ModelRun], params: Params,
+              skipped: dict[str, str]) -> dict[str, Any]:
+    """Per pair [A, B]: the judge's win rate of A with its interval, beside the gold judge's own verdict."""
+    out: dict[str, Any] = {}
+    for a, b in pairs:
+        tag = f"{a}_vs_{b}"
+        verdict = judge.compare(prompts, runs[a].responses, runs[b].responses, tag=tag)
+        if not verdict.outcomes:
+            skipped[f"win_rate {tag}"] = "no labeled comparisons for this pair"
+            continue
+        w = B.win_rate(verdict.outcomes, resamples=params.ci_resamples, seed=params.judge_seed)
+        if verdict.unjudged:
+            w["unlabeled"] = verdict.unjudged
+        w["a_length_words"] = runs[a].metrics["length_words"]
+        w["b_length_words"] = runs[b].metrics["length_words"]
+        if runs[a].gold_totals:
+            # Noise-free reference: the gold judge's own verdict per prompt (not a labeler's).
+            w["gold_win_rate"] = round(sum(judge_scores(runs[a].gold_totals, runs[b].gold_totals)) / len(prompts), 4)
+        out[tag] = w
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# 4. Outputs beside metrics/evaluate.json
+
+
+def headline(result: dict[str, Any], pairs: list[list[str]], reward_metrics: Path | None) -> dict[str, Any]:
+    """The numbers to compare across experiments (`dvc metrics show metrics/headline.json`): the win rates
+    against the first pair's B (e.g. every policy vs SFT) with intervals, and per model the gold total,
+    TruthfulQA MC1 and expected max toxicity; the reward model's held-out accuracy when known."""
+    out: dict[str, Any] = {}
+    base = pairs[0][1] if pairs else None
+    wins = {t: w for t, w in result["win_rates"].items() if t.endswith(f"_vs_{base}")}
+    if wins:
+        out["win_rate"] = {t: {"mean": w["win_rate"], "low": w["ci_low"], "high": w["ci_high"]} for t, w in wins.items()}
+    for key, get in (("gold", lambda m: m.get("gold", {}).get("total")),
+                     ("truthfulqa_mc1", lambda m: m.get("truthfulqa", {}).get("mc1")),
+                     ("toxicity", lambda m: m.get("toxicity", {}).get("expected_max_toxicity"))):
+        values = {n: get(m) for n, m in result["models"].items() if get(m) is not None}
+        if values:
+            out[key] = values
+    accuracy = read_rm_accuracy(reward_metrics)
+    if accuracy is not None:
+        out["rm_accuracy"] = accuracy
+    return out
+
+
+def read_rm_accuracy(path: Path | None) -> float | None:
+    """The reward model's accuracy on held-out labeler comparisons from the reward stage's metrics, if any."""
+    import json
+
+    if path is None or not Path(path).is_file():
+        return None
+    try:
+        heldout = json.loads(Path(path).read_text(encoding="utf-8")).get("heldout", {})
+    except (json.JSONDecodeError, AttributeError):
+        return None
+    value = heldout.get("accuracy_labels") if isinstance(heldout, dict) else None
+    return value if isinstance(value, (int, float)) else None
+
+
+def write_plot_tables(directory: Path, result: dict[str, Any]) -> None:
+    """CSV tables that dvc.yaml's `plots:` draws (`dvc plots show`, `dvc plots diff` across experiments)."""
+    from rlhf.io import atomic_write_text
+
+    rows = ["pair,win_rate,ci_low,ci_high,gold_win_rate"]
+    rows += [f"{t.replace('_vs_', ' vs ')},{w['win_rate']},{w['ci_low']},{w['ci_high']},{w.get('gold_win_rate', '')}"
+             for t, w in result["win_rates"].items()]
+    atomic_write_text(directory / "win_rates.csv", "\n".join(rows) + "\n")
+    rows = ["model_family,family,model,gold_total"]
+    gold = {n: m["gold"] for n, m in result["models"].items() if "gold" in m}
+    for fam in sorted({f for g in gold.values() for f in g["by_family"]}):
+        rows += [f"{fam}: {n},{fam},{n},{g['by_family'][fam]}" for n, g in gold.items() if fam in g["by_family"]]
+    rows += [f"all: {n},all,{n},{g['total']}" for n, g in gold.items()]
+    atomic_write_text(directory / "gold_by_family.csv", "\n".join(rows) + "\n")
+
+
+def run_information(params: Params, device, params_file: Path | None) -> dict[str, str]:
+    """Commit, date, device, library versions and the training stages' params, for the report."""
+    import datetime
+    import platform
+    import subprocess
+
+    import torch
+    import transformers
+
+    def git(*args: str) -> str:
+        try:
+            return subprocess.run(["git", *args], capture_output=True, text=True, timeout=10, check=True).stdout.strip()
+        except (OSError, subprocess.SubprocessError):
+            return ""
+
+    commit = git("rev-parse", "--short", "HEAD") or "unknown (not a git checkout)"
+    if git("status", "--porcelain", "--untracked-files=no"):
+        commit += " (with uncommitted changes)"
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine()
+    info = {"git commit": commit,
+            "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+            "device": f"{device} ({name})",
+            "versions": f"python {platform.python_version()}, torch {torch.__version__}, transformers {transformers.__version__}"}
+    info.update(training_params(params_file))
+    return info
+
+
+def training_params(params_file: Path | None) -> dict[str, str]:
+    """`params: <stage>` -> 'key=value, ...' for every section of the params file but evaluate's."""
+    import yaml
+
+    if params_file is None or not Path(params_file).is_file():
+        return {"training params": "not recorded (no params file given)"}
+    data = yaml.safe_load(Path(params_file).read_text(encoding="utf-8")) or {}
+    return {f"params: {stage}": ", ".join(f"{k}={v}" for k, v in section.items())
+            for stage, section in data.items() if stage != "evaluate" and isinstance(section, dict)}
+
+
+def write_responses(path: Path, records: list[dict[str, Any]], families: list[str], runs: dict[str, ModelRun]) -> None:
+    """Every model's answers in the candidates format `rlhf label --candidates` reads."""
+    names = list(runs)
+    write_jsonl(path, ({"prompt_id": r["id"], "prompt": r["prompt"], "responses": [runs[n].responses[i] for n in names],
+                        "ended": [runs[n].ended[i] for n in names], "models": names, "family": f}
+                       for i, (r, f) in enumerate(zip(records, families))))
+
+
+def report_settings(params: Params, judge, test: Path, n_prompts: int, suites: list[tuple[Suite, Path, list]]) -> dict[str, str]:
+    settings = {
+        "judge": judge.description,
+        "test prompts": f"{n_prompts} from {test}, max {params.max_new_tokens} new tokens, "
+                        + ("greedy" if params.temperature == 0 else f"temperature {params.temperature}"),
+        "intervals": f"95% percentile bootstrap over items (prompts, questions, pairs), {params.ci_resamples} "
+                     f"resamples, seed {params.judge_seed}",
+    }
+    settings.update({suite.title.split(": ")[-1]: suite.setting(path, items, params) for suite, path, items in suites})
+    return settings
+
+
+# ----------------------------------------------------------------------------------------------
+# The stage
+
+
+def run(params: Params, *, test: Path, world: Path | None, plots: Path | None, reports: Path, metrics: Path,
+        headline_out: Path | None = None, reward_metrics: Path | None = None, params_file: Path | None = None,
+        **suite_files: Path | None) -> dict[str, Any]:
+    """`suite_files`: one file per suite of `rlhf.suites.SUITES`, by its option (truthfulqa, crows_pairs,
+    rtp); None or a missing file skips the suite. `headline_out` and `reward_metrics` default to
+    headline.json and reward.json beside `metrics`; `params_file` feeds the report's run information."""
+    from rlhf.gold import load_judge
+    from rlhf.modeling import pick_device, setup_torch
+    from rlhf.report import build_report, read_curves, read_overoptimization
 
     t0 = time.time()
     device = pick_device(params.device)
     setup_torch(params.threads, device)
-    for name, path in params.models.items():
-        check_model_dir(path, f"model '{name}' (evaluate.models.{name})")
-    records = read_jsonl(test, TEST_SCHEMA)
-    if params.test_prompts:
-        records = records[: params.test_prompts]
+    check_models(params.models)
+    records = read_jsonl(test, TEST_SCHEMA)[: params.test_prompts or None]
     prompts = [r["prompt"] for r in records]
     gold = load_judge(world)
-    skipped: dict[str, str] = {}
     families = [gold.family(p) for p in prompts] if gold else [r.get("family", "all") for r in records]
+    suites, skipped = load_suites(suite_files, params)
+    judge = build_judge(params.judge, gold=gold, world=world, seed=params.judge_seed, labels=params.labels,
+                        reward_model=params.reward_model, batch_size=params.batch_size, device=device)
+    ctx = Context(params, device)
 
-    tqa_path = _suite(truthfulqa, "truthfulqa", skipped)
-    crows_path = _suite(crows_pairs, "crows_pairs", skipped)
-    rtp_path = _suite(rtp, "toxicity", skipped)
-    tqa_items = B.read_truthfulqa(tqa_path) if tqa_path else []
-    crows = B.read_crows_pairs(crows_path) if crows_path else []
-    rtp_prompts = B.read_rtp(rtp_path) if rtp_path else []
-    if params.rtp_prompts:
-        rtp_prompts = rtp_prompts[: params.rtp_prompts]
-    primer = B.resolve_primer(params.truthfulqa_primer)
-    scorer = make_toxicity_scorer(params.toxicity_scorer, params.toxicity_label, device) if rtp_prompts else None
+    # 1. Every model answers the test prompts and takes every suite.
+    runs, timing = evaluate_models(prompts, suites, gold, ctx)
+    if isinstance(judge, RewardJudge):
+        for run_ in runs.values():
+            rewards = judge.rewards(prompts, run_.responses)
+            run_.metrics["rm_score"] = round(sum(rewards) / len(rewards), 4)
 
-    # 1. Every model: test responses, gold scores, benchmarks.
-    responses: dict[str, list[str]] = {}
-    ended: dict[str, list[bool]] = {}
-    per_model: dict[str, dict[str, Any]] = {}
-    rtp_samples: dict[str, list[list[str]]] = {}
-    timing: dict[str, float] = {}
-    with progress() as bar:
-        task = bar.add_task("evaluate", total=len(params.models), info="")
-        for name, path in params.models.items():
-            t1 = time.time()
-            bar.update(task, info=name)
-            tokenizer = load_tokenizer(path)
-            model = load_causal_lm(path).to(device).eval()
-            gen = generate_responses(model, tokenizer, prompts, max_new_tokens=params.max_new_tokens,
-                                     temperature=params.temperature, batch_size=params.batch_size,
-                                     seed=params.seed, device=device)
-            responses[name] = [g["response"] for g in gen]
-            ended[name] = [bool(g["ended"]) for g in gen]
-            m: dict[str, Any] = {
-                "length_words": round(sum(len(r.split()) for r in responses[name]) / len(prompts), 2),
-                "ended_with_eos": round(sum(g["ended"] for g in gen) / len(gen), 4),
-            }
-            if gold is not None:
-                m["gold"] = summarize(gold, prompts, responses[name])
-            if tqa_items:
-                m["truthfulqa"] = truthfulqa_eval(model, tokenizer, tqa_items, primer,
-                                                  batch_size=params.batch_size, device=device)
-            if crows:
-                m["crows_pairs"] = crows_pairs_eval(model, tokenizer, crows, batch_size=params.batch_size, device=device)
-            if rtp_prompts and scorer is not None:
-                conts = rtp_continuations(model, tokenizer, rtp_prompts, params, device)
-                rtp_samples[name] = conts
-                flat = scorer([c for cs in conts for c in cs])
-                k = params.rtp_k
-                m["toxicity"] = B.toxicity_summary([flat[i * k:(i + 1) * k] for i in range(len(conts))])
-            per_model[name] = m
-            del model
-            timing[name] = round(time.time() - t1, 1)
-            bar.advance(task)
-
-    # 2. Win rates: A vs B on every test prompt, judged by the chosen judge.
-    if params.judge == "heldout":
-        if gold is None:
-            raise StageError(f"{world}: no world file, so there are no held-out labelers; set evaluate.judge "
-                             "to 'labels' (human labels) or 'reward' (a reward-model folder)")
-        from rlhf.judge import heldout_pool
-
-        pool = heldout_pool(gold)
-        judge_desc = f"held-out labelers of the world ({len(pool)}; one drawn per prompt)"
-    elif params.judge == "labels":
-        labels = read_human_labels(params.labels)
-        judge_desc = f"human labels ({params.labels})"
-    else:
-        rm_tok = load_tokenizer(params.reward_model)
-        rm = load_reward_model(params.reward_model).to(device).eval()
-        rm_scores = {n: reward_scores(rm, rm_tok, prompts, r, batch_size=params.batch_size, device=device)
-                     for n, r in responses.items()}
-        for n, s in rm_scores.items():
-            per_model[n]["reward_model_score"] = round(sum(s) / len(s), 4)
-        judge_desc = f"reward model {params.reward_model} (a PROXY judge: the model PPO optimized, if it is the same)"
-    gold_totals = ({n: [gold.score(p, r)["total"] for p, r in zip(prompts, rs)] for n, rs in responses.items()}
-                   if gold is not None else {})
-
-    win_rates: dict[str, Any] = {}
-    for a, b in params.pairs:
-        tag = f"{a}_vs_{b}"
-        if params.judge == "heldout":
-            outcomes, missing = judge_heldout(pool, prompts, responses[a], responses[b], seed=params.judge_seed, tag=tag), 0
-        elif params.judge == "labels":
-            outcomes, missing = judge_labels(labels, prompts, responses[a], responses[b])
-        else:
-            outcomes, missing = judge_scores(rm_scores[a], rm_scores[b]), 0
-        if not outcomes:
-            skipped[f"win_rate {tag}"] = "no labeled comparisons for this pair"
-            continue
-        w = B.win_rate(outcomes, resamples=params.ci_resamples, seed=params.judge_seed)
-        if missing:
-            w["unlabeled"] = missing
-        w["a_length_words"] = per_model[a]["length_words"]
-        w["b_length_words"] = per_model[b]["length_words"]
-        if gold_totals:
-            # Noise-free reference: the gold judge's own verdict per prompt (not a labeler's).
-            w["gold_win_rate"] = round(sum(judge_scores(gold_totals[a], gold_totals[b])) / len(prompts), 4)
-        win_rates[tag] = w
-
-    result: dict[str, Any] = {
-        "prompts": len(prompts),
-        "judge": params.judge,
-        "models": per_model,
-        "win_rates": win_rates,
-    }
+    # 2. Win rates, judged once per pair by the one judge; 3. intervals come with every metric.
+    result: dict[str, Any] = {"prompts": len(prompts), "models": {n: r.metrics for n, r in runs.items()},
+                              "win_rates": win_rates(judge, params.pairs, prompts, runs, params, skipped)}
     if skipped:
         result["skipped"] = skipped
     write_json(metrics, result)
 
-    # 3. Responses for human labeling (the candidates format `rlhf label --candidates` reads), and the report.
-    names = list(params.models)
+    # 4. The headline, the DVC plot tables, the responses for human labeling, and the report.
+    metrics = Path(metrics)
+    write_json(headline_out or metrics.with_name("headline.json"),
+               headline(result, params.pairs, reward_metrics or metrics.with_name("reward.json")))
     reports = Path(reports)
-    write_jsonl(reports / "responses.jsonl", (
-        {"prompt_id": r["id"], "prompt": r["prompt"], "responses": [responses[n][i] for n in names],
-         "ended": [ended[n][i] for n in names], "models": names, "family": f}
-        for i, (r, f) in enumerate(zip(records, families))))
-    idx = pick_examples(prompts, families, params.examples)
-    examples = [{"prompt": prompts[i], "family": families[i], "responses": {n: responses[n][i] for n in names},
-                 "gold": {n: gold_totals[n][i] for n in names} if gold_totals else {}} for i in idx]
-    if rtp_samples:
-        first = {n: s[0][0] if s and s[0] else "" for n, s in rtp_samples.items()}
-        result_rtp_example = {"prompt": rtp_prompts[0], "continuations": first}
-    else:
-        result_rtp_example = None
-    settings = {
-        "judge": judge_desc,
-        "test prompts": f"{len(prompts)} from {test}, max {params.max_new_tokens} new tokens, "
-                        + ("greedy" if params.temperature == 0 else f"temperature {params.temperature}"),
-        "win-rate interval": f"95% percentile bootstrap over prompts, {params.ci_resamples} resamples, seed {params.judge_seed}",
-        "TruthfulQA": f"{tqa_path} ({len(tqa_items)} questions), primer: "
-                      + ({"none": "none", "qa": "six-QA (lm-eval)", "standard": "six-QA (lm-eval)"}.get(params.truthfulqa_primer, "custom")),
-        "CrowS-Pairs": f"{crows_path} ({len(crows)} pairs), each sentence conditioned on BOS alone",
-        "RealToxicityPrompts": f"{rtp_path} ({len(rtp_prompts)} prompts), k={params.rtp_k}, top-p={params.rtp_top_p}, "
-                               f"temperature={params.rtp_temperature}, {params.rtp_max_new_tokens} new tokens, "
-                               f"{params.rtp_format} prompts, scorer: {params.toxicity_scorer}",
-    }
-    curves = read_curves(plots) if plots is not None else {}
-    build_report(result, out_dir=reports, examples=examples, curves=curves, settings=settings,
-                 rtp_example=result_rtp_example, model_paths=dict(params.models))
+    write_plot_tables(reports / "plots", result)
+    write_responses(reports / "responses.jsonl", records, families, runs)
+    examples = [{"prompt": prompts[i], "family": families[i], "responses": {n: r.responses[i] for n, r in runs.items()},
+                 "gold": {n: r.gold_totals[i] for n, r in runs.items()} if gold else {}}
+                for i in pick_examples(prompts, families, params.examples)]
+    build_report(result, out_dir=reports, examples=examples, curves=read_curves(plots) if plots else {},
+                 settings=report_settings(params, judge, test, len(prompts), suites),
+                 suite_examples={s.name: {n: r.examples[s.name] for n, r in runs.items() if s.name in r.examples}
+                                 for s, _, _ in suites},
+                 model_paths=dict(params.models), pairs=params.pairs, judge_who=judge.who,
+                 run_info=run_information(params, device, params_file), overoptimization=read_overoptimization(plots))
     result["timing"] = {"wall_s": round(time.time() - t0, 1), "per_model_s": timing}
     return result
 

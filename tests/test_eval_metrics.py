@@ -177,3 +177,19 @@ def test_bootstrap_matches_naive_loop():
     lo, hi = B.bootstrap_ci(big)
     half = 1.96 * big.std() / math.sqrt(len(big))
     assert lo == pytest.approx(big.mean() - half, abs=0.01) and hi == pytest.approx(big.mean() + half, abs=0.01)
+
+
+def test_mean_interval_brackets_the_mean_and_is_seeded():
+    rng = np.random.default_rng(1)
+    x = (rng.random(200) < 0.3).astype(float)  # 200 MC1-like 0/1 items, mean ~0.3
+    ci = B.mean_interval(x, "mc1", resamples=2000, seed=0)
+    assert set(ci) == {"mc1_ci_low", "mc1_ci_high"}
+    assert ci["mc1_ci_low"] < x.mean() < ci["mc1_ci_high"]
+    # For a mean of 0/1 items the percentile bootstrap matches the normal interval mean ± 1.96 se.
+    se = x.std() / math.sqrt(len(x))
+    assert ci["mc1_ci_low"] == pytest.approx(x.mean() - 1.96 * se, abs=0.01)
+    assert ci["mc1_ci_high"] == pytest.approx(x.mean() + 1.96 * se, abs=0.01)
+    assert B.mean_interval(x, "mc1", resamples=2000, seed=0) == ci
+    assert B.mean_interval([0.4, 0.4, 0.4], "t") == {"t_ci_low": 0.4, "t_ci_high": 0.4}
+    with pytest.raises(ValueError):
+        B.mean_interval([], "t")

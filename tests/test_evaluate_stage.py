@@ -47,6 +47,19 @@ def test_metrics_file(evaluated):
     assert w["ci_low"] <= w["win_rate"] <= w["ci_high"]
     assert w["wins"] + w["ties"] + w["losses"] == written["prompts"] == params.test_prompts
     assert "gold_win_rate" in w
+    # Every metric carries a 95% interval over its items that contains it (issue: only win rates did).
+    for m in written["models"].values():
+        for suite, key in (("gold", "total"), ("truthfulqa", "mc1"), ("truthfulqa", "mc2"), ("crows_pairs", "pct_stereotype"),
+                           ("toxicity", "expected_max_toxicity"), ("toxicity", "toxicity_probability")):
+            assert m[suite][f"{key}_ci_low"] <= m[suite][key] <= m[suite][f"{key}_ci_high"], (suite, key)
+    head = json.loads((out / "metrics" / "headline.json").read_text())
+    first = "_vs_".join(params.pairs[0])
+    wf = written["win_rates"][first]
+    assert head["win_rate"][first] == {"mean": wf["win_rate"], "low": wf["ci_low"], "high": wf["ci_high"]}
+    assert set(head["gold"]) == set(head["truthfulqa_mc1"]) == set(head["toxicity"]) == set(params.models)
+    assert len(json.dumps(head)) < 1000  # a headline, not a dump
+    rows = (out / "reports" / "plots" / "win_rates.csv").read_text().splitlines()
+    assert rows[0] == "pair,win_rate,ci_low,ci_high,gold_win_rate" and len(rows) == 1 + len(params.pairs)
 
 
 def test_report_has_every_section(evaluated):
@@ -62,6 +75,9 @@ def test_report_has_every_section(evaluated):
     assert len(imgs) >= 3
     assert base64.b64decode(imgs[0])[:8] == b"\x89PNG\r\n\x1a\n"
     assert "http://" not in page and "https://" not in page and "<script" not in page
+    # The first screen answers "did it win, by how much, how sure", with directions and run information.
+    assert page.index('class="verdict"') < page.index("<table>")
+    assert "↑" in page and "↓" in page and "git commit" in page and "torch" in page
     # Curves of the stages that ran (pretrain, sft); the missing ones are noted.
     assert "pretrain training curves" in page and "sft training curves" in page
     assert "ppo: no curves found" in page or "ppo training curves" in page
@@ -117,7 +133,7 @@ def test_top_p_filter_keeps_smallest_nucleus():
 
 
 def test_judge_heldout_ties_and_order():
-    from stages.evaluate import judge_heldout
+    from rlhf.judges import judge_heldout
 
     class Gold:  # prefers the longer answer, deterministically
         def prefer(self, prompt, a, b, rng):
@@ -128,7 +144,7 @@ def test_judge_heldout_ties_and_order():
 
 
 def test_human_labels(tmp_path):
-    from stages.evaluate import judge_labels, read_human_labels
+    from rlhf.judges import judge_labels, read_human_labels
 
     path = tmp_path / "labels.jsonl"
     path.write_text(
@@ -141,7 +157,7 @@ def test_human_labels(tmp_path):
 
 
 def test_reward_judge_scores():
-    from stages.evaluate import judge_scores
+    from rlhf.judges import judge_scores
 
     assert judge_scores([1.0, 0.0, 2.0], [0.5, 0.0, 3.0]) == [1.0, 0.5, 0.0]
 
@@ -159,7 +175,7 @@ def test_classifier_toxicity_scorer(tiny_run, tmp_path):
 
     from rlhf.errors import StageError
     from rlhf.modeling import load_tokenizer
-    from stages.evaluate import make_toxicity_scorer
+    from rlhf.suites import make_toxicity_scorer
 
     tok = load_tokenizer(tiny_run.base)
     config = LlamaConfig(vocab_size=len(tok), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
@@ -175,24 +191,33 @@ def test_classifier_toxicity_scorer(tiny_run, tmp_path):
         make_toxicity_scorer(str(tmp_path / "clf"), "insult", torch.device("cpu"))(["x"])
 
 
-def test_read_curves_dvclive_and_overoptimization_csv(tmp_path):
-    from rlhf.report import fig_curves, pick_panels, read_curves
+def test_read_curves_and_panels(tmp_path):
+    """dvclive TSVs become curves; panels group one idea each, with human titles; constant curves are dropped;
+    PPO's over-optimization table is read for the report's proxy-vs-gold chart."""
+    from rlhf.report import fig_curves, fig_overoptimization, pick_panels, read_curves, read_overoptimization
 
     metrics = tmp_path / "ppo" / "plots" / "metrics"
-    for name in ("objective/kl", "objective/rm_score", "gold/score", "loss/policy"):
+    for name, values in (("objective/kl", (0.5, 0.7)), ("objective/rm_score", (0.1, 0.3)), ("gold/score", (0.2, 0.4)),
+                         ("kl_coef", (0.05, 0.05)), ("loss/policy", (1.0, 0.9))):
         path = metrics / f"{name}.tsv"
         path.parent.mkdir(parents=True, exist_ok=True)
         key = name.split("/")[-1]
-        path.write_text(f"timestamp\tstep\t{key}\n1\t0\t0.5\n2\t1\t0.7\n")
+        path.write_text(f"timestamp\tstep\t{key}\n1\t0\t{values[0]}\n2\t1\t{values[1]}\n")
     (tmp_path / "ppo" / "overoptimization.csv").write_text("step,sqrt_kl,proxy_score,gold_score\n1,0.9,1.0,0.6\n0,0.1,0.2,0.5\n")
     curves = read_curves(tmp_path)["ppo"]
     assert curves["objective/kl"] == ([0.0, 1.0], [0.5, 0.7], "step")
-    assert curves["overoptimization/gold_score"] == ([0.1, 0.9], [0.5, 0.6], "sqrt_kl")  # sorted by x
     panels = pick_panels("ppo", curves)
-    assert panels[0] == ["overoptimization/gold_score", "overoptimization/proxy_score"]
-    assert panels[1] == ["gold/score", "objective/rm_score"]  # gold vs proxy against step
-    assert ["objective/kl"] in panels
+    titles = [t for t, _, _ in panels]
+    assert titles[:3] == ["Reward-model score (proxy)", "Gold judge score (true)", "KL to the SFT policy"]
+    assert all("/" not in t for t in titles)  # human titles, not raw keys
+    assert not any("kl_coef" in names for _, _, names in panels)  # a flat constant panel says nothing
+    assert len(panels) == 3  # three groups exist: no filler panels
+    other = pick_panels("dpo", curves)  # a stage without groups: every live curve, titled from its key
+    assert ("Loss: policy", "policy", ["loss/policy"]) in other and len(other) == 4
     assert fig_curves("ppo", curves)[:4] == b"\x89PNG"
+    rows = read_overoptimization(tmp_path)["ppo"]
+    assert rows[1] == {"step": 0.0, "sqrt_kl": 0.1, "proxy_score": 0.2, "gold_score": 0.5}
+    assert fig_overoptimization(rows)[:4] == b"\x89PNG"
     assert read_curves(tmp_path / "missing") == {}
 
 
@@ -205,6 +230,7 @@ def test_reward_model_as_proxy_judge(tiny_run, tmp_path):
 
     rm = AutoModelForSequenceClassification.from_pretrained(str(tiny_run.sft), num_labels=1)
     rm.config.pad_token_id = load_tokenizer(tiny_run.sft).pad_token_id
+    rm.config.reward_bias = 1.5  # the demonstration bias (docs/ppo.md item 3) must reach the reported scores
     rm.save_pretrained(tmp_path / "rm")
     load_tokenizer(tiny_run.sft).save_pretrained(tmp_path / "rm")
     params = tiny_params("evaluate", models={"base": str(tiny_run.base), "sft": str(tiny_run.sft)},
@@ -212,6 +238,90 @@ def test_reward_model_as_proxy_judge(tiny_run, tmp_path):
     result = evaluate.run(params, test=tiny_run.prepared / "test.jsonl", world=None, truthfulqa=None, crows_pairs=None,
                           rtp=None, plots=None, reports=tmp_path / "reports", metrics=tmp_path / "m.json")
     assert result["win_rates"]["sft_vs_base"]["prompts"] == 8
-    assert "reward_model_score" in result["models"]["sft"] and "gold" not in result["models"]["sft"]
+    assert "rm_score" in result["models"]["sft"] and "gold" not in result["models"]["sft"]
     assert set(result["skipped"]) == {"truthfulqa", "crows_pairs", "toxicity"}
     assert "PROXY" in (tmp_path / "reports" / "report.html").read_text()
+    # The same scoring path as every stage (rlhf.rm.score_texts, bias included).
+    from rlhf.modeling import load_reward_model
+    from rlhf.rm import score_texts
+
+    prompts = [json.loads(x)["prompt"] for x in (tmp_path / "reports" / "responses.jsonl").read_text().splitlines()]
+    answers = [json.loads(x)["responses"][1] for x in (tmp_path / "reports" / "responses.jsonl").read_text().splitlines()]
+    want = score_texts(load_reward_model(tmp_path / "rm"), load_tokenizer(tmp_path / "rm"), prompts, answers, max_len=10**6,
+                       batch_size=4, device=torch.device("cpu"))
+    assert result["models"]["sft"]["rm_score"] == pytest.approx(sum(want) / len(want), abs=1e-4)
+    assert result["models"]["sft"]["rm_score"] > 1.0  # centered scores of a near-zero head + 1.5
+
+
+def test_n_models_each_against_sft(tiny_run, tmp_path):
+    """Any number of policies: a win rate per listed pair, gold per family for each, all in the headline."""
+    from stages import evaluate
+
+    models = {"base": str(tiny_run.base), "sft": str(tiny_run.sft), "sft_ptx": str(tiny_run.sft), "policy_noptx": str(tiny_run.base)}
+    pairs = [["sft_ptx", "sft"], ["policy_noptx", "sft"], ["sft", "base"]]
+    params = tiny_params("evaluate", models=models, pairs=pairs, test_prompts=6, examples=2)
+    result = evaluate.run(params, test=tiny_run.prepared / "test.jsonl", world=tiny_run.world, truthfulqa=None,
+                          crows_pairs=None, rtp=None, plots=None, reports=tmp_path / "reports", metrics=tmp_path / "m" / "evaluate.json")
+    assert list(result["win_rates"]) == ["sft_ptx_vs_sft", "policy_noptx_vs_sft", "sft_vs_base"]
+    assert result["win_rates"]["sft_ptx_vs_sft"]["ties"] == 6  # the same folder answers the same
+    head = json.loads((tmp_path / "m" / "headline.json").read_text())
+    assert set(head["win_rate"]) == {"sft_ptx_vs_sft", "policy_noptx_vs_sft"}  # every policy against the first pair's B
+    assert set(head["gold"]) == set(models)
+    fams = (tmp_path / "reports" / "plots" / "gold_by_family.csv").read_text().splitlines()
+    assert fams[0] == "model_family,family,model,gold_total" and {r.split(",")[2] for r in fams[1:]} == set(models)
+    page = (tmp_path / "reports" / "report.html").read_text()
+    assert all(f"<th>{n}</th>" in page for n in models)
+
+
+def test_missing_model_names_the_command(tiny_run, tmp_path, monkeypatch):
+    from rlhf.errors import StageError
+    from stages import evaluate
+
+    (tmp_path / "dvc.yaml").write_text("stages:\n  ppo_ptx:\n    cmd: rlhf ppo_ptx\n    outs:\n      - models/sft_ptx\n")
+    monkeypatch.chdir(tmp_path)
+    params = tiny_params("evaluate", models={"sft": str(tiny_run.sft), "sft_ptx": "models/sft_ptx"}, pairs=[["sft_ptx", "sft"]])
+    with pytest.raises(StageError) as err:
+        evaluate.run(params, test=tiny_run.prepared / "test.jsonl", world=None, plots=None, reports=tmp_path / "r",
+                     metrics=tmp_path / "m.json")
+    msg = str(err.value)
+    assert "\n" not in msg and "evaluate.models.sft_ptx" in msg and "`dvc repro ppo_ptx`" in msg
+    params = tiny_params("evaluate", models={"sft": str(tiny_run.sft), "x": "models/x"}, pairs=[])
+    with pytest.raises(StageError, match="the stage that writes it"):
+        evaluate.run(params, test=tiny_run.prepared / "test.jsonl", world=None, plots=None, reports=tmp_path / "r",
+                     metrics=tmp_path / "m.json")
+
+
+def test_verdict_and_regressions():
+    from rlhf.report import regressions, verdict
+
+    def model(gold, lo, hi, tox):
+        return {"gold": {"total": gold, "total_ci_low": lo, "total_ci_high": hi},
+                "toxicity": {"expected_max_toxicity": tox, "expected_max_toxicity_ci_low": tox - 0.01,
+                             "expected_max_toxicity_ci_high": tox + 0.01, "toxicity_probability": 0.1}}
+    result = {"models": {"policy": model(0.71, 0.68, 0.74, 0.567), "sft": model(0.60, 0.57, 0.63, 0.398)},
+              "win_rates": {"policy_vs_sft": {"win_rate": 0.58, "ci_low": 0.53, "ci_high": 0.62}}}
+    pairs = [["policy", "sft"]]
+    assert verdict(result, pairs, "held-out labelers prefer") == (
+        "policy beat sft: held-out labelers prefer it 0.58 [0.53, 0.62]; test gold 0.60 → 0.71.")
+    assert regressions(result, pairs) == ["policy RTP expected max toxicity 0.567 vs sft 0.398: worse"]
+    result["win_rates"]["policy_vs_sft"] = {"win_rate": 0.52, "ci_low": 0.47, "ci_high": 0.57}
+    assert verdict(result, pairs, "labelers prefer").startswith("policy and sft are not distinguishable")
+    result["win_rates"]["policy_vs_sft"] = {"win_rate": 0.40, "ci_low": 0.35, "ci_high": 0.45}
+    assert verdict(result, pairs, "labelers prefer").startswith("policy lost to sft")
+    result["models"]["policy"]["gold"] |= {"total": 0.59, "total_ci_low": 0.56}
+    assert regressions(result, pairs)[0] == "policy gold total 0.590 vs sft 0.600: worse (the 95% intervals overlap: may be noise)"
+    assert verdict({"models": {}, "win_rates": {}}, [], "x").startswith("No win rate")
+
+
+def test_decode_continuation_drops_a_cut_character(tiny_run):
+    """A continuation cut by the token limit inside a multi-byte character ends cleanly, without U+FFFD."""
+    from rlhf.modeling import load_tokenizer
+    from rlhf.suites import decode_continuation
+
+    tok = load_tokenizer(tiny_run.base)
+    ids = tok("they are ok", add_special_tokens=False)["input_ids"]
+    cut = tok("é", add_special_tokens=False)["input_ids"]
+    assert len(cut) == 2  # two bytes, two byte-level tokens (the tiny corpus is ASCII)
+    assert decode_continuation(tok, ids + cut[:1]) == "they are ok"
+    assert decode_continuation(tok, ids + cut) == "they are oké"
+    assert decode_continuation(tok, ids + [tok.eos_token_id] + cut[:1]) == "they are ok"

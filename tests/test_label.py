@@ -166,7 +166,7 @@ def test_malformed_ties_are_refused(ties, match):
 
 
 def test_evaluation_reader_scores_a_declared_tie_as_half(tmp_path):
-    from stages.evaluate import read_human_labels
+    from rlhf.judges import read_human_labels
 
     (tmp_path / "l.jsonl").write_text(json.dumps({"prompt_id": "p", "prompt": "q", "responses": ["a", "b", "c"],
                                                   "ranking": [1, 0, 2], "ties": [[1, 0]], "labeler": "x"}) + "\n")
