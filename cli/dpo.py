@@ -26,15 +26,15 @@ def dpo(
 ) -> None:
     """Train the policy with DPO on the rankings (Rafailov et al. 2023): SFT is the frozen reference.
 
-    dpo.loss: plackett_luce (default) uses each full ranking's likelihood; pairs uses all C(K,2) pairs of
-    a prompt in one batch element, as the reward model does. Reports held-out preference accuracy of the
-    implicit reward β log(π/π_ref), KL from SFT on sampled test answers, and the gold judge's score of
-    greedy test answers of SFT and DPO.
+    dpo.loss: pairs (default) uses all C(K,2) pairs of a prompt in one batch element, as the reward model
+    does; plackett_luce uses each full ranking's likelihood (docs/algorithms.md compares them). Reports
+    held-out preference accuracy of the implicit reward β log(π/π_ref), KL from SFT on sampled test
+    answers, and the gold judge's score of greedy test answers of SFT and DPO.
 
     dpo.data_format says what --data holds, as for `rlhf reward`: rankings, pairwise or hh.
 
     Example:  rlhf dpo
-    Example:  dvc exp run -S dpo.loss=pairs -S dpo.beta=0.2
+    Example:  dvc exp run -S dpo.loss=plackett_luce -S dpo.beta=0.2
     """
     run_stage("dpo", params, sft=sft, data=data, test=test, world=world, out=out, metrics=metrics, plots=plots,
               checkpoints=checkpoints)

@@ -13,8 +13,9 @@ The recipe (Rafailov et al. 2023; the math in rlhf/dpo.py):
    masked out), so log π(y|x) sums over the response's tokens and its EOS only.
 3. The reference π_ref = SFT is frozen: its log-probabilities of every response are computed once,
    without gradients, before training (and kept beside the checkpoint, so a resumed run skips them).
-4. Loss `dpo.loss`: `plackett_luce`, the likelihood of the whole ranking (paper appendix A.3), or
-   `pairs`, all C(K,2) pairs of a prompt in one batch element as the reward model trains. A batch is
+4. Loss `dpo.loss`: `pairs` (default), all C(K,2) pairs of a prompt in one batch element as the reward
+   model trains, or `plackett_luce`, the likelihood of the whole ranking (paper appendix A.3); the
+   default and its reason are in docs/algorithms.md. A batch is
    `dpo.batch_size` prompts; each process takes whole prompts of the same global batch (rlhf.dist).
 5. Held-out preference accuracy of the implicit reward β log(π/π_ref) against the labels and the gold
    judge, its margins, the log-ratios of chosen and rejected answers; then KL(π ‖ π_ref) on sampled test
@@ -46,7 +47,8 @@ class Params:
     """Format of the --data file, as reward.data_format: 'rankings' (K-way, from `rank`), 'pairwise'
     {prompt, chosen, rejected}, or 'hh' (Anthropic HH-RLHF transcripts)."""
     epochs: int
-    """Passes over the comparisons."""
+    """Passes over the comparisons: 1 on the default world costs a fifth of the reward stage's 5 epochs
+    (docs/algorithms.md)."""
     batch_size: int
     """Prompts (ranking records) per optimizer step; all their responses go through one forward pass."""
     lr: float
