@@ -308,7 +308,7 @@ def test_resumes_after_sigkill_to_the_same_weights(tiny_rm, tiny_dpo, tmp_path):
 
 
 def test_two_processes_match_one(tiny_rm, tiny_dpo, tmp_path):
-    """Whole prompts per rank, gradients averaged: close to the one-process run, far closer than either moved."""
+    """Whole prompts per rank, equal shares, gradients averaged: the one-process run up to float rounding."""
     from safetensors.torch import load_file
 
     from tests.test_multiprocess import launcher, run_cli
@@ -327,5 +327,5 @@ def test_two_processes_match_one(tiny_rm, tiny_dpo, tmp_path):
     w0 = load_file(tiny_rm.sft / "model.safetensors")
     for name in w1:
         moved = (w1[name] - w0[name]).norm()
-        assert (w1[name] - w2[name]).norm() <= 0.05 * moved + 1e-6, name
+        assert (w1[name] - w2[name]).norm() <= 1e-3 * moved + 1e-6, name  # float rounding only (all-reduce order)
     assert not paths["checkpoints"].exists()
