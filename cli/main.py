@@ -69,5 +69,6 @@ def _options(
 # Commands register themselves on `app` when their module is imported; the import order is the DAG's.
 from cli import supervised  # noqa: E402,F401  world, prepare, pretrain, sft
 from cli import feedback  # noqa: E402,F401  sample, rank, reward, label
+from cli import dpo  # noqa: E402,F401
 from cli import ppo  # noqa: E402,F401
 from cli import evaluate  # noqa: E402,F401

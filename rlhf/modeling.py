@@ -182,7 +182,7 @@ def check_model_dir(path: str | Path, what: str = "model") -> Path:
     path = Path(path)
     if not path.is_dir():
         # The pipeline's model folders (dvc.yaml outs) and the stage that writes each; a test checks dvc.yaml.
-        written_by = {"base": "pretrain", "sft": "sft", "reward": "reward", "policy": "ppo", "value": "ppo"}
+        written_by = {"base": "pretrain", "sft": "sft", "reward": "reward", "dpo": "dpo", "policy": "ppo", "value": "ppo"}
         stage = written_by.get(path.name) if path.parent.name == "models" else None
         if stage is not None:
             raise StageError(f"{path}: {what} folder not found; run `rlhf {stage}` (or `dvc repro {stage}`) first")

@@ -1,0 +1,350 @@
+"""dpo: Direct Preference Optimization of the SFT model on the rankings, with no reward model and no RL.
+
+Reads  models/sft (policy init and frozen reference), data/rankings/rankings.jsonl (or a pairwise /
+       HH-RLHF file, `dpo.data_format`), data/prepared/test.jsonl, data/raw/world.json (gold judge, optional)
+Writes models/dpo (HF causal LM + tokenizer), metrics/dpo.json, plots/dpo (dvclive curves)
+Run    rlhf dpo
+
+The recipe (Rafailov et al. 2023; the math in rlhf/dpo.py):
+1. Comparison groups are read as the reward stage reads them (same formats, same split by prompt hash,
+   so with the same seed and share DPO holds out the very prompts the reward model holds out).
+   Repeated response texts of a ranking keep their best place (rlhf.dpo.distinct_ranking).
+2. Every response is encoded as SFT encodes a demonstration (chat prompt + response + EOS, prompt
+   masked out), so log π(y|x) sums over the response's tokens and its EOS only.
+3. The reference π_ref = SFT is frozen: its log-probabilities of every response are computed once,
+   without gradients, before training (and kept beside the checkpoint, so a resumed run skips them).
+4. Loss `dpo.loss`: `pairs` (default), all C(K,2) pairs of a prompt in one batch element as the reward
+   model trains, or `plackett_luce`, the likelihood of the whole ranking (paper appendix A.3); the
+   default and its reason are in docs/algorithms.md. A batch is
+   `dpo.batch_size` prompts; each process takes whole prompts of the same global batch (rlhf.dist).
+5. Held-out preference accuracy of the implicit reward β log(π/π_ref) against the labels and the gold
+   judge, its margins, the log-ratios of chosen and rejected answers; then KL(π ‖ π_ref) on sampled test
+   answers, and the gold judge's score of greedy test answers of SFT and DPO (as `sft` reports base vs SFT).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+
+from rlhf.errors import StageError
+from rlhf.io import read_jsonl, remove_outputs, write_json
+from rlhf.params import require, to_dict
+
+
+@dataclass(frozen=True)
+class Params:
+    loss: Literal["plackett_luce", "pairs"]
+    """'plackett_luce': the likelihood of each full ranking (Rafailov et al. appendix A.3); 'pairs': all
+    C(K,2) pairs of a prompt in one batch element, each prompt weighted once (as the reward model)."""
+    beta: float
+    """β: strength of the implicit KL leash to SFT; the implicit reward is β log(π/π_ref) (paper: 0.1-0.5)."""
+    data_format: Literal["rankings", "pairwise", "hh"]
+    """Format of the --data file, as reward.data_format: 'rankings' (K-way, from `rank`), 'pairwise'
+    {prompt, chosen, rejected}, or 'hh' (Anthropic HH-RLHF transcripts)."""
+    epochs: int
+    """Passes over the comparisons: on the default world 1 epoch gains as much gold as 3 at less KL, for a
+    third of the reward stage's CPU time (docs/algorithms.md)."""
+    batch_size: int
+    """Prompts (ranking records) per optimizer step; all their responses go through one forward pass."""
+    lr: float
+    """Peak AdamW learning rate, cosine-annealed to lr/10."""
+    warmup_steps: int
+    """Linear warm-up steps."""
+    weight_decay: float
+    """AdamW weight decay."""
+    max_len: int
+    """Longest prompt+response in tokens; longer examples are cut on the right (as in sft)."""
+    val_fraction: float
+    """Share of prompts held out (with all of their rankings); equal to reward.val_fraction and the same
+    seed hold out the reward model's validation prompts."""
+    eval_every: int
+    """Steps between held-out evaluations on the curve (0 = only at the end)."""
+    eval_max_new_tokens: int
+    """Response length cap for the test answers (gold comparison and the KL estimate)."""
+    eval_prompts: int
+    """How many test prompts the gold judge and the KL estimate use (0 = all)."""
+    checkpoint_every: int
+    """Steps between resumable checkpoints (0 disables)."""
+    seed: int
+    """Data order, split and test-sampling seed."""
+    threads: int
+    """torch CPU threads; 0 leaves torch's default."""
+    device: str
+    """'auto', 'cpu' or 'cuda'."""
+
+    def validate(self) -> None:
+        for key in ("epochs", "batch_size", "max_len", "eval_max_new_tokens"):
+            require(getattr(self, key) > 0, f"dpo.{key}", "must be > 0")
+        require(self.beta > 0, "dpo.beta", "must be > 0")
+        require(self.lr > 0, "dpo.lr", "must be > 0")
+        require(0.0 < self.val_fraction < 1.0, "dpo.val_fraction", "must be in (0, 1)")
+        require(self.eval_every >= 0, "dpo.eval_every", "must be >= 0")
+        require(self.eval_prompts >= 0, "dpo.eval_prompts", "must be >= 0")
+
+
+TEST_SCHEMA = {"id": (str, True), "prompt": (str, True)}
+Example = tuple[list[int], list[int]]  # (token ids, labels with the prompt masked out)
+
+
+# ----------------------------------------------------------------------------------------------
+# Data: groups of distinct responses with a ranking, encoded like SFT examples
+
+
+def load_dpo_groups(path: Path, data_format: str) -> list[dict[str, Any]]:
+    """{prompt, responses, ranking, pairs} groups; responses distinct, ranking = 0..K-1 (best first)."""
+    from rlhf.dpo import distinct_ranking
+    from rlhf.rm import ranking_pairs
+    from stages.reward import load_groups
+
+    out = []
+    for g in load_groups(path, data_format):  # pairwise / HH records come as [chosen, rejected]
+        keep = distinct_ranking(g["responses"], g.get("ranking", [0, 1]))
+        k = list(range(len(keep)))
+        out.append({"prompt": g["prompt"], "responses": [g["responses"][i] for i in keep], "ranking": k,
+                    "pairs": ranking_pairs(k), **({"labeler": g["labeler"]} if "labeler" in g else {})})
+    return out
+
+
+def encode_groups(tokenizer, groups: list[dict[str, Any]], max_len: int) -> list[list[Example]]:
+    from stages.sft import build_example
+
+    return [[build_example(tokenizer, g["prompt"], r, max_len) for r in g["responses"]] for g in groups]
+
+
+def batch_logprobs(model, examples: list[Example], pad_id: int, device) -> torch.Tensor:
+    """(N,) log π(response | prompt) of each example, summed over response tokens (with grad if enabled)."""
+    from rlhf.dpo import sequence_logprobs
+    from rlhf.modeling import autocast
+    from stages.sft import collate
+
+    ids, mask, labels = (t.to(device) for t in collate(examples, pad_id))
+    with autocast(device):
+        logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
+    return sequence_logprobs(logits, labels)
+
+
+@torch.no_grad()
+def group_logprobs(model, encoded: list[list[Example]], pad_id: int, device, batch_size: int = 128) -> list[torch.Tensor]:
+    """Per group, the (K,) log-probabilities of its responses (float32, CPU)."""
+    flat = [e for enc in encoded for e in enc]
+    parts = [batch_logprobs(model, flat[i: i + batch_size], pad_id, device).float().cpu()
+             for i in range(0, len(flat), batch_size)]
+    values = torch.cat(parts) if parts else torch.zeros(0)
+    return list(values.split([len(enc) for enc in encoded]))
+
+
+def reference_logprobs(sft: Path, encoded: list[list[Example]], pad_id: int, device, cache: Path | None,
+                       tag: str) -> list[torch.Tensor]:
+    """log π_ref of every response, computed once with the frozen SFT model (step 3).
+
+    Kept in `cache` (the checkpoint folder, written atomically) so a resumed run does not recompute it.
+    """
+    from rlhf.io import atomic_path
+    from rlhf.modeling import load_causal_lm
+
+    if cache is not None and cache.is_file():
+        state = torch.load(cache, map_location="cpu", weights_only=True)
+        if state.get("tag") == tag:
+            return list(state["logps"].split(state["sizes"].tolist()))
+    ref = load_causal_lm(sft).to(device).eval()
+    logps = group_logprobs(ref, encoded, pad_id, device)
+    del ref
+    if cache is not None:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_path(cache) as tmp:
+            torch.save({"tag": tag, "logps": torch.cat(logps),
+                        "sizes": torch.tensor([len(x) for x in logps])}, tmp)
+    return logps
+
+
+# ----------------------------------------------------------------------------------------------
+# Diagnostics of the implicit reward
+
+
+def preference_stats(groups: list[dict[str, Any]], rewards: list[list[float]], logratios: list[list[float]],
+                     gold: list[list[float]] | None = None) -> dict[str, Any]:
+    """Accuracy of the implicit reward on the labeled pairs (and vs gold), mean chosen / rejected reward and
+    margin per pair, and the mean log π/π_ref of the best- and worst-ranked responses."""
+    from stages.reward import heldout_metrics
+
+    out = heldout_metrics(groups, rewards, gold)
+    pairs = [(r[w], r[l]) for g, r in zip(groups, rewards) for w, l in g["pairs"]]
+    out["chosen_reward"] = round(sum(w for w, _ in pairs) / len(pairs), 4)
+    out["rejected_reward"] = round(sum(l for _, l in pairs) / len(pairs), 4)
+    out["margin"] = round(sum(w - l for w, l in pairs) / len(pairs), 4)
+    out["logratio_best"] = round(sum(lr[g["ranking"][0]] for g, lr in zip(groups, logratios)) / len(groups), 4)
+    out["logratio_worst"] = round(sum(lr[g["ranking"][-1]] for g, lr in zip(groups, logratios)) / len(groups), 4)
+    out["logratio_mean"] = round(sum(sum(lr) / len(lr) for lr in logratios) / len(logratios), 4)
+    return out
+
+
+def implicit(policy: list[torch.Tensor], ref: list[torch.Tensor], beta: float) -> tuple[list[list[float]], list[list[float]]]:
+    """(β log π/π_ref, log π/π_ref) per group, as lists."""
+    ratios = [(p - r).tolist() for p, r in zip(policy, ref)]
+    return [[beta * x for x in lr] for lr in ratios], ratios
+
+
+@torch.no_grad()
+def sampled_kl(policy, ref, tokenizer, prompts: list[str], *, max_new_tokens: int, seed: int, device) -> dict[str, float]:
+    """KL(π ‖ π_ref) on the test prompts: answers sampled from π at temperature 1, the mean of
+    Σ_t log π/π_ref over their tokens (an unbiased estimate; the x axis of Gao et al. 2022)."""
+    from rlhf.modeling import encode_prompt, sample_tokens
+    from rlhf.training import IGNORE_INDEX
+
+    gen = torch.Generator(device=device.type if device.type != "cuda" else device).manual_seed(seed)
+    examples: list[Example] = []
+    for i in range(0, len(prompts), 64):
+        queries = [encode_prompt(tokenizer, p) for p in prompts[i: i + 64]]
+        toks = sample_tokens(policy, queries, pad_id=tokenizer.pad_token_id, eos_id=tokenizer.eos_token_id,
+                             max_new_tokens=max_new_tokens, temperature=1.0, generator=gen, device=device)
+        for q, row in zip(queries, toks.tolist()):
+            resp = row[: row.index(tokenizer.eos_token_id) + 1] if tokenizer.eos_token_id in row else row
+            examples.append((q + resp, [IGNORE_INDEX] * len(q) + resp))
+    lp, lr = [], []
+    for i in range(0, len(examples), 64):
+        lp.append(batch_logprobs(policy, examples[i: i + 64], tokenizer.pad_token_id, device).float().cpu())
+        lr.append(batch_logprobs(ref, examples[i: i + 64], tokenizer.pad_token_id, device).float().cpu())
+    kl = torch.cat(lp) - torch.cat(lr)
+    return {"kl": round(float(kl.mean()), 4), "prompts": len(prompts)}
+
+
+# ----------------------------------------------------------------------------------------------
+# The stage
+
+
+def run(params: Params, *, sft: Path, data: Path, test: Path, world: Path | None, out: Path, metrics: Path,
+        plots: Path, checkpoints: Path | None) -> dict[str, Any]:
+    from rlhf.dist import init_dist
+    from rlhf.dpo import dpo_loss
+    from rlhf.gold import load_judge
+    from rlhf.modeling import load_causal_lm, load_tokenizer, make_optimizer, pick_device, save_model, setup_torch
+    from rlhf.training import Checkpointer, cosine_lr, epoch_batches, file_digest, fingerprint, open_live, train_loop
+    from stages.reward import is_heldout
+    from stages.sft import gold_compare
+
+    t0 = time.time()
+    dist, device = init_dist(pick_device(params.device))
+    setup_torch(params.threads, device)
+    tokenizer = load_tokenizer(sft)
+    test_rows = read_jsonl(test, TEST_SCHEMA)
+    judge = load_judge(world) if dist.is_main else None  # a broken world file fails now, not after training
+    if dist.is_main:
+        remove_outputs(out, metrics)  # a failed or killed run leaves no stale result behind
+
+    # 1. Groups, split by prompt as the reward stage splits them.
+    groups = load_dpo_groups(data, params.data_format)
+    train = [g for g in groups if not is_heldout(g["prompt"], params.val_fraction, params.seed)]
+    val = [g for g in groups if is_heldout(g["prompt"], params.val_fraction, params.seed)]
+    if not val:
+        raise StageError(f"{data}: dpo.val_fraction={params.val_fraction} held out no prompt; raise it or add data")
+    if len(train) < params.batch_size:
+        raise StageError(f"{data}: {len(train)} training comparisons, fewer than dpo.batch_size={params.batch_size}")
+    steps_per_epoch = len(train) // params.batch_size
+    total_steps = params.epochs * steps_per_epoch
+
+    # 2-3. Encoded responses and the frozen reference's log-probabilities, once.
+    pad = tokenizer.pad_token_id
+    train_enc, val_enc = encode_groups(tokenizer, train, params.max_len), encode_groups(tokenizer, val, params.max_len)
+    tag = fingerprint(to_dict(params), file_digest(sft), file_digest(data))
+    cache = Path(checkpoints) / "reference_logprobs.pt" if checkpoints else None
+    t_ref = time.time()
+    ref_lp = reference_logprobs(sft, train_enc + val_enc, pad, device, cache if dist.is_main else None, tag)
+    ref_train, ref_val = ref_lp[: len(train)], ref_lp[len(train):]
+    ref_s = time.time() - t_ref
+
+    # 4. The policy starts as SFT; each step's loss over whole prompts of the global batch.
+    model = load_causal_lm(sft).to(device)
+    optimizer = make_optimizer(model.parameters(), params.lr, params.weight_decay, device)
+    checkpointer = Checkpointer(checkpoints, tag)
+
+    def loss_fn(step: int) -> torch.Tensor:
+        idx = dist.shard(epoch_batches(len(train), params.batch_size, step, params.seed))
+        policy_lp = batch_logprobs(model, [e for i in idx for e in train_enc[i]], pad, device)  # (N,)
+        ref = torch.cat([ref_train[i] for i in idx]).to(device)
+        loss, _ = dpo_loss(policy_lp, ref, [train[i]["ranking"] for i in idx], beta=params.beta, loss=params.loss)
+        return loss
+
+    @torch.no_grad()
+    def evaluate() -> dict[str, float]:
+        rewards, ratios = implicit(group_logprobs(model, val_enc, pad, device), ref_val, params.beta)
+        stats = preference_stats(val, rewards, ratios)
+        return {"val_accuracy": stats["accuracy_labels"], "val_margin": stats["margin"]}
+
+    state = checkpointer.load()
+    resumed_from = state["step"] if state is not None else 0
+    live = open_live(plots, resume=state is not None) if dist.is_main else None
+    del state  # train_loop loads it again and restores everything
+    t_train = time.time()
+    last = train_loop(
+        model=model, optimizer=optimizer, loss_fn=loss_fn, total_steps=total_steps,
+        lr_at=lambda s: cosine_lr(s, total_steps, lr=params.lr, warmup=params.warmup_steps),
+        checkpointer=checkpointer, checkpoint_every=params.checkpoint_every, live=live, description="dpo",
+        evaluate=evaluate, eval_every=params.eval_every or total_steps, dist=dist, device=device,
+    )
+    train_s = time.time() - t_train
+    if not dist.same_weights(model):
+        raise StageError("dpo: the ranks' weights drifted apart during data-parallel training (a bug, not your "
+                         "input); rerun with one process and report it")
+    if not dist.is_main:  # rank 0 evaluates and writes
+        return {"rank": dist.rank, "timing": {"wall_s": round(time.time() - t0, 1)}}
+    live.end()
+    save_model(model, tokenizer, out)
+
+    # 5. Held-out (and a same-sized train subset) preference statistics of the implicit reward.
+    gold = [[judge.score(g["prompt"], r)["total"] for r in g["responses"]] for g in val] if judge else None
+    val_rewards, val_ratios = implicit(group_logprobs(model, val_enc, pad, device), ref_val, params.beta)
+    sub = epoch_batches(len(train), min(len(train), len(val)), 0, params.seed + 1)
+    tr_rewards, tr_ratios = implicit(group_logprobs(model, [train_enc[i] for i in sub], pad, device),
+                                     [ref_train[i] for i in sub], params.beta)
+    n_pairs = sum(len(g["pairs"]) for g in train)
+    result: dict[str, Any] = {
+        "loss": params.loss, "beta": params.beta, "data_format": params.data_format,
+        "train": {"comparisons": len(train), "responses": sum(len(g["responses"]) for g in train),
+                  "pairs": n_pairs, "steps": total_steps, "per_step": params.batch_size,
+                  "train_loss": round(last["train_loss"], 4),
+                  "subset": preference_stats([train[i] for i in sub], tr_rewards, tr_ratios)},
+        "heldout": {**preference_stats(val, val_rewards, val_ratios, gold), "prompts": len({g["prompt"] for g in val}),
+                    "records": len(val)},
+    }
+
+    # 6. Test prompts (never trained on): KL from SFT of sampled answers, gold of greedy answers.
+    prompts = [r["prompt"] for r in test_rows]
+    if params.eval_prompts:
+        prompts = prompts[: params.eval_prompts]
+    ref = load_causal_lm(sft).to(device).eval()
+    model.eval()
+    result["test"] = sampled_kl(model, ref, tokenizer, prompts, max_new_tokens=params.eval_max_new_tokens,
+                                seed=params.seed, device=device)
+    if judge is not None:
+        result["gold_test"] = gold_compare({"sft": ref, "dpo": model}, tokenizer, prompts, judge,
+                                           max_new_tokens=params.eval_max_new_tokens, device=device)
+        result["gold_test"]["prompts"] = len(prompts)
+    if dist.enabled:  # absent with one process
+        result["processes"] = dist.world_size
+    # Wall time: the whole stage; pairs/s: the C(K,2) comparisons of every epoch over training time alone.
+    result["timing"] = {"wall_s": round(time.time() - t0, 1), "train_s": round(train_s, 1),
+                        "reference_s": round(ref_s, 1), "resumed_from": resumed_from,
+                        "pairs_per_s": round(n_pairs * params.epochs * (total_steps - resumed_from)
+                                             / max(1, total_steps) / max(train_s, 1e-9), 1)}
+    write_json(metrics, result)  # written last: its presence marks a finished run
+    checkpointer.clear()  # only now, so a kill before this point still resumes
+    return result
+
+
+def summary(m: dict[str, Any]) -> str:
+    if "heldout" not in m:
+        return f"rank {m['rank']} done ({m['timing']['wall_s']} s)"
+    h = m["heldout"]
+    text = f"{m['train']['steps']} steps ({m['loss']}, β {m['beta']}); held-out accuracy {h['accuracy_labels']:.1%} vs labels"
+    if h.get("accuracy_gold") is not None:
+        text += f", {h['accuracy_gold']:.1%} vs gold"
+    text += f"; test KL {m['test']['kl']}"
+    if "gold_test" in m:
+        g = m["gold_test"]
+        text += f"; gold on {g['prompts']} test prompts: sft {g['sft']['total']:.3f} -> dpo {g['dpo']['total']:.3f}"
+    return text + f" ({m['timing']['wall_s']} s, {m['timing']['pairs_per_s']} pairs/s)"
