@@ -17,10 +17,9 @@ coefficient, clip ranges, γ/λ, missing-EOS penalty, fp32 on CPU, the same torc
 is off on our side (TRL has no ptx term).
 
 What is timed:
-- ours: `stages.ppo.run` is called with a params object and temp dirs (the per-step function is a
-  closure inside `run`). `run` reports `timing.train_s`, the wall time of its training loop alone
-  (model loading, data loading, saving and the held-out evaluation are outside it); we also record a
-  timestamp at the end of every step (by wrapping `stages.ppo.log_step`, called once per step).
+- ours: `stages.ppo.run` is called with a params object and temp dirs. `run` reports `timing.train_s`,
+  the wall time of its training loop alone (model loading, data loading, saving and the held-out
+  evaluation are outside it); its `on_step` hook records a timestamp at the end of every step.
 - TRL: `PPOTrainer.train()` is timed with `time.perf_counter` (model loading and trainer construction
   are outside it), and a `TrainerCallback.on_step_end` records a timestamp after every step.
 - `eps_loop` = episodes / loop time (includes the first step's warm-up); `eps_steady` = episodes of
@@ -324,20 +323,11 @@ def run_ours(fx: Fixture, s: Settings, work: Path) -> dict[str, Any]:
     )
     params.validate()
     stamps: list[float] = []
-    original = S.log_step
-
-    def log_step(live, m):  # called once at the end of every step of run()'s loop
-        stamps.append(time.perf_counter())
-        original(live, m)
-
-    S.log_step = log_step
-    try:
-        t0 = time.perf_counter()
-        m = S.run(params, sft=fx.sft, reward=fx.reward, data=fx.data, world=None, out=work / "policy",
-                  value_out=work / "value", metrics=work / "ppo.json", plots=work / "plots", checkpoints=None)
-        wall = time.perf_counter() - t0
-    finally:
-        S.log_step = original
+    t0 = time.perf_counter()
+    m = S.run(params, sft=fx.sft, reward=fx.reward, data=fx.data, world=None, out=work / "policy",
+              value_out=work / "value", metrics=work / "ppo.json", plots=work / "plots", checkpoints=None,
+              on_step=lambda step, metrics: stamps.append(time.perf_counter()))
+    wall = time.perf_counter() - t0
     import torch
 
     out = eps_summary(stamps, m["timing"]["train_s"], steps * s.batch, s.batch)

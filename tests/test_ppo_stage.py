@@ -187,12 +187,15 @@ def test_ppo_first_forward_shortcut_matches_general_path(ppo_run, tmp_path):
     params = tiny_params("ppo", steps=2, minibatch_size=8, micro_batch_size=8, checkpoint_every=0, heldout_corpus=0,
                          eval_prompts=1)
     assert params.batch_size == 8 and ppo.reuses_first_forward(8, 8, 8)
-    runs = {}
+    runs, seen = {}, {}
     for reuse in (True, False):
         paths = stage_paths(tmp_path / f"reuse_{reuse}")
+        seen[reuse] = []
         ppo.run(params, sft=ppo_run.sft, reward=ppo_run.reward, data=ppo_run.prepared, world=ppo_run.world,
-                reuse_first_forward=reuse, **paths)
+                reuse_first_forward=reuse, on_step=lambda step, m, r=reuse: seen[r].append((step, m["step"])), **paths)
         runs[reuse] = paths
+    # The timing hook the benchmarks use: called once at the end of every step, with that step's metrics.
+    assert seen[True] == seen[False] == [(0, 0.0), (1, 1.0)]
     fast, general = (json.loads(runs[r]["metrics"].read_text()) for r in (True, False))
     assert fast["sanity"]["first_minibatch_max_abs_ratio_minus_1"] == 0.0
     assert fast["sanity"]["first_minibatch_max_approxkl"] == 0.0
@@ -239,3 +242,46 @@ def test_overoptimization_files(tmp_path):
     none = tmp_path / "none"
     assert write_overoptimization([{k: v for k, v in h.items() if k != "gold/score"} for h in history], none) is None
     assert (none / "overoptimization.csv").read_text() == "step,sqrt_kl,proxy_score,gold_score\n"
+
+
+def test_ppo_steps_compose_on_an_explicit_state(ppo_run):
+    """The module-level steps on one rollout: rollout -> score -> rewards and advantages -> update -> metrics.
+
+    The shortcut's forward gives the same old log-probs, entropy and values as the no_grad scoring pass;
+    step 4 penalizes responses without EOS and leaves nothing after EOS; one step updates
+    both networks and β and reports item 22's metrics with ratio exactly 1 on the first minibatch.
+    """
+    from rlhf import ppo as P
+    from stages import ppo
+
+    params = tiny_params("ppo", steps=2, minibatch_size=8, micro_batch_size=8, checkpoint_every=0)
+    state = ppo.setup(params, sft=ppo_run.sft, reward=ppo_run.reward, data=ppo_run.prepared, world=ppo_run.world,
+                      checkpoints=None)
+    assert state.reuse and state.step == 0 and state.local_batch == 8 and state.updates_per_step == 2
+    ro = ppo.rollout(state, 0)
+    b, r = params.batch_size, params.max_new_tokens
+    assert ro.responses.shape == ro.r_mask.shape == (b, r) and ro.ids.shape == (b, ro.context_len + r)
+    assert torch.equal(ro.mask[:, ro.context_len:], ro.r_mask)
+    full = ppo.score(state, ro, with_policy=True)
+    short = ppo.score(state, ro, with_policy=False)
+    assert set(short) == {"ref_logprobs", "scores"} and full["scores"].shape == (b,)
+    perm = torch.randperm(b, generator=torch.Generator().manual_seed(0))
+    held = ppo.score_with_first_update_forward(state, ro, short, perm)
+    assert held[1].requires_grad  # the update reuses it, graph and all
+    for key in ("logprobs", "entropy", "values"):
+        torch.testing.assert_close(short[key] * ro.r_mask, full[key] * ro.r_mask, rtol=0, atol=1e-5, msg=key)
+
+    adv = ppo.rewards_and_advantages(state, ro, full)
+    expected = torch.where(ro.ended, full["scores"], torch.full_like(full["scores"], params.missing_eos_penalty))
+    assert torch.equal(adv.scores, expected)
+    assert torch.equal(adv.kl, (full["logprobs"] - full["ref_logprobs"]) * ro.r_mask)
+    assert float((adv.advantages * (1 - ro.r_mask)).abs().sum()) == 0.0  # nothing after EOS (item 14)
+
+    before = [p.detach().clone() for p in (state.policy.lm_head.weight, state.value.model.score.weight)]
+    beta = state.kl_ctl.value
+    m = ppo.ppo_step(state, 0)
+    assert m["sanity/first_ratio"] == 1.0 and m["sanity/first_approxkl"] == 0.0 and m["kl_coef"] == beta
+    assert state.kl_ctl.value != beta  # adaptive β (target_kl > 0 in the tiny profile)
+    after = (state.policy.lm_head.weight, state.value.model.score.weight)
+    assert all(not torch.equal(a, b) for a, b in zip(before, after, strict=True))
+    assert {"objective/kl", "policy/clipfrac", "loss/ptx", "val/ratio", "gold/score"} <= set(m)
