@@ -267,8 +267,12 @@ class ValueModel(torch.nn.Module):
     """Per-token values from a sequence-classification model (InstructGPT: value init from the RM, item 19).
 
     The reward model reads its `score` head at the last token only; the value function applies the
-    same head to the backbone's hidden state at every position. Saving the wrapped model keeps a
-    standard `AutoModelForSequenceClassification` folder.
+    same head to the backbone's hidden state at every position, plus the RM's demonstration bias
+    (`rlhf.rm.apply_reward_bias`, item 3). Without the bias every initial value would be off by it,
+    and since the value after the last token is 0, GAE would credit the last token with a spurious
+    advantage of +bias in every episode. At initialization the value at the last real token is thus
+    exactly the centered reward PPO is trained on. The bias stays a constant in the config: saving
+    the wrapped model keeps a standard `AutoModelForSequenceClassification` folder with it.
     """
 
     def __init__(self, seq_cls_model):
@@ -287,7 +291,9 @@ class ValueModel(torch.nn.Module):
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask,
                                position_ids=position_ids(attention_mask), use_cache=False).last_hidden_state
-        return self.model.score(hidden).squeeze(-1).float()  # (B, T)
+        from rlhf.rm import apply_reward_bias
+
+        return apply_reward_bias(self.model, self.model.score(hidden).squeeze(-1).float())  # (B, T)
 
 
 def disable_dropout(model: torch.nn.Module) -> None:
