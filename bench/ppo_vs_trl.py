@@ -13,8 +13,8 @@ from data/raw/prompts.jsonl in our chat template (synthetic when missing).
 
 Identical settings: rollout batch 16, response length 32 (temperature 1, no top-k/top-p, stop at
 EOS), 4 PPO epochs over 1 minibatch of 16 (no gradient accumulation), the same learning rate, KL
-coefficient, clip ranges, γ/λ, missing-EOS penalty, fp32 on CPU, the same torch thread count. PPO-ptx
-is off on our side (TRL has no ptx term).
+coefficient, clip ranges, γ/λ, missing-EOS penalty, Adam (β 0.9/0.999, ε 1e-8: TRL's defaults), fp32
+on CPU, the same torch thread count. PPO-ptx is off on our side (TRL has no ptx term).
 
 What is timed:
 - ours: `stages.ppo.run` is called with a params object and temp dirs. `run` reports `timing.train_s`,
@@ -315,7 +315,7 @@ def run_ours(fx: Fixture, s: Settings, work: Path) -> dict[str, Any]:
     steps = s.episodes // s.batch
     params = S.Params(
         steps=steps, batch_size=s.batch, minibatch_size=s.batch, micro_batch_size=s.batch, ppo_epochs=s.epochs,
-        lr=s.lr, value_lr=s.lr, max_grad_norm=1.0, temperature=1.0, max_new_tokens=s.response_len,
+        lr=s.lr, value_lr=s.lr, adam_eps=1e-8, adam_beta1=0.9, adam_beta2=0.999, max_grad_norm=1.0, temperature=1.0, max_new_tokens=s.response_len,
         kl_coef=s.kl_coef, target_kl=0.0, kl_horizon=10000, gamma=1.0, lam=0.95, clip_range=0.2,
         clip_range_value=0.2, whiten_rewards=False, missing_eos_penalty=-1.0, ptx_coef=0.0, ptx_batch_size=1,
         ptx_max_len=64, heldout_corpus=0, eval_prompts=0, checkpoint_every=0, seed=s.seed, threads=s.threads,

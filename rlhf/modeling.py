@@ -81,7 +81,7 @@ def autocast(device: torch.device):
 
 
 def make_optimizer(params, lr: float, weight_decay: float, device: torch.device, betas=(0.9, 0.95),
-                   fused_on_cpu: bool = False):
+                   fused_on_cpu: bool = False, eps: float = 1e-8):
     """AdamW; torch's fused kernel on CUDA, and on CPU where the caller asks for it.
 
     On CPU the fused kernel is ~3x faster at our sizes (the per-tensor loop's small ops dominate) and
@@ -91,7 +91,7 @@ def make_optimizer(params, lr: float, weight_decay: float, device: torch.device,
     model is less fragile.
     """
     fused = device.type == "cuda" or (fused_on_cpu and device.type == "cpu")
-    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, betas=betas, fused=fused)
+    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, betas=betas, eps=eps, fused=fused)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -59,6 +59,12 @@ class Params:
     """Policy Adam learning rate, annealed linearly to 0 over the run (lm-human-preferences)."""
     value_lr: float
     """Value-model Adam learning rate (separate network and optimizer, InstructGPT), same annealing."""
+    adam_eps: float
+    """Adam ε of both optimizers (lm-human-preferences: 1e-5, not PyTorch's 1e-8; docs/ppo.md item 24)."""
+    adam_beta1: float
+    """Adam β1 of both optimizers (0.9 everywhere)."""
+    adam_beta2: float
+    """Adam β2 of both optimizers (0.95 here, as pretraining; lm-human-preferences: 0.999; item 24)."""
     max_grad_norm: float
     """Gradient-norm clip for each network (0 disables)."""
     temperature: float
@@ -109,6 +115,9 @@ class Params:
         require(self.batch_size % self.minibatch_size == 0, "ppo.minibatch_size", "must divide ppo.batch_size")
         require(self.minibatch_size % self.micro_batch_size == 0, "ppo.micro_batch_size", "must divide ppo.minibatch_size")
         require(self.lr > 0 and self.value_lr > 0, "ppo.lr", "lr and value_lr must be > 0")
+        require(self.adam_eps > 0, "ppo.adam_eps", "must be > 0")
+        for key in ("adam_beta1", "adam_beta2"):
+            require(0 <= getattr(self, key) < 1, f"ppo.{key}", "must be in [0, 1)")
         require(self.temperature > 0, "ppo.temperature", "must be > 0 (PPO needs a stochastic policy)")
         require(self.kl_coef >= 0, "ppo.kl_coef", "must be >= 0")
         require(self.target_kl >= 0, "ppo.target_kl", "must be >= 0 (0 = fixed kl_coef)")
@@ -388,10 +397,13 @@ def setup(params: Params, *, sft: Path, reward: Path, data: Path, world: Path | 
         to_dict(params), file_digest(sft), file_digest(reward), file_digest(data / "ppo.jsonl"),
         file_digest(data / "corpus.jsonl"), file_digest(world) if world else None,
     ))
+    betas = (params.adam_beta1, params.adam_beta2)  # item 24
     state = PPOState(
         params=params, dist=dist, device=device, tokenizer=tokenizer, policy=policy, ref=ref, value=value, rm=rm,
-        policy_opt=make_optimizer(policy.parameters(), params.lr, 0.0, device, fused_on_cpu=True),
-        value_opt=make_optimizer(value.parameters(), params.value_lr, 0.0, device, fused_on_cpu=True),
+        policy_opt=make_optimizer(policy.parameters(), params.lr, 0.0, device, betas=betas, eps=params.adam_eps,
+                                  fused_on_cpu=True),
+        value_opt=make_optimizer(value.parameters(), params.value_lr, 0.0, device, betas=betas, eps=params.adam_eps,
+                                 fused_on_cpu=True),
         kl_ctl=P.make_kl_controller(params.kl_coef, params.target_kl, params.kl_horizon),
         sample_gen=torch.Generator(device=device).manual_seed(P.rank_seed(params.seed, dist.rank)),
         shuffle_gen=torch.Generator().manual_seed(params.seed + 1),

@@ -216,6 +216,14 @@ def test_ppo_first_forward_shortcut_matches_general_path(ppo_run, tmp_path):
             torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-5, msg=f"{folder} {k}")
 
 
+@pytest.mark.parametrize("key, value", [("adam_eps", 0.0), ("adam_beta1", -0.1), ("adam_beta2", 1.0)])
+def test_ppo_rejects_bad_adam_settings(key, value):
+    from rlhf.errors import StageError
+
+    with pytest.raises(StageError, match=f"ppo.{key}"):
+        tiny_params("ppo", **{key: value}).validate()
+
+
 def test_ppo_missing_reward_model_says_what_to_run(ppo_run, tmp_path):
     from rlhf.errors import StageError
     from stages import ppo
@@ -258,6 +266,9 @@ def test_ppo_steps_compose_on_an_explicit_state(ppo_run):
     state = ppo.setup(params, sft=ppo_run.sft, reward=ppo_run.reward, data=ppo_run.prepared, world=ppo_run.world,
                       checkpoints=None)
     assert state.reuse and state.step == 0 and state.local_batch == 8 and state.updates_per_step == 2
+    for opt in (state.policy_opt, state.value_opt):  # item 24: Adam's ε and β from the params
+        assert opt.param_groups[0]["eps"] == params.adam_eps == 1e-5
+        assert opt.param_groups[0]["betas"] == (params.adam_beta1, params.adam_beta2) == (0.9, 0.95)
     ro = ppo.rollout(state, 0)
     b, r = params.batch_size, params.max_new_tokens
     assert ro.responses.shape == ro.r_mask.shape == (b, r) and ro.ids.shape == (b, ro.context_len + r)
