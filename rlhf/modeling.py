@@ -380,17 +380,31 @@ def top_p_filter(logits: torch.Tensor, top_p: float) -> torch.Tensor:
     return torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
 
 
+def inverse_cdf(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """The index whose slice of [0, total) holds u·total, per row: probs (B, V), u (B, 1) in [0, 1) -> (B,).
+
+    The cumulative sum is taken in float64. In float32 its spacing near 1 is 6e-8, so a token of
+    probability below ~3e-8 that comes after most of the mass adds nothing to the running sum: its
+    slice is empty and it is never drawn, however many such tokens a large vocabulary holds. float64
+    resolves 1e-16. A token of probability 0 has an empty slice and is never returned, also when
+    u·total rounds up to the total itself: the index is capped at the last token of positive probability.
+    """
+    cdf = probs.double().cumsum(dim=-1)
+    total = cdf[:, -1:].contiguous()
+    index = torch.searchsorted(cdf, u.double() * total, right=True)
+    last_positive = torch.searchsorted(cdf, total, right=False)  # first index where the sum reaches the total
+    return torch.minimum(index, last_positive).squeeze(-1)
+
+
 def sample_categorical(probs: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
     """One index per row of `probs` (B, V), drawn with probability probs[b, i] (rows need not sum to 1).
 
-    Inverse-CDF sampling: one uniform draw per row, located in the row's cumulative sum. Exact like
-    `torch.multinomial(probs, 1)`, whose CPU kernel draws an exponential variate for every vocabulary
-    entry (B·V draws instead of B: ~15% of a rollout step on the default model). A token of probability
-    0 is never drawn: its slice of [0, total) is empty.
+    Inverse-CDF sampling (`inverse_cdf`): one float64 uniform draw per row, located in the row's float64
+    cumulative sum. Exact like `torch.multinomial(probs, 1)`, whose CPU kernel draws an exponential variate
+    for every vocabulary entry (B·V draws instead of B: ~15% of a rollout step on the default model).
     """
-    cdf = probs.cumsum(dim=-1)
-    u = torch.rand(probs.shape[0], 1, generator=generator, device=probs.device, dtype=cdf.dtype) * cdf[:, -1:]
-    return torch.searchsorted(cdf, u, right=True).clamp_(max=probs.shape[-1] - 1).squeeze(-1)
+    u = torch.rand(probs.shape[0], 1, generator=generator, device=probs.device, dtype=torch.float64)
+    return inverse_cdf(probs, u)
 
 
 def sample_tokens(
