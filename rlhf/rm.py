@@ -89,9 +89,30 @@ def parse_ranking_text(text: str, k: int) -> list[int]:
     return [n - 1 for n in nums]
 
 
-def ranking_pairs(ranking: Sequence[int]) -> list[tuple[int, int]]:
-    """All C(K,2) (winner, loser) pairs implied by a full ranking, best first."""
+def ranking_pairs(ranking: Sequence[int], responses: Sequence[str] | None = None) -> list[tuple[int, int]]:
+    """All C(K,2) (winner, loser) pairs implied by a full ranking, best first.
+
+    With `responses`, identical texts are one response, at the best rank any copy of it got (its first
+    copy in the ranking stands for it): pairs are taken among distinct texts only. Otherwise a text
+    sampled twice and ranked apart, X > Y > X', would teach both X > Y and Y > X, and a pair of two
+    copies would ask the RM to prefer a text to itself.
+    """
+    if responses is not None:
+        seen: set[str] = set()
+        ranking = [i for i in ranking if not (responses[i] in seen or seen.add(responses[i]))]
     return [(ranking[a], ranking[b]) for a, b in combinations(range(len(ranking)), 2)]
+
+
+def merge_duplicate_ranks(ranking: Sequence[int], responses: Sequence[str]) -> list[int]:
+    """The ranking with every copy of a text moved right behind its best-ranked copy (a full ranking still).
+
+    The ranking then orders each text once: no response sits both above and below a copy of another.
+    `ranking_pairs(merged, responses)` equals `ranking_pairs(ranking, responses)`.
+    """
+    first: dict[str, list[int]] = {}
+    for i in ranking:
+        first.setdefault(responses[i], []).append(i)
+    return [i for copies in first.values() for i in copies]
 
 
 # ----------------------------------------------------------------------------------------------
