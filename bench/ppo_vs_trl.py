@@ -317,7 +317,7 @@ def run_ours(fx: Fixture, s: Settings, work: Path) -> dict[str, Any]:
         steps=steps, batch_size=s.batch, minibatch_size=s.batch, micro_batch_size=s.batch, ppo_epochs=s.epochs,
         lr=s.lr, value_lr=s.lr, adam_eps=1e-8, adam_beta1=0.9, adam_beta2=0.999, max_grad_norm=1.0, temperature=1.0, max_new_tokens=s.response_len,
         kl_coef=s.kl_coef, target_kl=0.0, kl_horizon=10000, gamma=1.0, lam=0.95, clip_range=0.2,
-        clip_range_value=0.2, whiten_rewards=False, missing_eos_penalty=-1.0, ptx_coef=0.0, ptx_batch_size=1,
+        clip_range_value=0.2, whiten_rewards=False, missing_eos_penalty=-1.0, rl_coef=1.0, ptx_coef=0.0, ptx_batch_size=1,
         ptx_max_len=64, heldout_corpus=0, eval_prompts=0, checkpoint_every=0, seed=s.seed, threads=s.threads,
         device=s.device,
     )

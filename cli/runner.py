@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -26,14 +27,17 @@ def fail(message: str, code: int = 1) -> None:
     raise typer.Exit(code)
 
 
-def run_stage(name: str, params_path: Path, **paths: Any) -> dict[str, Any]:
+def run_stage(name: str, params_path: Path, *, overrides: Sequence[str] = (), **paths: Any) -> dict[str, Any]:
+    """`overrides`: KEY=VALUE assignments over the params section (`rlhf.params.override`)."""
     from rlhf.errors import StageError
-    from rlhf.params import load_section
+    from rlhf.params import load_section, override
 
     t0 = time.time()
     module = importlib.import_module(f"stages.{name}")
     try:
         params = load_section(params_path, name, module.Params)
+        if overrides:
+            params = override(params, overrides, name)
         result = module.run(params, **paths)
     except StageError as exc:
         fail(str(exc))

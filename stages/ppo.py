@@ -5,7 +5,8 @@ Reads  models/sft (policy init and frozen reference), models/reward (frozen RM; 
 Writes models/policy (HF causal-LM folder + tokenizer), models/value (HF sequence-classification
        folder: the trained value function), metrics/ppo.json, plots/ppo (dvclive curves of the
        docs/ppo.md item-22 metrics, overoptimization.png and overoptimization.csv)
-Run    rlhf ppo
+Run    rlhf ppo          (the controls: rlhf ppo --set rl_coef=0 = SFT + ptx, --set ptx_coef=0 = PPO without
+                         ptx; dvc.yaml stages sft_ptx and ppo_noptx, docs/ppo.md "Controls")
 
 The environment is a bandit (Ziegler et al. 2019; InstructGPT sec. 3.5): a random ppo prompt, one
 sampled response, reward = RM score at its EOS minus a per-token KL penalty to the SFT model, and
@@ -89,6 +90,9 @@ class Params:
     """Whiten per-token rewards (without mean shift) before GAE (item 15; TRL's whiten_rewards)."""
     missing_eos_penalty: float
     """Score given instead of the RM's to responses that never emit EOS (item 10; lm-human-preferences: -1)."""
+    rl_coef: float
+    """Weight of the PPO policy loss (1). 0 is the "SFT + ptx" control: no rollouts and no value model; the
+    policy takes PPO-ptx's optimizer steps on the same ptx corpus batches, with the RL loss off."""
     ptx_coef: float
     """γ of PPO-ptx: weight of the pretraining LM loss on the corpus (InstructGPT 27.8; 0 disables, item 20)."""
     ptx_batch_size: int
@@ -125,6 +129,8 @@ class Params:
         require(0 <= self.lam <= 1, "ppo.lam", "must be in [0, 1]")
         require(self.clip_range > 0 and self.clip_range_value > 0, "ppo.clip_range", "clip ranges must be > 0")
         require(self.ptx_coef >= 0, "ppo.ptx_coef", "must be >= 0 (0 disables PPO-ptx)")
+        require(self.rl_coef >= 0, "ppo.rl_coef", "must be >= 0 (0 is the SFT + ptx control)")
+        require(self.rl_coef > 0 or self.ptx_coef > 0, "ppo.rl_coef", "and ppo.ptx_coef are both 0: nothing would train")
         require(self.heldout_corpus >= 0 and self.eval_prompts >= 0, "ppo.heldout_corpus", "must be >= 0")
         require(self.checkpoint_every >= 0, "ppo.checkpoint_every", "must be >= 0")
 
@@ -635,7 +641,7 @@ def minibatch_update(state: PPOState, step: int, update_index: int, ro: Rollout,
             vf_loss, vf_stats = P.clipped_value_loss(new_values, roll["values"][mi], adv.returns[mi], ro.r_mask[mi],
                                                      clip_range=params.clip_range_value, denom=denom)
         # Separate networks: each loss reaches only its own parameters.
-        (pg_loss + vf_loss).backward()
+        (params.rl_coef * pg_loss + vf_loss).backward()
         for k, v in {**pg_stats, **vf_stats, "loss/policy": pg_loss, "loss/value": vf_loss}.items():
             stats[k] = stats.get(k, 0.0) + float(v.detach())
     if params.ptx_coef > 0:
@@ -735,11 +741,35 @@ def step_metrics(step: int, g: dict[str, float], means: dict[str, float], first:
     return m
 
 
+def ptx_only_step(state: PPOState, step: int) -> dict[str, float]:
+    """The "SFT + ptx" control (rl_coef = 0): a PPO step's optimizer steps, each on its own ptx batch alone.
+
+    The same schedule, the same corpus batches (derived from the same update index) and the same number
+    of policy updates as PPO-ptx, without rollouts: with the RL loss off they would change nothing.
+    """
+    from rlhf.training import check_finite, set_lr
+
+    params, dist = state.params, state.dist
+    set_lr(state.policy_opt, linear_anneal(step, params.steps, params.lr))
+    losses = []
+    for n in range(state.updates_per_step):
+        state.policy_opt.zero_grad(set_to_none=True)
+        losses.append(ptx_backward(state, step * state.updates_per_step + n))
+        check_finite(dist.mean(losses[-1]), "ptx loss", step, state.checkpointer.directory)
+        dist.average_gradients(state.policy)
+        if params.max_grad_norm > 0:
+            torch.nn.utils.clip_grad_norm_(state.policy.parameters(), params.max_grad_norm)
+        state.policy_opt.step()
+    return {"step": float(step), **dist.means({"loss/ptx": sum(losses) / len(losses)})}
+
+
 def ppo_step(state: PPOState, step: int) -> dict[str, float]:
     """One PPO iteration, the numbered steps of lm-human-preferences' train_policy.py; returns its metrics."""
     from rlhf.training import set_lr
 
     params = state.params
+    if params.rl_coef == 0:
+        return ptx_only_step(state, step)
     set_lr(state.policy_opt, linear_anneal(step, params.steps, params.lr))
     set_lr(state.value_opt, linear_anneal(step, params.steps, params.value_lr))
     ro = rollout(state, step)  # 1-2
@@ -771,6 +801,13 @@ def log_step(live, m: dict[str, float]) -> None:
 # Training loop, final evaluation, the stage
 
 
+def progress_info(m: dict[str, float]) -> str:
+    if "objective/rm_score" not in m:  # the SFT + ptx control: no rollouts
+        return f"ptx {m['loss/ptx']:.3f}"
+    gold = f" gold {m['gold/score']:.3f}" if "gold/score" in m else ""
+    return f"rm {m['objective/rm_score']:.2f}{gold} kl {m['objective/kl']:.2f}"
+
+
 def train(state: PPOState, live, on_step: Callable[[int, dict[str, float]], None] | None = None) -> None:
     """Run the steps from `state.step` to `params.steps`, logging each and checkpointing every
     `checkpoint_every`. `on_step(step, metrics)` is called at the end of every step (benchmarks time it)."""
@@ -787,8 +824,7 @@ def train(state: PPOState, live, on_step: Callable[[int, dict[str, float]], None
                 log_step(live, m)
             if on_step is not None:
                 on_step(step, m)
-            gold = f" gold {m['gold/score']:.3f}" if "gold/score" in m else ""
-            bar.update(task, advance=1, info=f"rm {m['objective/rm_score']:.2f}{gold} kl {m['objective/kl']:.2f}")
+            bar.update(task, advance=1, info=progress_info(m))
             if params.checkpoint_every and state.step % params.checkpoint_every == 0 and state.step < params.steps:
                 save_checkpoint(state)
 
@@ -796,6 +832,9 @@ def train(state: PPOState, live, on_step: Callable[[int, dict[str, float]], None
 def final_metrics(state: PPOState) -> dict[str, Any]:
     """The last rollout's numbers (training prompts, sampled) and the sanity checks of items 12 and 18."""
     params, history, last = state.params, state.history, state.history[-1]
+    if params.rl_coef == 0:  # the SFT + ptx control: no rollouts to report
+        return {"steps": params.steps, "control": "sft+ptx (rl_coef 0: no rollouts, no value model)",
+                "final_ptx_loss": round(last["loss/ptx"], 4)}
     return {
         "steps": params.steps,
         "episodes": params.steps * params.batch_size,
@@ -882,7 +921,8 @@ def run(params: Params, *, sft: Path, reward: Path, data: Path, world: Path | No
     t_eval = time.time()
     # 3. Outputs: the policy (HF causal LM + tokenizer) and the value model (HF sequence classifier).
     save_model(state.policy, state.tokenizer, out)
-    save_model(state.value.model, state.tokenizer, value_out)
+    if params.rl_coef > 0:  # the SFT + ptx control trains no value model
+        save_model(state.value.model, state.tokenizer, value_out)
     # 4. Metrics: the last rollouts (training prompts, sampled), then held-out evaluation only.
     result = {**final_metrics(state), **evaluate_heldout(state)}
     if dist.enabled:  # absent with one process, whose metrics file stays as it always was
@@ -897,8 +937,11 @@ def run(params: Params, *, sft: Path, reward: Path, data: Path, world: Path | No
 def summary(m: dict[str, Any]) -> str:
     if "rank" in m:  # a data-parallel rank other than 0: it trained, rank 0 reports
         return f"rank {m['rank']} done, weights identical to rank 0's ({m['timing']['wall_s']} s)"
-    r = m["final_rollout"]
-    text = f"{m['steps']} steps; last rollout rm {r['rm_score']}, kl {r['kl']}"
+    r = m.get("final_rollout", {})
+    if "control" in m:
+        text = f"{m['steps']} steps of ptx alone (SFT + ptx control); ptx loss {m['final_ptx_loss']}"
+    else:
+        text = f"{m['steps']} steps; last rollout rm {r['rm_score']}, kl {r['kl']}"
     if "processes" in m:
         text += f" ({m['processes']} processes)"
     if "gold" in r:

@@ -296,3 +296,62 @@ def test_ppo_steps_compose_on_an_explicit_state(ppo_run):
     after = (state.policy.lm_head.weight, state.value.model.score.weight)
     assert all(not torch.equal(a, b) for a, b in zip(before, after, strict=True))
     assert {"objective/kl", "policy/clipfrac", "loss/ptx", "val/ratio", "gold/score"} <= set(m)
+
+
+def test_sft_ptx_control_takes_ppos_optimizer_steps_on_the_same_corpus_batches(ppo_run, monkeypatch):
+    """rl_coef = 0 (dvc.yaml's `sft_ptx`): no rollouts, and the policy takes exactly PPO-ptx's optimizer
+    steps, each on the corpus batch PPO-ptx uses at that update."""
+    from stages import ppo
+
+    seen: dict[float, list[int]] = {}
+    real = ppo.ptx_backward
+
+    def recording(state, update_index):
+        seen.setdefault(state.params.rl_coef, []).append(update_index)
+        return real(state, update_index)
+
+    monkeypatch.setattr(ppo, "ptx_backward", recording)
+    steps = {}
+    for rl_coef in (1.0, 0.0):
+        params = tiny_params("ppo", steps=2, checkpoint_every=0, rl_coef=rl_coef)
+        state = ppo.setup(params, sft=ppo_run.sft, reward=ppo_run.reward, data=ppo_run.prepared, world=ppo_run.world,
+                          checkpoints=None)
+        before = state.policy.lm_head.weight.detach().clone()
+        metrics = [ppo.ppo_step(state, step) for step in range(params.steps)]
+        assert not torch.equal(before, state.policy.lm_head.weight)
+        steps[rl_coef] = [int(s["step"]) for s in state.policy_opt.state.values()]
+        if rl_coef == 0:
+            assert set(metrics[-1]) == {"step", "loss/ptx"}  # no rollout was sampled
+            assert not state.value_opt.state  # the value model never trained
+    assert seen[0.0] == seen[1.0] == list(range(2 * state.updates_per_step))
+    assert steps[0.0] == steps[1.0] and set(steps[0.0]) == {2 * state.updates_per_step}
+
+
+def test_ppo_cli_set_overrides_params_for_the_control_stages(ppo_run, tmp_path):
+    """`rlhf ppo --set KEY=VALUE` (dvc.yaml's variant stages): typed, validated, one-line errors."""
+    from rlhf.errors import StageError
+    from rlhf.params import override
+
+    base = tiny_params("ppo")
+    assert override(base, ["ptx_coef=0", "steps=5"], "ppo") == tiny_params("ppo", ptx_coef=0.0, steps=5)
+    for bad, match in (("ptx=0", "expected KEY=VALUE with KEY one of"), ("rl_coef", "expected KEY=VALUE"),
+                       ("steps=many", "ppo.steps': expected an integer"), ("rl_coef=-1", "ppo.rl_coef")):
+        with pytest.raises(StageError, match=match):
+            override(base, [bad], "ppo")
+
+    paths = stage_paths(tmp_path)
+    cmd = [sys.executable, "-m", "cli", "ppo", "--params", str(TINY), "--set", "rl_coef=0", "--set", "steps=2",
+           "--set", "eval_prompts=2", "--sft", str(ppo_run.sft), "--reward", str(ppo_run.reward),
+           "--data", str(ppo_run.prepared), "--world", str(ppo_run.world)]
+    cmd += [x for k, v in paths.items() for x in (f"--{k.replace('_', '-')}", str(v))]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    done = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "SFT + ptx control" in " ".join(done.stdout.split())
+    m = json.loads(paths["metrics"].read_text())
+    assert m["steps"] == 2 and "control" in m and "final_rollout" not in m
+    assert m["test"]["prompts"] == 2 and "gold" in m["test"]["policy"] and "tax" in m["corpus_logprob"]
+    assert (paths["out"] / "model.safetensors").is_file() and not paths["value_out"].exists()
+    bad = subprocess.run(cmd[:4] + ["--set", "nope=1"] + cmd[4:], cwd=tmp_path, env=env, capture_output=True,
+                         text=True, timeout=120)
+    assert bad.returncode == 1 and "nope=1" in bad.stderr and "Traceback" not in bad.stderr
