@@ -13,14 +13,13 @@ from data/raw/prompts.jsonl in our chat template (synthetic when missing).
 
 Identical settings: rollout batch 16, response length 32 (temperature 1, no top-k/top-p, stop at
 EOS), 4 PPO epochs over 1 minibatch of 16 (no gradient accumulation), the same learning rate, KL
-coefficient, clip ranges, γ/λ, missing-EOS penalty, fp32 on CPU, the same torch thread count. PPO-ptx
-is off on our side (TRL has no ptx term).
+coefficient, clip ranges, γ/λ, missing-EOS penalty, Adam (β 0.9/0.999, ε 1e-8: TRL's defaults), fp32
+on CPU, the same torch thread count. PPO-ptx is off on our side (TRL has no ptx term).
 
 What is timed:
-- ours: `stages.ppo.run` is called with a params object and temp dirs (the per-step function is a
-  closure inside `run`). `run` reports `timing.train_s`, the wall time of its training loop alone
-  (model loading, data loading, saving and the held-out evaluation are outside it); we also record a
-  timestamp at the end of every step (by wrapping `stages.ppo.log_step`, called once per step).
+- ours: `stages.ppo.run` is called with a params object and temp dirs. `run` reports `timing.train_s`,
+  the wall time of its training loop alone (model loading, data loading, saving and the held-out
+  evaluation are outside it); its `on_step` hook records a timestamp at the end of every step.
 - TRL: `PPOTrainer.train()` is timed with `time.perf_counter` (model loading and trainer construction
   are outside it), and a `TrainerCallback.on_step_end` records a timestamp after every step.
 - `eps_loop` = episodes / loop time (includes the first step's warm-up); `eps_steady` = episodes of
@@ -316,28 +315,19 @@ def run_ours(fx: Fixture, s: Settings, work: Path) -> dict[str, Any]:
     steps = s.episodes // s.batch
     params = S.Params(
         steps=steps, batch_size=s.batch, minibatch_size=s.batch, micro_batch_size=s.batch, ppo_epochs=s.epochs,
-        lr=s.lr, value_lr=s.lr, max_grad_norm=1.0, temperature=1.0, max_new_tokens=s.response_len,
+        lr=s.lr, value_lr=s.lr, adam_eps=1e-8, adam_beta1=0.9, adam_beta2=0.999, max_grad_norm=1.0, temperature=1.0, max_new_tokens=s.response_len,
         kl_coef=s.kl_coef, target_kl=0.0, kl_horizon=10000, gamma=1.0, lam=0.95, clip_range=0.2,
-        clip_range_value=0.2, whiten_rewards=False, missing_eos_penalty=-1.0, ptx_coef=0.0, ptx_batch_size=1,
+        clip_range_value=0.2, whiten_rewards=False, missing_eos_penalty=-1.0, rl_coef=1.0, ptx_coef=0.0, ptx_batch_size=1,
         ptx_max_len=64, heldout_corpus=0, eval_prompts=0, checkpoint_every=0, seed=s.seed, threads=s.threads,
         device=s.device,
     )
     params.validate()
     stamps: list[float] = []
-    original = S.log_step
-
-    def log_step(live, m):  # called once at the end of every step of run()'s loop
-        stamps.append(time.perf_counter())
-        original(live, m)
-
-    S.log_step = log_step
-    try:
-        t0 = time.perf_counter()
-        m = S.run(params, sft=fx.sft, reward=fx.reward, data=fx.data, world=None, out=work / "policy",
-                  value_out=work / "value", metrics=work / "ppo.json", plots=work / "plots", checkpoints=None)
-        wall = time.perf_counter() - t0
-    finally:
-        S.log_step = original
+    t0 = time.perf_counter()
+    m = S.run(params, sft=fx.sft, reward=fx.reward, data=fx.data, world=None, out=work / "policy",
+              value_out=work / "value", metrics=work / "ppo.json", plots=work / "plots", checkpoints=None,
+              on_step=lambda step, metrics: stamps.append(time.perf_counter()))
+    wall = time.perf_counter() - t0
     import torch
 
     out = eps_summary(stamps, m["timing"]["train_s"], steps * s.batch, s.batch)

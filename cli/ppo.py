@@ -24,6 +24,8 @@ def ppo(
     plots: Path = typer.Option(Path("plots/ppo"), help="dvclive curves and the over-optimization plot"),
     checkpoints: Path = typer.Option(Path("checkpoints/ppo"), help="resumable checkpoints (removed on success)"),
     params: Path = Params,
+    set_: list[str] = typer.Option([], "--set", metavar="KEY=VALUE",
+                                   help="override one key of the ppo: section for this run (dvc.yaml's control stages)"),
 ) -> None:
     """PPO-ptx against the reward model: policy from SFT, KL penalty to SFT, value function from the RM.
 
@@ -33,6 +35,7 @@ def ppo(
 
     Example:  rlhf ppo
     Example:  dvc exp run -S ppo.ptx_coef=0 -S ppo.target_kl=6
+    Example:  rlhf ppo --set rl_coef=0 --out models/sft_ptx --metrics metrics/sft_ptx.json   (SFT + ptx control)
     """
-    run_stage("ppo", params, sft=sft, reward=reward, data=data, world=world, out=out, value_out=value_out,
+    run_stage("ppo", params, overrides=set_, sft=sft, reward=reward, data=data, world=world, out=out, value_out=value_out,
               metrics=metrics, plots=plots, checkpoints=checkpoints)

@@ -20,6 +20,7 @@ import errno
 import importlib
 import os
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -90,11 +91,12 @@ def write_failed(name: str, exc: BaseException, outputs: dict[str, Path]) -> str
     return message
 
 
-def run_stage(name: str, params_path: Path, **paths: Any) -> dict[str, Any]:
+def run_stage(name: str, params_path: Path, *, overrides: Sequence[str] = (), **paths: Any) -> dict[str, Any]:
+    """`overrides`: KEY=VALUE assignments over the params section (`rlhf.params.override`)."""
     from rlhf.errors import OutputError, StageError
     from rlhf.io import write_errno
     from rlhf.locks import output_locks
-    from rlhf.params import load_section
+    from rlhf.params import load_section, override
     from rlhf.terminal import visible
 
     t0 = time.time()
@@ -111,6 +113,8 @@ def run_stage(name: str, params_path: Path, **paths: Any) -> dict[str, Any]:
     try:
         with output_locks(outputs_to_lock, f"rlhf {name}", on_stale=stale):
             params = load_section(params_path, name, module.Params)
+            if overrides:
+                params = override(params, overrides, name)
             started = True
             result = module.run(params, **paths)
     except OutputError as exc:

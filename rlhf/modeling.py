@@ -81,7 +81,7 @@ def autocast(device: torch.device):
 
 
 def make_optimizer(params, lr: float, weight_decay: float, device: torch.device, betas=(0.9, 0.95),
-                   fused_on_cpu: bool = False):
+                   fused_on_cpu: bool = False, eps: float = 1e-8):
     """AdamW; torch's fused kernel on CUDA, and on CPU where the caller asks for it.
 
     On CPU the fused kernel is ~3x faster at our sizes (the per-tensor loop's small ops dominate) and
@@ -91,7 +91,7 @@ def make_optimizer(params, lr: float, weight_decay: float, device: torch.device,
     model is less fragile.
     """
     fused = device.type == "cuda" or (fused_on_cpu and device.type == "cpu")
-    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, betas=betas, fused=fused)
+    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, betas=betas, eps=eps, fused=fused)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -183,9 +183,14 @@ def check_model_dir(path: str | Path, what: str = "model") -> Path:
     if not path.is_dir():
         # The pipeline's model folders (dvc.yaml outs) and the stage that writes each; a test checks dvc.yaml.
         written_by = {"base": "pretrain", "sft": "sft", "reward": "reward", "dpo": "dpo", "policy": "ppo", "value": "ppo"}
-        stage = written_by.get(path.name) if path.parent.name == "models" else None
+        # The controls: `rlhf ppo --set KEY=0` with outputs of their own, run by their dvc.yaml stage.
+        controls = {"sft_ptx": "sft_ptx", "policy_noptx": "ppo_noptx", "value_noptx": "ppo_noptx"}
+        in_models = path.parent.name == "models"
+        stage = written_by.get(path.name) if in_models else None
         if stage is not None:
             raise StageError(f"{path}: {what} folder not found; run `rlhf {stage}` (or `dvc repro {stage}`) first")
+        if in_models and path.name in controls:
+            raise StageError(f"{path}: {what} folder not found; run `dvc repro {controls[path.name]}` first")
         raise StageError(f"{path}: {what} folder not found; check the path, or run `dvc repro` to build the "
                          "pipeline's models")
     if not (path / "config.json").is_file():
@@ -401,17 +406,31 @@ def top_p_filter(logits: torch.Tensor, top_p: float) -> torch.Tensor:
     return torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
 
 
+def inverse_cdf(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """The index whose slice of [0, total) holds u·total, per row: probs (B, V), u (B, 1) in [0, 1) -> (B,).
+
+    The cumulative sum is taken in float64. In float32 its spacing near 1 is 6e-8, so a token of
+    probability below ~3e-8 that comes after most of the mass adds nothing to the running sum: its
+    slice is empty and it is never drawn, however many such tokens a large vocabulary holds. float64
+    resolves 1e-16. A token of probability 0 has an empty slice and is never returned, also when
+    u·total rounds up to the total itself: the index is capped at the last token of positive probability.
+    """
+    cdf = probs.double().cumsum(dim=-1)
+    total = cdf[:, -1:].contiguous()
+    index = torch.searchsorted(cdf, u.double() * total, right=True)
+    last_positive = torch.searchsorted(cdf, total, right=False)  # first index where the sum reaches the total
+    return torch.minimum(index, last_positive).squeeze(-1)
+
+
 def sample_categorical(probs: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
     """One index per row of `probs` (B, V), drawn with probability probs[b, i] (rows need not sum to 1).
 
-    Inverse-CDF sampling: one uniform draw per row, located in the row's cumulative sum. Exact like
-    `torch.multinomial(probs, 1)`, whose CPU kernel draws an exponential variate for every vocabulary
-    entry (B·V draws instead of B: ~15% of a rollout step on the default model). A token of probability
-    0 is never drawn: its slice of [0, total) is empty.
+    Inverse-CDF sampling (`inverse_cdf`): one float64 uniform draw per row, located in the row's float64
+    cumulative sum. Exact like `torch.multinomial(probs, 1)`, whose CPU kernel draws an exponential variate
+    for every vocabulary entry (B·V draws instead of B: ~15% of a rollout step on the default model).
     """
-    cdf = probs.cumsum(dim=-1)
-    u = torch.rand(probs.shape[0], 1, generator=generator, device=probs.device, dtype=cdf.dtype) * cdf[:, -1:]
-    return torch.searchsorted(cdf, u, right=True).clamp_(max=probs.shape[-1] - 1).squeeze(-1)
+    u = torch.rand(probs.shape[0], 1, generator=generator, device=probs.device, dtype=torch.float64)
+    return inverse_cdf(probs, u)
 
 
 def sample_tokens(

@@ -11,6 +11,7 @@ import dataclasses
 import math
 import types
 import typing
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -120,6 +121,25 @@ def load_section(path: str | Path, section: str, cls: type) -> Any:
     if section not in data:
         raise StageError(f"{path}: no '{section}:' section; copy it from the repository's params.yaml")
     return from_dict(cls, data[section], section)
+
+
+def override(params: Any, assignments: Sequence[str], section: str) -> Any:
+    """`params` with `KEY=VALUE` assignments applied (values read as YAML scalars, typed and validated like
+    the file's). DVC variant stages of one command use it: `rlhf ppo --set ptx_coef=0` in dvc.yaml."""
+    fields = {f.name for f in dataclasses.fields(params)}
+    hints = typing.get_type_hints(type(params))
+    changes = {}
+    for item in assignments:
+        key, sep, text = item.partition("=")
+        if not sep or key not in fields:
+            raise StageError(f"--set {item!r}: expected KEY=VALUE with KEY one of the '{section}:' keys "
+                             f"({', '.join(sorted(fields))})")
+        changes[key] = _check(yaml.safe_load(text), hints[key], f"{section}.{key}")
+    obj = dataclasses.replace(params, **changes)
+    validate = getattr(obj, "validate", None)
+    if validate is not None:
+        validate()
+    return obj
 
 
 def require(condition: bool, key: str, message: str) -> None:

@@ -246,10 +246,35 @@ def response_logits(model, query_responses: torch.Tensor, mask: torch.Tensor, co
     # context_len - 1 .. T - 2 are needed. `logits_to_keep` runs the LM head on the last R + 1 positions
     # alone (not on the query's); the last one, which predicts past the response, is dropped.
     n_response = query_responses.shape[1] - context_len
-    logits = model(input_ids=query_responses, attention_mask=mask, position_ids=position_ids(mask),
-                   use_cache=False, logits_to_keep=n_response + 1).logits[:, :-1].float()
+    if torch.is_autocast_enabled(query_responses.device.type) and plain_lm_head(model):
+        # Under bf16 autocast (CUDA) the LM head's output would be bf16: 8 bits of mantissa round logits of
+        # magnitude 8-32 by up to 0.06 nats, more than the log-ratios PPO clips at 0.2 and the per-token KL
+        # it penalizes. The backbone keeps autocast; the head runs in fp32 on the last R positions.
+        body = getattr(model, model.base_model_prefix)
+        hidden = body(input_ids=query_responses, attention_mask=mask, position_ids=position_ids(mask),
+                      use_cache=False).last_hidden_state[:, context_len - 1: -1]
+        logits = fp32_linear(model.get_output_embeddings(), hidden)
+    else:  # fp32 already (CPU), or a head with extra steps (softcapping, scaling): the model's own forward
+        logits = model(input_ids=query_responses, attention_mask=mask, position_ids=position_ids(mask),
+                       use_cache=False, logits_to_keep=n_response + 1).logits[:, :-1].float()
     # x / 1 is x exactly: skipping it at T = 1 saves a (B, R, V) copy and its backward, nothing else.
     return logits / temperature if temperature != 1.0 else logits
+
+
+def plain_lm_head(model) -> bool:
+    """Whether the causal LM's logits are just its output embedding applied to the backbone's last hidden
+    state (Llama, GPT-2, Qwen, ...), with no softcapping (Gemma 2) or logit scale (Cohere) after it."""
+    cfg = model.config
+    return (model.get_output_embeddings() is not None and getattr(cfg, "final_logit_softcapping", None) is None
+            and getattr(cfg, "logit_scale", None) is None and hasattr(model, model.base_model_prefix))
+
+
+def fp32_linear(linear: torch.nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+    """`linear(hidden)` computed in fp32 whatever autocast is active (log-probs from fp32 logits)."""
+    weight = linear.weight.float()
+    bias = linear.bias.float() if getattr(linear, "bias", None) is not None else None
+    with torch.autocast(hidden.device.type, enabled=False):
+        return torch.nn.functional.linear(hidden.float(), weight, bias)
 
 
 def logprobs_from_logits(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
@@ -267,8 +292,12 @@ class ValueModel(torch.nn.Module):
     """Per-token values from a sequence-classification model (InstructGPT: value init from the RM, item 19).
 
     The reward model reads its `score` head at the last token only; the value function applies the
-    same head to the backbone's hidden state at every position. Saving the wrapped model keeps a
-    standard `AutoModelForSequenceClassification` folder.
+    same head to the backbone's hidden state at every position, plus the RM's demonstration bias
+    (`rlhf.rm.apply_reward_bias`, item 3). Without the bias every initial value would be off by it,
+    and since the value after the last token is 0, GAE would credit the last token with a spurious
+    advantage of +bias in every episode. At initialization the value at the last real token is thus
+    exactly the centered reward PPO is trained on. The bias stays a constant in the config: saving
+    the wrapped model keeps a standard `AutoModelForSequenceClassification` folder with it.
     """
 
     def __init__(self, seq_cls_model):
@@ -287,7 +316,10 @@ class ValueModel(torch.nn.Module):
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask,
                                position_ids=position_ids(attention_mask), use_cache=False).last_hidden_state
-        return self.model.score(hidden).squeeze(-1).float()  # (B, T)
+        from rlhf.rm import apply_reward_bias
+
+        # The head in fp32 under autocast too (see response_logits); the same op as score(hidden) in fp32.
+        return apply_reward_bias(self.model, fp32_linear(self.model.score, hidden).squeeze(-1))  # (B, T)
 
 
 def disable_dropout(model: torch.nn.Module) -> None:

@@ -145,11 +145,33 @@ def parse_ranking_text(text: str, k: int) -> tuple[list[int], list[list[int]]]:
     return [n - 1 for n in nums], [[int(t) - 1 for t in tier] for tier in tiers if len(tier) > 1]
 
 
-def ranking_pairs(ranking: Sequence[int], ties: Sequence[Sequence[int]] | None = None) -> list[tuple[int, int]]:
-    """All (winner, loser) pairs implied by a ranking, best first: C(K,2) of them, less the declared ties."""
+def ranking_pairs(ranking: Sequence[int], ties: Sequence[Sequence[int]] | None = None,
+                  responses: Sequence[str] | None = None) -> list[tuple[int, int]]:
+    """All (winner, loser) pairs implied by a full ranking, best first: C(K,2) of them, less the declared ties.
+
+    With `responses`, identical texts are one response, at the best rank any copy of it got (its first
+    copy in the ranking stands for it): pairs are taken among distinct texts only. Otherwise a text
+    sampled twice and ranked apart, X > Y > X', would teach both X > Y and Y > X, and a pair of two
+    copies would ask the RM to prefer a text to itself.
+    """
     group = {i: n for n, g in enumerate(ties or ()) for i in g}
+    if responses is not None:
+        seen: set[str] = set()
+        ranking = [i for i in ranking if not (responses[i] in seen or seen.add(responses[i]))]
     return [(ranking[a], ranking[b]) for a, b in combinations(range(len(ranking)), 2)
             if ranking[a] not in group or group[ranking[a]] != group.get(ranking[b])]
+
+
+def merge_duplicate_ranks(ranking: Sequence[int], responses: Sequence[str]) -> list[int]:
+    """The ranking with every copy of a text moved right behind its best-ranked copy (a full ranking still).
+
+    The ranking then orders each text once: no response sits both above and below a copy of another.
+    `ranking_pairs(merged, responses=responses)` equals `ranking_pairs(ranking, responses=responses)`.
+    """
+    first: dict[str, list[int]] = {}
+    for i in ranking:
+        first.setdefault(responses[i], []).append(i)
+    return [i for copies in first.values() for i in copies]
 
 
 # ----------------------------------------------------------------------------------------------

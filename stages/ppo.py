@@ -5,7 +5,8 @@ Reads  models/sft (policy init and frozen reference), models/reward (frozen RM; 
 Writes models/policy (HF causal-LM folder + tokenizer), models/value (HF sequence-classification
        folder: the trained value function), metrics/ppo.json, plots/ppo (dvclive curves of the
        docs/ppo.md item-22 metrics, overoptimization.png and overoptimization.csv)
-Run    rlhf ppo
+Run    rlhf ppo          (the controls: rlhf ppo --set rl_coef=0 = SFT + ptx, --set ptx_coef=0 = PPO without
+                         ptx; dvc.yaml stages sft_ptx and ppo_noptx, docs/ppo.md "Controls")
 
 The environment is a bandit (Ziegler et al. 2019; InstructGPT sec. 3.5): a random ppo prompt, one
 sampled response, reward = RM score at its EOS minus a per-token KL penalty to the SFT model, and
@@ -29,7 +30,8 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -58,6 +60,12 @@ class Params:
     """Policy Adam learning rate, annealed linearly to 0 over the run (lm-human-preferences)."""
     value_lr: float
     """Value-model Adam learning rate (separate network and optimizer, InstructGPT), same annealing."""
+    adam_eps: float
+    """Adam ε of both optimizers (lm-human-preferences: 1e-5, not PyTorch's 1e-8; docs/ppo.md item 24)."""
+    adam_beta1: float
+    """Adam β1 of both optimizers (0.9 everywhere)."""
+    adam_beta2: float
+    """Adam β2 of both optimizers (0.95 here, as pretraining; lm-human-preferences: 0.999; item 24)."""
     max_grad_norm: float
     """Gradient-norm clip for each network (0 disables)."""
     temperature: float
@@ -82,6 +90,9 @@ class Params:
     """Whiten per-token rewards (without mean shift) before GAE (item 15; TRL's whiten_rewards)."""
     missing_eos_penalty: float
     """Score given instead of the RM's to responses that never emit EOS (item 10; lm-human-preferences: -1)."""
+    rl_coef: float
+    """Weight of the PPO policy loss (1). 0 is the "SFT + ptx" control: no rollouts and no value model; the
+    policy takes PPO-ptx's optimizer steps on the same ptx corpus batches, with the RL loss off."""
     ptx_coef: float
     """γ of PPO-ptx: weight of the pretraining LM loss on the corpus (InstructGPT 27.8; 0 disables, item 20)."""
     ptx_batch_size: int
@@ -108,6 +119,9 @@ class Params:
         require(self.batch_size % self.minibatch_size == 0, "ppo.minibatch_size", "must divide ppo.batch_size")
         require(self.minibatch_size % self.micro_batch_size == 0, "ppo.micro_batch_size", "must divide ppo.minibatch_size")
         require(self.lr > 0 and self.value_lr > 0, "ppo.lr", "lr and value_lr must be > 0")
+        require(self.adam_eps > 0, "ppo.adam_eps", "must be > 0")
+        for key in ("adam_beta1", "adam_beta2"):
+            require(0 <= getattr(self, key) < 1, f"ppo.{key}", "must be in [0, 1)")
         require(self.temperature > 0, "ppo.temperature", "must be > 0 (PPO needs a stochastic policy)")
         require(self.kl_coef >= 0, "ppo.kl_coef", "must be >= 0")
         require(self.target_kl >= 0, "ppo.target_kl", "must be >= 0 (0 = fixed kl_coef)")
@@ -115,6 +129,8 @@ class Params:
         require(0 <= self.lam <= 1, "ppo.lam", "must be in [0, 1]")
         require(self.clip_range > 0 and self.clip_range_value > 0, "ppo.clip_range", "clip ranges must be > 0")
         require(self.ptx_coef >= 0, "ppo.ptx_coef", "must be >= 0 (0 disables PPO-ptx)")
+        require(self.rl_coef >= 0, "ppo.rl_coef", "must be >= 0 (0 is the SFT + ptx control)")
+        require(self.rl_coef > 0 or self.ptx_coef > 0, "ppo.rl_coef", "and ppo.ptx_coef are both 0: nothing would train")
         require(self.heldout_corpus >= 0 and self.eval_prompts >= 0, "ppo.heldout_corpus", "must be >= 0")
         require(self.checkpoint_every >= 0, "ppo.checkpoint_every", "must be >= 0")
 
@@ -241,35 +257,88 @@ def write_overoptimization(history: list[dict[str, float]], directory: Path) -> 
 
 
 # ----------------------------------------------------------------------------------------------
-# The stage
+# The state of a run: what every step reads and changes
 
 
-def run(params: Params, *, sft: Path, reward: Path, data: Path, world: Path | None, out: Path, value_out: Path,
-        metrics: Path, plots: Path, checkpoints: Path | None, reuse_first_forward: bool = True) -> dict[str, Any]:
-    """`reuse_first_forward=False` turns off the shortcut of `reuses_first_forward` (tests compare both paths)."""
-    from rlhf.dist import init_dist, launched_processes
-    from rlhf.gold import load_judge, summarize
-    from rlhf.modeling import (
-        autocast, check_model_dir, decode_response, encode_prompt, generate_responses, left_pad, load_causal_lm, load_reward_model,
-        load_tokenizer, make_optimizer, pick_device, same_tokenizer, sample_tokens, save_model, setup_torch,
-    )
-    from rlhf.progress import progress
-    from rlhf.rm import rewards_from_ids, score_texts
-    from rlhf.training import (
-        Checkpointer, check_finite, epoch_batches, file_digest, fingerprint, masked_lm_loss, open_live, set_lr,
-    )
+@dataclass
+class Data:
+    """The stage's text inputs, tokenized: training prompts, held-out test prompts, corpus for ptx."""
 
-    t0 = time.time()
-    check_processes(params, launched_processes())  # before joining: a bad split fails at once on every rank
-    dist, device = init_dist(pick_device(params.device))
-    setup_torch(params.threads, device)
-    # This rank's share of every rollout and minibatch; the global sizes (and so the number of optimizer
-    # steps and the schedule) do not depend on the number of processes.
-    local_batch, local_minibatch = params.batch_size // dist.world_size, params.minibatch_size // dist.world_size
-    data = Path(data)
+    prompts: list[str]
+    """ppo prompts that fit the context with max_new_tokens to spare."""
+    queries: list[list[int]]
+    """Their chat-template token ids (the rollout's queries)."""
+    prompts_too_long: int
+    """ppo prompts left out because they do not fit."""
+    test_prompts: list[str]
+    """Held-out prompts for the final greedy comparison of policy and SFT."""
+    ptx_docs: list[list[int]]
+    """Corpus documents for the ptx term (item 20)."""
+    heldout_docs: list[list[int]]
+    """Corpus documents kept out of ptx, for the alignment tax."""
 
-    # 0. Models. Policy from SFT; reference = a frozen copy of SFT; value function initialized from
-    #    the RM (InstructGPT, item 19); RM frozen. Dropout off in all four (item 9).
+
+@dataclass
+class PPOState:
+    """Everything a PPO step reads and changes: models, optimizers, KL controller, generators, data.
+
+    A step (`ppo_step`) reads the params and data and changes the weights, the optimizers, `kl_ctl` and
+    the two generators; `step` and `history` are where the loop stands. A checkpoint holds exactly the
+    changing part (`checkpoint_state`).
+    """
+
+    params: Params
+    dist: Any
+    """rlhf.dist.Dist: this process's rank among the data-parallel processes (one: a plain run)."""
+    device: torch.device
+    tokenizer: Any
+    policy: torch.nn.Module
+    """Trained: initialized from SFT."""
+    ref: torch.nn.Module
+    """Frozen SFT: the KL penalty's reference."""
+    value: P.ValueModel
+    """Trained: per-token values, initialized from the RM (item 19)."""
+    rm: torch.nn.Module
+    """Frozen reward model."""
+    policy_opt: torch.optim.Optimizer
+    value_opt: torch.optim.Optimizer
+    kl_ctl: P.FixedKLController
+    sample_gen: torch.Generator
+    """Rollout sampling (per rank, item 21)."""
+    shuffle_gen: torch.Generator
+    """Minibatch order (the same on every rank)."""
+    data: Data
+    judge: Any
+    """Gold judge (rlhf.gold), or None without a world file."""
+    checkpointer: Any
+    reuse: bool
+    """Whether epoch 0's first update forward also scores the rollout (`reuses_first_forward`)."""
+    step: int = 0
+    history: list[dict[str, float]] = field(default_factory=list)
+
+    @property
+    def local_batch(self) -> int:
+        """This rank's share of every rollout; the global sizes do not depend on the number of processes."""
+        return self.params.batch_size // self.dist.world_size
+
+    @property
+    def local_minibatch(self) -> int:
+        return self.params.minibatch_size // self.dist.world_size
+
+    @property
+    def updates_per_step(self) -> int:
+        return self.params.ppo_epochs * (self.params.batch_size // self.params.minibatch_size)
+
+    @property
+    def all_sum(self):
+        """Whitening statistics over every rank's tokens (item 15); None keeps the one-process arithmetic."""
+        return self.dist.all_sum if self.dist.enabled else None
+
+
+def load_models(params: Params, sft: Path, reward: Path, device: torch.device):
+    """Tokenizer, policy and reference from SFT, value function and RM from the RM (item 19); dropout off (item 9)."""
+    from rlhf.modeling import check_model_dir, load_causal_lm, load_reward_model, load_tokenizer, same_tokenizer
+
     check_model_dir(sft, "SFT model")
     check_model_dir(reward, "reward model")
     tokenizer = load_tokenizer(sft)
@@ -282,17 +351,19 @@ def run(params: Params, *, sft: Path, reward: Path, data: Path, world: Path | No
     for m in (policy, ref, value, rm):
         P.disable_dropout(m)
         m.eval()  # eval mode while training too: no dropout, so recomputed log-probs match the rollout's
-    pad_id, eos_id = tokenizer.pad_token_id, tokenizer.eos_token_id
-    max_pos = int(getattr(policy.config, "max_position_embeddings", 10**9))
+    return tokenizer, policy, ref, value, rm
 
-    # 1. Data. Queries longer than the model's context minus the response cap are left out.
+
+def load_data(params: Params, data: Path, tokenizer, max_pos: int) -> Data:
+    """Prompts that fit `max_pos` with the response cap, test prompts, and the corpus split into ptx and held-out."""
+    from rlhf.modeling import encode_prompt
+
     prompt_rows = read_jsonl(data / "ppo.jsonl", PROMPT_SCHEMA)
     encoded = [(r["prompt"], encode_prompt(tokenizer, r["prompt"])) for r in prompt_rows]
     kept = [(p, q) for p, q in encoded if len(q) + params.max_new_tokens <= max_pos]
     if len(kept) < params.batch_size:
         raise StageError(f"{data / 'ppo.jsonl'}: {len(kept)} prompts fit {max_pos} positions with "
                          f"max_new_tokens={params.max_new_tokens}; need ppo.batch_size={params.batch_size}")
-    prompts, queries = [p for p, _ in kept], [q for _, q in kept]
     test_prompts = [r["prompt"] for r in read_jsonl(data / "test.jsonl", PROMPT_SCHEMA)]
     if params.eval_prompts:
         test_prompts = test_prompts[: params.eval_prompts]
@@ -300,295 +371,475 @@ def run(params: Params, *, sft: Path, reward: Path, data: Path, world: Path | No
     docs = encode_documents(tokenizer, corpus_texts, min(params.ptx_max_len, max_pos))
     order = torch.randperm(len(docs), generator=torch.Generator().manual_seed(params.seed)).tolist()
     n_held = min(params.heldout_corpus, len(docs) // 2)
-    heldout_docs = [docs[i] for i in order[:n_held]]
     ptx_docs = [docs[i] for i in order[n_held:]]  # ptx never trains on the held-out slice
     if params.ptx_coef > 0 and len(ptx_docs) < params.ptx_batch_size:
         raise StageError(f"{data / 'corpus.jsonl'}: {len(ptx_docs)} documents for ptx, fewer than ppo.ptx_batch_size")
-    judge = load_judge(world)
+    return Data(prompts=[p for p, _ in kept], queries=[q for _, q in kept], prompts_too_long=len(encoded) - len(kept),
+                test_prompts=test_prompts, ptx_docs=ptx_docs, heldout_docs=[docs[i] for i in order[:n_held]])
 
-    # 2. Optimizers, KL controller, generators, checkpoint.
-    policy_opt = make_optimizer(policy.parameters(), params.lr, 0.0, device, fused_on_cpu=True)
-    value_opt = make_optimizer(value.parameters(), params.value_lr, 0.0, device, fused_on_cpu=True)
-    kl_ctl = P.make_kl_controller(params.kl_coef, params.target_kl, params.kl_horizon)
-    # Explicit generators (never the global RNG), saved in the checkpoint. Item 21: the sampling seed
-    # differs per data-parallel rank. The minibatch shuffle is the same on every rank (each applies it to
-    # its own episodes), so all ranks run the same number of minibatches in the same order.
-    sample_gen = torch.Generator(device=device).manual_seed(P.rank_seed(params.seed, dist.rank))
-    shuffle_gen = torch.Generator().manual_seed(params.seed + 1)
-    # Whitening statistics over every rank's tokens (item 15); None keeps the one-process arithmetic.
-    all_sum = dist.all_sum if dist.enabled else None
+
+def setup(params: Params, *, sft: Path, reward: Path, data: Path, world: Path | None, checkpoints: Path | None,
+          reuse_first_forward: bool = True) -> PPOState:
+    """The run's state at step 0, or at the step of this run's last checkpoint when there is one."""
+    from rlhf.dist import init_dist, launched_processes
+    from rlhf.gold import load_judge
+    from rlhf.modeling import make_optimizer, pick_device, setup_torch
+    from rlhf.training import Checkpointer, file_digest, fingerprint
+
+    check_processes(params, launched_processes())  # before joining: a bad split fails at once on every rank
+    dist, device = init_dist(pick_device(params.device))
+    setup_torch(params.threads, device)
+    data = Path(data)
+    # 1. Models and data.
+    tokenizer, policy, ref, value, rm = load_models(params, sft, reward, device)
+    max_pos = int(getattr(policy.config, "max_position_embeddings", 10**9))
+    corpus = load_data(params, data, tokenizer, max_pos)
+    judge = load_judge(world)
+    # 2. Optimizers, KL controller (item 13), generators, checkpoint. Explicit generators (never the global
+    #    RNG), saved in the checkpoint. Item 21: the sampling seed differs per data-parallel rank. The
+    #    minibatch shuffle is the same on every rank (each applies it to its own episodes), so all ranks run
+    #    the same number of minibatches in the same order.
     checkpointer = Checkpointer(checkpoints, fingerprint(
         to_dict(params), file_digest(sft), file_digest(reward), file_digest(data / "ppo.jsonl"),
         file_digest(data / "corpus.jsonl"), file_digest(world) if world else None,
     ))
-    updates_per_step = params.ppo_epochs * (params.batch_size // params.minibatch_size)
-    start, history = 0, []
-    state = checkpointer.load()
-    if state is not None:
-        policy.load_state_dict(state["policy"])
-        value.load_state_dict(state["value"])
-        policy_opt.load_state_dict(state["policy_opt"])
-        value_opt.load_state_dict(state["value_opt"])
-        kl_ctl.load_state_dict(state["kl_ctl"])
-        # Each rank continues its own sampling stream (item 21): a one-process checkpoint holds one state
-        # under "sample_gen", a multi-process one every rank's under "sample_gens" too.
-        gens = state.get("sample_gens", [state["sample_gen"]])
-        if len(gens) != dist.world_size:
-            raise StageError(f"{checkpointer.path}: written by a {len(gens)}-process run, resumed with "
-                             f"{dist.world_size}; relaunch with {len(gens)} processes, or delete "
-                             f"{checkpointer.directory} to start over")
-        sample_gen.set_state(gens[dist.rank])
-        shuffle_gen.set_state(state["shuffle_gen"])
-        start, history = state["step"], list(state["history"])
-    # The dvclive folder is rebuilt from the checkpoint's history, so a resumed run never logs a step twice.
-    live = open_live(plots) if dist.is_main else None
-    if dist.is_main:
-        for h in history:
-            log_step(live, h)
-
-    def policy_value_forward(x, m, r, context_len):
-        """The policy's response logits (b, R, V) at temperature T and log-probs (b, R), and the values (b, R)
-        at the positions that predict each response token (lm-human-preferences)."""
-        logits = P.response_logits(policy, x, m, context_len, params.temperature)
-        return logits, P.logprobs_from_logits(logits, r), value(x, m)[:, context_len - 1: -1]
-
-    def score_rollout(ids, mask, responses, context_len, *, with_policy: bool):
-        """Item 4 of the issue: reference log-probs and RM scores, and (`with_policy`) the old log-probs,
-        entropy and values, computed once per rollout under no_grad, in micro-batches."""
-        keys = ("ref_logprobs", "scores") + (("logprobs", "entropy", "values") if with_policy else ())
-        outs: dict[str, list[torch.Tensor]] = {k: [] for k in keys}
-        with torch.no_grad(), autocast(device):
-            for sl in chunks(ids.shape[0], params.micro_batch_size):
-                x, m, r = ids[sl], mask[sl], responses[sl]
-                if with_policy:
-                    logits, logprobs, values = policy_value_forward(x, m, r, context_len)
-                    outs["logprobs"].append(logprobs)
-                    outs["entropy"].append(P.entropy_from_logits(logits))
-                    outs["values"].append(values)
-                ref_logits = P.response_logits(ref, x, m, context_len, params.temperature)  # same T (item 8)
-                outs["ref_logprobs"].append(P.logprobs_from_logits(ref_logits, r))
-                # Item 1: the RM reads its scalar at the last real token (EOS); centered (item 3).
-                outs["scores"].append(rewards_from_ids(rm, x, m))
-        return {k: torch.cat(v).float() for k, v in outs.items()}
-
+    betas = (params.adam_beta1, params.adam_beta2)  # item 24
+    state = PPOState(
+        params=params, dist=dist, device=device, tokenizer=tokenizer, policy=policy, ref=ref, value=value, rm=rm,
+        policy_opt=make_optimizer(policy.parameters(), params.lr, 0.0, device, betas=betas, eps=params.adam_eps,
+                                  fused_on_cpu=True),
+        value_opt=make_optimizer(value.parameters(), params.value_lr, 0.0, device, betas=betas, eps=params.adam_eps,
+                                 fused_on_cpu=True),
+        kl_ctl=P.make_kl_controller(params.kl_coef, params.target_kl, params.kl_horizon),
+        sample_gen=torch.Generator(device=device).manual_seed(P.rank_seed(params.seed, dist.rank)),
+        shuffle_gen=torch.Generator().manual_seed(params.seed + 1),
+        data=corpus, judge=judge, checkpointer=checkpointer, reuse=False,
+    )
     # One minibatch per PPO epoch, in one micro-batch: epoch 0's update forward comes before any optimizer
     # step, so it is the rollout's policy and value model on the rollout's tokens (what item 18 checks).
-    reuse = reuse_first_forward and reuses_first_forward(local_batch, local_minibatch, params.micro_batch_size)
+    state.reuse = reuse_first_forward and reuses_first_forward(state.local_batch, state.local_minibatch,
+                                                               params.micro_batch_size)
+    # 3. Resume from this run's last checkpoint, if any.
+    restore_checkpoint(state)
+    return state
 
-    def ppo_step(step: int) -> dict[str, float]:
-        lr_scale = 1.0 - step / params.steps
-        set_lr(policy_opt, params.lr * lr_scale)
-        set_lr(value_opt, params.value_lr * lr_scale)
 
-        # 1. Rollout: a batch of ppo prompts (position derived from the step; this rank's share of it),
-        #    one sampled response each, with the KV cache, queries left-padded (item 6), at temperature T (item 8).
-        idx = dist.shard(epoch_batches(len(queries), params.batch_size, step, params.seed))
-        batch_queries = [queries[i] for i in idx]
-        responses = sample_tokens(policy, batch_queries, pad_id=pad_id, eos_id=eos_id,
-                                  max_new_tokens=params.max_new_tokens, temperature=params.temperature,
-                                  generator=sample_gen, device=device)  # (B, R)
-        q_ids, q_mask = left_pad(batch_queries, pad_id)  # (B, Q)
-        context_len = q_ids.shape[1]
+def checkpoint_state(state: PPOState, sample_gens: list[torch.Tensor]) -> dict[str, Any]:
+    """What a checkpoint holds: weights, optimizers, β, every rank's sampling stream, the shuffle, the history."""
+    out = {
+        "policy": state.policy.state_dict(), "value": state.value.state_dict(),
+        "policy_opt": state.policy_opt.state_dict(), "value_opt": state.value_opt.state_dict(),
+        "kl_ctl": state.kl_ctl.state_dict(), "sample_gen": sample_gens[0],
+        "shuffle_gen": state.shuffle_gen.get_state(), "step": state.step, "history": state.history,
+    }
+    if state.dist.enabled:
+        out["sample_gens"] = sample_gens
+    return out
 
-        # 2. Truncate at the first EOS (item 10): the mask covers the response up to its EOS.
-        r_mask, ended = P.response_mask(responses, eos_id)  # (B, R), (B,)
-        ids = torch.cat([q_ids, responses], 1).to(device)
-        mask = torch.cat([q_mask, r_mask], 1).to(device)
-        responses, r_mask, ended = responses.to(device), r_mask.to(device), ended.to(device)
 
-        # 3. Score once: reference and RM under no_grad; policy and value there too, or, with one minibatch,
-        #    in epoch 0's update forward. The minibatch order of every epoch is drawn here (shuffle_gen gives
-        #    the same permutations as when each was drawn at the start of its epoch).
-        roll = score_rollout(ids, mask, responses, context_len, with_policy=not reuse)
-        perms = [torch.randperm(local_batch, generator=shuffle_gen).to(device) for _ in range(params.ppo_epochs)]
-        held = None
-        if reuse:
-            # Epoch 0's update forward, with grad, over its one minibatch (the rollout in perms[0]'s order):
-            # detached, it gives the old log-probs, entropy and values, and the update below reuses it, so
-            # ratio ≡ 1 and approx KL = clipfrac = 0 exactly on the first minibatch (item 18).
-            with autocast(device):
-                held = policy_value_forward(ids[perms[0]], mask[perms[0]], responses[perms[0]], context_len)
-            with torch.no_grad():
-                logits, logprobs, values = (t.detach() for t in held)
-                back = torch.argsort(perms[0])  # rows back in rollout order: x[perm][argsort(perm)] = x
-                roll.update(logprobs=logprobs[back], values=values[back], entropy=P.entropy_from_logits(logits)[back])
-        rm_scores = roll["scores"]
-        scores = P.penalize_missing_eos(rm_scores, ended, params.missing_eos_penalty)  # item 10
+def save_checkpoint(state: PPOState) -> None:
+    """Weights, optimizers, β and the shuffle are the same on every rank; the sampling streams are not
+    (item 21), so rank 0 saves all of them (a collective: every rank takes part)."""
+    gens = state.dist.gather(state.sample_gen.get_state())
+    if state.dist.is_main:
+        state.checkpointer.save(checkpoint_state(state, gens))
 
-        # 4. Per-token rewards: -β·KL at every token, the score at the last (item 11); GAE (item 14).
-        rewards, non_score_reward, kl = P.kl_penalized_rewards(scores, roll["logprobs"], roll["ref_logprobs"],
-                                                              r_mask, kl_ctl.value)
-        if params.whiten_rewards:
-            rewards = P.whiten(rewards, r_mask, shift_mean=False, all_sum=all_sum)  # item 15: keep the mean
-        advantages, returns = P.compute_gae(rewards, roll["values"], r_mask, gamma=params.gamma, lam=params.lam)
 
-        # 5. PPO epochs over minibatches reshuffled each epoch (item 17).
-        sums: dict[str, float] = {}
-        first: dict[str, float] = {}
-        n_updates = 0
-        for epoch, perm in enumerate(perms):
-            for mb_i, mb_start in enumerate(range(0, local_batch, local_minibatch)):
-                mb = perm[mb_start: mb_start + local_minibatch]
-                # Item 15: advantages whitened (mean shifted) per minibatch, as lm-human-preferences does;
-                # done before splitting into micro-batches so accumulation keeps minibatch semantics, and
-                # over all ranks' shares of the minibatch so N processes whiten like one.
-                mb_adv = P.whiten(advantages[mb], r_mask[mb], all_sum=all_sum)
-                # Item 17: losses are token sums over the minibatch's token count. Under N processes the
-                # ranks' mean count: the averaged gradient is then the one-process minibatch gradient.
-                denom = dist.all_mean(r_mask[mb].sum()).clamp(min=1)
-                policy_opt.zero_grad(set_to_none=True)
-                value_opt.zero_grad(set_to_none=True)
-                stats: dict[str, float] = {}
-                for sl in chunks(len(mb), params.micro_batch_size):
-                    mi = mb[sl]
-                    with autocast(device):
-                        if held is not None:  # epoch 0's forward, already run in step 3
-                            (_, new_logprobs, new_values), held = held, None
-                        else:
-                            _, new_logprobs, new_values = policy_value_forward(ids[mi], mask[mi], responses[mi], context_len)
-                        pg_loss, pg_stats = P.clipped_policy_loss(new_logprobs, roll["logprobs"][mi], mb_adv[sl],
-                                                                  r_mask[mi], clip_range=params.clip_range, denom=denom)
-                        vf_loss, vf_stats = P.clipped_value_loss(new_values, roll["values"][mi], returns[mi], r_mask[mi],
-                                                                 clip_range=params.clip_range_value, denom=denom)
-                    # Separate networks: each loss reaches only its own parameters.
-                    (pg_loss + vf_loss).backward()
-                    for k, v in {**pg_stats, **vf_stats, "loss/policy": pg_loss, "loss/value": vf_loss}.items():
-                        stats[k] = stats.get(k, 0.0) + float(v.detach())
-                # Item 20 (PPO-ptx): + γ·E_pretrain[log π(x)] on a corpus batch derived from the update index.
-                if params.ptx_coef > 0:
-                    u = step * updates_per_step + n_updates
-                    ptx_idx = dist.shard(epoch_batches(len(ptx_docs), params.ptx_batch_size, u, params.seed + 2))
-                    p_ids, p_mask, p_labels = (t.to(device) for t in lm_batch([ptx_docs[i] for i in ptx_idx], pad_id))
-                    with autocast(device):
-                        ptx_loss = masked_lm_loss(policy(input_ids=p_ids, attention_mask=p_mask, use_cache=False).logits, p_labels)
-                    # A rank's token mean, weighted by its share of the global batch's tokens (as `denom`
-                    # above): the averaged gradient is that of the global batch's token mean. 1 with one process.
-                    n_tokens = (p_labels[:, 1:] != IGNORE_INDEX).sum()
-                    ptx_loss = ptx_loss * (n_tokens / dist.all_mean(n_tokens))
-                    (params.ptx_coef * ptx_loss).backward()
-                    stats["loss/ptx"] = float(ptx_loss.detach())
-                # The mean over ranks: a NaN on any rank stops every rank (none is left waiting in a collective).
-                check_finite(dist.mean(stats["loss/policy"] + stats["loss/value"] + stats.get("loss/ptx", 0.0)),
-                             "ppo loss", step, checkpointer.directory)
-                # Every rank steps with the same averaged gradients, so the weights stay identical (rlhf.dist).
-                dist.average_gradients(policy)
-                dist.average_gradients(value)
-                if params.max_grad_norm > 0:
-                    torch.nn.utils.clip_grad_norm_(policy.parameters(), params.max_grad_norm)
-                    torch.nn.utils.clip_grad_norm_(value.parameters(), params.max_grad_norm)
-                policy_opt.step()
-                value_opt.step()
-                if epoch == 0 and mb_i == 0:
-                    first = {k: stats[k] for k in ("ratio", "approxkl", "clipfrac")}  # item 18
-                for k, v in stats.items():
-                    sums[k] = sums.get(k, 0.0) + v
-                n_updates += 1
-        # Loss statistics are sums over `denom` like the losses, so their mean over ranks is the global one.
-        means = dist.means({k: v / n_updates for k, v in sums.items()})
-        first = dist.means(first)
-        ratio_mean, ratio_var = P.summarize_ratio(means)
+def restore_checkpoint(state: PPOState) -> None:
+    """Load this run's last checkpoint into `state` (nothing when there is none)."""
+    saved = state.checkpointer.load()
+    if saved is None:
+        return
+    dist = state.dist
+    state.policy.load_state_dict(saved["policy"])
+    state.value.load_state_dict(saved["value"])
+    state.policy_opt.load_state_dict(saved["policy_opt"])
+    state.value_opt.load_state_dict(saved["value_opt"])
+    state.kl_ctl.load_state_dict(saved["kl_ctl"])
+    # Each rank continues its own sampling stream (item 21): a one-process checkpoint holds one state
+    # under "sample_gen", a multi-process one every rank's under "sample_gens" too.
+    gens = saved.get("sample_gens", [saved["sample_gen"]])
+    if len(gens) != dist.world_size:
+        raise StageError(f"{state.checkpointer.path}: written by a {len(gens)}-process run, resumed with "
+                         f"{dist.world_size}; relaunch with {len(gens)} processes, or delete "
+                         f"{state.checkpointer.directory} to start over")
+    state.sample_gen.set_state(gens[dist.rank])
+    state.shuffle_gen.set_state(saved["shuffle_gen"])
+    state.step, state.history = saved["step"], list(saved["history"])
 
-        # 6. Rollout statistics: means over this rank's equal share of the batch, so their mean over ranks
-        #    (one all-reduce) is the global batch's mean. The gold judge beside the proxy (item 23).
-        lengths = r_mask.sum(1).float()
-        batch_means = {
-            "kl": float(kl.sum(1).mean()),  # item 12: summed per-token log-ratio, batch mean
-            "entropy": float((roll["entropy"] * r_mask).sum(1).mean()),
-            "non_score_reward": float(non_score_reward.sum(1).mean()),
-            "scores": float(scores.mean()),
-            "rm_score": float(rm_scores.mean()),
-            "rlhf_reward": float((scores + non_score_reward.sum(1)).mean()),
-            "response_length": float(lengths.mean()),
-            "eos_share": float(ended.float().mean()),
-        }
-        if judge is not None:
-            texts = [decode_response(tokenizer, row)[0] for row in responses.cpu().tolist()]
-            gold = [judge.score(prompts[i], t)["total"] for i, t in zip(idx, texts, strict=True)]
-            batch_means["gold"] = sum(gold) / len(gold)
-        g = dist.means(batch_means)
 
-        # 7. Adaptive KL (item 13): update β from the global batch's mean KL, n = episodes seen; every rank
-        #    updates from the same numbers, so β stays the same on all of them.
-        mean_kl = g["kl"]
-        beta_used = kl_ctl.value
-        kl_ctl.update(mean_kl, params.batch_size)
+# ----------------------------------------------------------------------------------------------
+# The steps of one PPO iteration: rollout -> score -> rewards and advantages -> update -> log
 
-        # 8. Metrics of item 22.
-        m = {
-            "step": float(step),
-            "objective/kl": mean_kl,
-            "objective/sqrt_kl": math.sqrt(max(mean_kl, 0.0)),
-            "objective/entropy": g["entropy"],
-            "objective/non_score_reward": g["non_score_reward"],
-            "objective/scores": g["scores"],
-            "objective/rm_score": g["rm_score"],
-            "objective/rlhf_reward": g["rlhf_reward"],
-            "policy/approxkl": means["approxkl"],
-            "policy/clipfrac": means["clipfrac"],
-            "loss/policy": means["loss/policy"],
-            "loss/value": means["loss/value"],
-            "val/clipfrac": means["vf_clipfrac"],
-            "val/ratio": ratio_mean,
-            "val/ratio_var": ratio_var,
-            "val/response_length": g["response_length"],
-            "val/eos_share": g["eos_share"],
-            "kl_coef": beta_used,
-            "sanity/first_ratio": first["ratio"],
-            "sanity/first_approxkl": first["approxkl"],
-            "sanity/first_clipfrac": first["clipfrac"],
-        }
-        if "loss/ptx" in means:
-            m["loss/ptx"] = means["loss/ptx"]
-        if "gold" in g:
-            m["gold/score"] = g["gold"]
-        return m
 
-    t_train = time.time()
+@dataclass
+class Rollout:
+    """One rollout (this rank's share): B episodes, queries Q tokens (left-padded), responses R tokens."""
+
+    idx: list[int]
+    """Indices of the prompts (into Data.prompts)."""
+    ids: torch.Tensor
+    """(B, Q + R) query and response tokens."""
+    mask: torch.Tensor
+    """(B, Q + R) attention mask: the queries' padding and the response tokens after EOS are 0."""
+    responses: torch.Tensor
+    """(B, R) sampled tokens, PAD after the first EOS."""
+    r_mask: torch.Tensor
+    """(B, R) 1 up to and including the first EOS (item 10)."""
+    ended: torch.Tensor
+    """(B,) whether the response emitted EOS."""
+    context_len: int
+    """Q: the response starts at this position."""
+
+
+def rollout(state: PPOState, step: int) -> Rollout:
+    """Steps 1-2: sample one response per prompt of the step's batch, and truncate it at its first EOS."""
+    from rlhf.modeling import left_pad, sample_tokens
+    from rlhf.training import epoch_batches
+
+    params, device, tok = state.params, state.device, state.tokenizer
+    # 1. A batch of ppo prompts (position derived from the step; this rank's share of it), one sampled
+    #    response each, with the KV cache, queries left-padded (item 6), at temperature T (item 8).
+    idx = state.dist.shard(epoch_batches(len(state.data.queries), params.batch_size, step, params.seed))
+    batch_queries = [state.data.queries[i] for i in idx]
+    responses = sample_tokens(state.policy, batch_queries, pad_id=tok.pad_token_id, eos_id=tok.eos_token_id,
+                              max_new_tokens=params.max_new_tokens, temperature=params.temperature,
+                              generator=state.sample_gen, device=device)  # (B, R)
+    q_ids, q_mask = left_pad(batch_queries, tok.pad_token_id)  # (B, Q)
+    # 2. Truncate at the first EOS (item 10): the mask covers the response up to its EOS.
+    r_mask, ended = P.response_mask(responses, tok.eos_token_id)  # (B, R), (B,)
+    return Rollout(idx=idx, ids=torch.cat([q_ids, responses], 1).to(device),
+                   mask=torch.cat([q_mask, r_mask], 1).to(device), responses=responses.to(device),
+                   r_mask=r_mask.to(device), ended=ended.to(device), context_len=q_ids.shape[1])
+
+
+def policy_value_forward(state: PPOState, ids: torch.Tensor, mask: torch.Tensor, responses: torch.Tensor,
+                         context_len: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The policy's response logits (b, R, V) at temperature T and log-probs (b, R), and the values (b, R)
+    at the positions that predict each response token (lm-human-preferences)."""
+    logits = P.response_logits(state.policy, ids, mask, context_len, state.params.temperature)
+    return logits, P.logprobs_from_logits(logits, responses), state.value(ids, mask)[:, context_len - 1: -1]
+
+
+def score(state: PPOState, ro: Rollout, *, with_policy: bool) -> dict[str, torch.Tensor]:
+    """Step 3: reference log-probs and RM scores, and (`with_policy`) the old log-probs, entropy and
+    values, computed once per rollout under no_grad, in micro-batches. All (B, R), scores (B,)."""
+    from rlhf.modeling import autocast
+    from rlhf.rm import rewards_from_ids
+
+    keys = ("ref_logprobs", "scores") + (("logprobs", "entropy", "values") if with_policy else ())
+    outs: dict[str, list[torch.Tensor]] = {k: [] for k in keys}
+    with torch.no_grad(), autocast(state.device):
+        for sl in chunks(ro.ids.shape[0], state.params.micro_batch_size):
+            x, m, r = ro.ids[sl], ro.mask[sl], ro.responses[sl]
+            if with_policy:
+                logits, logprobs, values = policy_value_forward(state, x, m, r, ro.context_len)
+                outs["logprobs"].append(logprobs)
+                outs["entropy"].append(P.entropy_from_logits(logits))
+                outs["values"].append(values)
+            ref_logits = P.response_logits(state.ref, x, m, ro.context_len, state.params.temperature)  # same T (item 8)
+            outs["ref_logprobs"].append(P.logprobs_from_logits(ref_logits, r))
+            # Item 1: the RM reads its scalar at the last real token (EOS); centered (item 3).
+            outs["scores"].append(rewards_from_ids(state.rm, x, m))
+    return {k: torch.cat(v).float() for k, v in outs.items()}
+
+
+def score_with_first_update_forward(state: PPOState, ro: Rollout, roll: dict[str, torch.Tensor],
+                                    perm: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """The speed shortcut of `reuses_first_forward`: epoch 0's update forward, with grad, over its one
+    minibatch (the rollout in `perm`'s order), run now. Detached, it gives the rollout's old log-probs,
+    entropy and values (added to `roll`); the update reuses it, so ratio ≡ 1 and approx KL = clipfrac = 0
+    exactly on the first minibatch (item 18). Returns the forward's (logits, logprobs, values)."""
+    from rlhf.modeling import autocast
+
+    with autocast(state.device):
+        held = policy_value_forward(state, ro.ids[perm], ro.mask[perm], ro.responses[perm], ro.context_len)
+    with torch.no_grad():
+        logits, logprobs, values = (t.detach() for t in held)
+        back = torch.argsort(perm)  # rows back in rollout order: x[perm][argsort(perm)] = x
+        roll.update(logprobs=logprobs[back], values=values[back], entropy=P.entropy_from_logits(logits)[back])
+    return held
+
+
+@dataclass
+class Advantages:
+    """Step 4's outputs, all (B, R) but `scores` and `rm_scores` (B,)."""
+
+    rm_scores: torch.Tensor
+    scores: torch.Tensor
+    """RM scores with missing_eos_penalty for responses without EOS (item 10)."""
+    non_score_reward: torch.Tensor
+    kl: torch.Tensor
+    advantages: torch.Tensor
+    returns: torch.Tensor
+
+
+def rewards_and_advantages(state: PPOState, ro: Rollout, roll: dict[str, torch.Tensor]) -> Advantages:
+    """Step 4: per-token rewards, -β·KL at every token and the score at the last (item 11); GAE (item 14)."""
+    params = state.params
+    scores = P.penalize_missing_eos(roll["scores"], ro.ended, params.missing_eos_penalty)  # item 10
+    rewards, non_score_reward, kl = P.kl_penalized_rewards(scores, roll["logprobs"], roll["ref_logprobs"],
+                                                          ro.r_mask, state.kl_ctl.value)
+    if params.whiten_rewards:
+        rewards = P.whiten(rewards, ro.r_mask, shift_mean=False, all_sum=state.all_sum)  # item 15: keep the mean
+    advantages, returns = P.compute_gae(rewards, roll["values"], ro.r_mask, gamma=params.gamma, lam=params.lam)
+    return Advantages(rm_scores=roll["scores"], scores=scores, non_score_reward=non_score_reward, kl=kl,
+                      advantages=advantages, returns=returns)
+
+
+def ptx_backward(state: PPOState, update_index: int) -> float:
+    """Item 20 (PPO-ptx): backward of γ·(LM loss) on a corpus batch derived from the global update index.
+
+    Returns the rank's weighted LM loss (see below) for the logs.
+    """
+    from rlhf.modeling import autocast
+    from rlhf.training import epoch_batches, masked_lm_loss
+
+    params, dist, docs = state.params, state.dist, state.data.ptx_docs
+    ptx_idx = dist.shard(epoch_batches(len(docs), params.ptx_batch_size, update_index, params.seed + 2))
+    p_ids, p_mask, p_labels = (t.to(state.device) for t in lm_batch([docs[i] for i in ptx_idx],
+                                                                    state.tokenizer.pad_token_id))
+    with autocast(state.device):
+        ptx_loss = masked_lm_loss(state.policy(input_ids=p_ids, attention_mask=p_mask, use_cache=False).logits, p_labels)
+    # A rank's token mean, weighted by its share of the global batch's tokens (as the PPO losses' `denom`):
+    # the averaged gradient is that of the global batch's token mean. 1 with one process.
+    n_tokens = (p_labels[:, 1:] != IGNORE_INDEX).sum()
+    ptx_loss = ptx_loss * (n_tokens / dist.all_mean(n_tokens))
+    (params.ptx_coef * ptx_loss).backward()
+    return float(ptx_loss.detach())
+
+
+def minibatch_update(state: PPOState, step: int, update_index: int, ro: Rollout, roll: dict[str, torch.Tensor],
+                     adv: Advantages, mb: torch.Tensor, held: tuple | None) -> dict[str, float]:
+    """Step 5, one optimizer step of each network on minibatch `mb` (episode indices), gradients accumulated
+    over micro-batches (item 17), plus the ptx term (item 20). `held`: the shortcut's forward of this
+    minibatch, if it was run in step 3. Returns the minibatch's loss statistics (sums over `denom`)."""
+    from rlhf.modeling import autocast
+    from rlhf.training import check_finite
+
+    params, dist = state.params, state.dist
+    # Item 15: advantages whitened (mean shifted) per minibatch, as lm-human-preferences does; done before
+    # splitting into micro-batches so accumulation keeps minibatch semantics, and over all ranks' shares of
+    # the minibatch so N processes whiten like one.
+    mb_adv = P.whiten(adv.advantages[mb], ro.r_mask[mb], all_sum=state.all_sum)
+    # Item 17: losses are token sums over the minibatch's token count. Under N processes the ranks' mean
+    # count: the averaged gradient is then the one-process minibatch gradient.
+    denom = dist.all_mean(ro.r_mask[mb].sum()).clamp(min=1)
+    state.policy_opt.zero_grad(set_to_none=True)
+    state.value_opt.zero_grad(set_to_none=True)
+    stats: dict[str, float] = {}
+    for sl in chunks(len(mb), params.micro_batch_size):
+        mi = mb[sl]
+        with autocast(state.device):
+            if held is not None:  # epoch 0's forward, already run in step 3
+                (_, new_logprobs, new_values), held = held, None
+            else:
+                _, new_logprobs, new_values = policy_value_forward(state, ro.ids[mi], ro.mask[mi], ro.responses[mi],
+                                                                   ro.context_len)
+            pg_loss, pg_stats = P.clipped_policy_loss(new_logprobs, roll["logprobs"][mi], mb_adv[sl], ro.r_mask[mi],
+                                                      clip_range=params.clip_range, denom=denom)
+            vf_loss, vf_stats = P.clipped_value_loss(new_values, roll["values"][mi], adv.returns[mi], ro.r_mask[mi],
+                                                     clip_range=params.clip_range_value, denom=denom)
+        # Separate networks: each loss reaches only its own parameters.
+        (params.rl_coef * pg_loss + vf_loss).backward()
+        for k, v in {**pg_stats, **vf_stats, "loss/policy": pg_loss, "loss/value": vf_loss}.items():
+            stats[k] = stats.get(k, 0.0) + float(v.detach())
+    if params.ptx_coef > 0:
+        stats["loss/ptx"] = ptx_backward(state, update_index)
+    # The mean over ranks: a NaN on any rank stops every rank (none is left waiting in a collective).
+    check_finite(dist.mean(stats["loss/policy"] + stats["loss/value"] + stats.get("loss/ptx", 0.0)),
+                 "ppo loss", step, state.checkpointer.directory)
+    # Every rank steps with the same averaged gradients, so the weights stay identical (rlhf.dist).
+    dist.average_gradients(state.policy)
+    dist.average_gradients(state.value)
+    if params.max_grad_norm > 0:
+        torch.nn.utils.clip_grad_norm_(state.policy.parameters(), params.max_grad_norm)
+        torch.nn.utils.clip_grad_norm_(state.value.parameters(), params.max_grad_norm)
+    state.policy_opt.step()
+    state.value_opt.step()
+    return stats
+
+
+def update(state: PPOState, step: int, ro: Rollout, roll: dict[str, torch.Tensor], adv: Advantages,
+           perms: list[torch.Tensor], held: tuple | None) -> tuple[dict[str, float], dict[str, float]]:
+    """Step 5: `ppo_epochs` passes over minibatches, reshuffled each epoch by `perms` (item 17).
+
+    Returns the loss statistics averaged over the step's updates and over ranks, and those of the first
+    minibatch of epoch 0, where ratio ≡ 1 (item 18).
+    """
+    sums: dict[str, float] = {}
+    first: dict[str, float] = {}
+    n_updates = 0
+    for epoch, perm in enumerate(perms):
+        for mb_i, mb_start in enumerate(range(0, state.local_batch, state.local_minibatch)):
+            mb = perm[mb_start: mb_start + state.local_minibatch]
+            stats = minibatch_update(state, step, step * state.updates_per_step + n_updates, ro, roll, adv, mb,
+                                     held if epoch == 0 and mb_i == 0 else None)
+            if epoch == 0 and mb_i == 0:
+                first = {k: stats[k] for k in ("ratio", "approxkl", "clipfrac")}  # item 18
+            for k, v in stats.items():
+                sums[k] = sums.get(k, 0.0) + v
+            n_updates += 1
+    # Loss statistics are sums over `denom` like the losses, so their mean over ranks is the global one.
+    return state.dist.means({k: v / n_updates for k, v in sums.items()}), state.dist.means(first)
+
+
+def rollout_means(state: PPOState, ro: Rollout, roll: dict[str, torch.Tensor], adv: Advantages) -> dict[str, float]:
+    """Step 6: rollout statistics, means over this rank's equal share of the batch, so their mean over ranks
+    (one all-reduce) is the global batch's mean. The gold judge beside the proxy (item 23)."""
+    from rlhf.modeling import decode_response
+
+    lengths = ro.r_mask.sum(1).float()
+    batch_means = {
+        "kl": float(adv.kl.sum(1).mean()),  # item 12: summed per-token log-ratio, batch mean
+        "entropy": float((roll["entropy"] * ro.r_mask).sum(1).mean()),
+        "non_score_reward": float(adv.non_score_reward.sum(1).mean()),
+        "scores": float(adv.scores.mean()),
+        "rm_score": float(adv.rm_scores.mean()),
+        "rlhf_reward": float((adv.scores + adv.non_score_reward.sum(1)).mean()),
+        "response_length": float(lengths.mean()),
+        "eos_share": float(ro.ended.float().mean()),
+    }
+    if state.judge is not None:
+        texts = [decode_response(state.tokenizer, row)[0] for row in ro.responses.cpu().tolist()]
+        gold = [state.judge.score(state.data.prompts[i], t)["total"] for i, t in zip(ro.idx, texts, strict=True)]
+        batch_means["gold"] = sum(gold) / len(gold)
+    return state.dist.means(batch_means)
+
+
+def step_metrics(step: int, g: dict[str, float], means: dict[str, float], first: dict[str, float],
+                 beta_used: float) -> dict[str, float]:
+    """Step 8: the metrics of item 22 from the rollout means `g` and the update's loss statistics."""
+    ratio_mean, ratio_var = P.summarize_ratio(means)
+    m = {
+        "step": float(step),
+        "objective/kl": g["kl"],
+        "objective/sqrt_kl": math.sqrt(max(g["kl"], 0.0)),
+        "objective/entropy": g["entropy"],
+        "objective/non_score_reward": g["non_score_reward"],
+        "objective/scores": g["scores"],
+        "objective/rm_score": g["rm_score"],
+        "objective/rlhf_reward": g["rlhf_reward"],
+        "policy/approxkl": means["approxkl"],
+        "policy/clipfrac": means["clipfrac"],
+        "loss/policy": means["loss/policy"],
+        "loss/value": means["loss/value"],
+        "val/clipfrac": means["vf_clipfrac"],
+        "val/ratio": ratio_mean,
+        "val/ratio_var": ratio_var,
+        "val/response_length": g["response_length"],
+        "val/eos_share": g["eos_share"],
+        "kl_coef": beta_used,
+        "sanity/first_ratio": first["ratio"],
+        "sanity/first_approxkl": first["approxkl"],
+        "sanity/first_clipfrac": first["clipfrac"],
+    }
+    if "loss/ptx" in means:
+        m["loss/ptx"] = means["loss/ptx"]
+    if "gold" in g:
+        m["gold/score"] = g["gold"]
+    return m
+
+
+def ptx_only_step(state: PPOState, step: int) -> dict[str, float]:
+    """The "SFT + ptx" control (rl_coef = 0): a PPO step's optimizer steps, each on its own ptx batch alone.
+
+    The same schedule, the same corpus batches (derived from the same update index) and the same number
+    of policy updates as PPO-ptx, without rollouts: with the RL loss off they would change nothing.
+    """
+    from rlhf.training import check_finite, set_lr
+
+    params, dist = state.params, state.dist
+    set_lr(state.policy_opt, linear_anneal(step, params.steps, params.lr))
+    losses = []
+    for n in range(state.updates_per_step):
+        state.policy_opt.zero_grad(set_to_none=True)
+        losses.append(ptx_backward(state, step * state.updates_per_step + n))
+        check_finite(dist.mean(losses[-1]), "ptx loss", step, state.checkpointer.directory)
+        dist.average_gradients(state.policy)
+        if params.max_grad_norm > 0:
+            torch.nn.utils.clip_grad_norm_(state.policy.parameters(), params.max_grad_norm)
+        state.policy_opt.step()
+    return {"step": float(step), **dist.means({"loss/ptx": sum(losses) / len(losses)})}
+
+
+def ppo_step(state: PPOState, step: int) -> dict[str, float]:
+    """One PPO iteration, the numbered steps of lm-human-preferences' train_policy.py; returns its metrics."""
+    from rlhf.training import set_lr
+
+    params = state.params
+    if params.rl_coef == 0:
+        return ptx_only_step(state, step)
+    set_lr(state.policy_opt, linear_anneal(step, params.steps, params.lr))
+    set_lr(state.value_opt, linear_anneal(step, params.steps, params.value_lr))
+    ro = rollout(state, step)  # 1-2
+    # 3. Score once: reference and RM under no_grad; policy and value there too, or, with the shortcut, in
+    #    epoch 0's update forward. The minibatch order of every epoch is drawn here (shuffle_gen gives the
+    #    same permutations as when each was drawn at the start of its epoch).
+    roll = score(state, ro, with_policy=not state.reuse)
+    perms = [torch.randperm(state.local_batch, generator=state.shuffle_gen).to(state.device)
+             for _ in range(params.ppo_epochs)]
+    held = score_with_first_update_forward(state, ro, roll, perms[0]) if state.reuse else None
+    adv = rewards_and_advantages(state, ro, roll)  # 4
+    means, first = update(state, step, ro, roll, adv, perms, held)  # 5
+    g = rollout_means(state, ro, roll, adv)  # 6
+    # 7. Adaptive KL (item 13): update β from the global batch's mean KL, n = episodes seen; every rank
+    #    updates from the same numbers, so β stays the same on all of them.
+    beta_used = state.kl_ctl.value
+    state.kl_ctl.update(g["kl"], params.batch_size)
+    return step_metrics(step, g, means, first, beta_used)  # 8
+
+
+def log_step(live, m: dict[str, float]) -> None:
+    for k, v in m.items():
+        if k != "step" and not k.startswith("sanity/"):
+            live.log_metric(k, round(v, 6))
+    live.next_step()
+
+
+# ----------------------------------------------------------------------------------------------
+# Training loop, final evaluation, the stage
+
+
+def progress_info(m: dict[str, float]) -> str:
+    if "objective/rm_score" not in m:  # the SFT + ptx control: no rollouts
+        return f"ptx {m['loss/ptx']:.3f}"
+    gold = f" gold {m['gold/score']:.3f}" if "gold/score" in m else ""
+    return f"rm {m['objective/rm_score']:.2f}{gold} kl {m['objective/kl']:.2f}"
+
+
+def train(state: PPOState, live, on_step: Callable[[int, dict[str, float]], None] | None = None) -> None:
+    """Run the steps from `state.step` to `params.steps`, logging each and checkpointing every
+    `checkpoint_every`. `on_step(step, metrics)` is called at the end of every step (benchmarks time it)."""
+    from rlhf.progress import progress
+
+    params, dist = state.params, state.dist
     with progress() as bar:
-        task = bar.add_task("ppo", total=params.steps, completed=start, info="", visible=dist.is_main)
-        for step in range(start, params.steps):
-            m = ppo_step(step)
-            history.append(m)  # global means: the same history on every rank
+        task = bar.add_task("ppo", total=params.steps, completed=state.step, info="", visible=dist.is_main)
+        for step in range(state.step, params.steps):
+            m = ppo_step(state, step)
+            state.history.append(m)  # global means: the same history on every rank
+            state.step = step + 1
             if dist.is_main:
                 log_step(live, m)
-            gold = f" gold {m['gold/score']:.3f}" if "gold/score" in m else ""
-            bar.update(task, advance=1, info=f"rm {m['objective/rm_score']:.2f}{gold} kl {m['objective/kl']:.2f}")
-            if params.checkpoint_every and (step + 1) % params.checkpoint_every == 0 and step + 1 < params.steps:
-                # Weights, optimizers, β and the shuffle are the same on every rank; the sampling streams
-                # are not (item 21), so rank 0 saves all of them (a collective: every rank takes part).
-                gens = dist.gather(sample_gen.get_state())
-                if dist.is_main:
-                    state = {
-                        "policy": policy.state_dict(), "value": value.state_dict(),
-                        "policy_opt": policy_opt.state_dict(), "value_opt": value_opt.state_dict(),
-                        "kl_ctl": kl_ctl.state_dict(), "sample_gen": gens[0],
-                        "shuffle_gen": shuffle_gen.get_state(), "step": step + 1, "history": history,
-                    }
-                    if dist.enabled:
-                        state["sample_gens"] = gens
-                    checkpointer.save(state)
-    t_train = time.time() - t_train
-    if not (dist.same_weights(policy) and dist.same_weights(value)):
-        raise StageError("ppo: the ranks' weights drifted apart during data-parallel training (a bug, not your "
-                         "input); rerun with one process and report it")
-    if not dist.is_main:  # rank 0 saves the models, runs the held-out evaluation and writes the metrics
-        return {"rank": dist.rank, "timing": {"wall_s": round(time.time() - t0, 1), "train_s": round(t_train, 3),
-                                              "resumed_from": start}}
-    live.end()
-    write_overoptimization(history, Path(plots))
-    t_eval = time.time()
+            if on_step is not None:
+                on_step(step, m)
+            bar.update(task, advance=1, info=progress_info(m))
+            if params.checkpoint_every and state.step % params.checkpoint_every == 0 and state.step < params.steps:
+                save_checkpoint(state)
 
-    # 8. Outputs: the policy (HF causal LM + tokenizer) and the value model (HF sequence classifier).
-    save_model(policy, tokenizer, out)
-    save_model(value.model, tokenizer, value_out)
 
-    # 9. Final metrics: the last rollouts (training prompts, sampled), then held-out evaluation only.
-    last = history[-1]
-    result: dict[str, Any] = {
+def final_metrics(state: PPOState) -> dict[str, Any]:
+    """The last rollout's numbers (training prompts, sampled) and the sanity checks of items 12 and 18."""
+    params, history, last = state.params, state.history, state.history[-1]
+    if params.rl_coef == 0:  # the SFT + ptx control: no rollouts to report
+        return {"steps": params.steps, "control": "sft+ptx (rl_coef 0: no rollouts, no value model)",
+                "final_ptx_loss": round(last["loss/ptx"], 4)}
+    return {
         "steps": params.steps,
         "episodes": params.steps * params.batch_size,
-        "prompts": len(prompts),
-        "prompts_too_long": len(encoded) - len(kept),
+        "prompts": len(state.data.prompts),
+        "prompts_too_long": state.data.prompts_too_long,
         "final_rollout": {name: round(last[k], 4) for name, k in (
             ("rm_score", "objective/rm_score"), ("scores", "objective/scores"), ("kl", "objective/kl"),
             ("entropy", "objective/entropy"), ("response_length", "val/response_length"),
@@ -602,46 +853,95 @@ def run(params: Params, *, sft: Path, reward: Path, data: Path, world: Path | No
             "first_minibatch_max_clipfrac": round(max(h["sanity/first_clipfrac"] for h in history), 6),
         },
     }
-    # Alignment tax (InstructGPT sec. 3.5, item 20): mean per-token log-likelihood of held-out corpus text.
-    if heldout_docs:
-        lp_policy = corpus_logprob(policy, heldout_docs, pad_id, device)
-        lp_sft = corpus_logprob(ref, heldout_docs, pad_id, device)
+
+
+def evaluate_heldout(state: PPOState) -> dict[str, Any]:
+    """Held-out evaluation only, never trained on: the alignment tax on held-out corpus text (InstructGPT
+    sec. 3.5, item 20), and greedy answers to the test prompts by policy and SFT, scored by RM and gold."""
+    from rlhf.gold import summarize
+    from rlhf.modeling import generate_responses
+    from rlhf.rm import score_texts
+
+    params, device, tok, data = state.params, state.device, state.tokenizer, state.data
+    result: dict[str, Any] = {}
+    if data.heldout_docs:
+        lp_policy = corpus_logprob(state.policy, data.heldout_docs, tok.pad_token_id, device)
+        lp_sft = corpus_logprob(state.ref, data.heldout_docs, tok.pad_token_id, device)
         result["corpus_logprob"] = {"policy": round(lp_policy, 4), "sft": round(lp_sft, 4),
-                                    "tax": round(lp_sft - lp_policy, 4), "documents": len(heldout_docs)}
-    # Held-out test prompts, greedy, for policy and SFT: evaluation only, never trained on.
-    if test_prompts:
-        result["test"] = {"prompts": len(test_prompts)}
-        for name, model in (("policy", policy), ("sft", ref)):
-            gen = generate_responses(model, tokenizer, test_prompts, max_new_tokens=params.max_new_tokens,
+                                    "tax": round(lp_sft - lp_policy, 4), "documents": len(data.heldout_docs)}
+    if data.test_prompts:
+        max_pos = int(getattr(state.policy.config, "max_position_embeddings", 10**9))
+        result["test"] = {"prompts": len(data.test_prompts)}
+        for name, model in (("policy", state.policy), ("sft", state.ref)):
+            gen = generate_responses(model, tok, data.test_prompts, max_new_tokens=params.max_new_tokens,
                                      temperature=0.0, batch_size=64, seed=0, device=device)
             texts = [g["response"] for g in gen]
-            rm_test = score_texts(rm, tokenizer, test_prompts, texts, max_len=max_pos, batch_size=64, device=device)
+            rm_test = score_texts(state.rm, tok, data.test_prompts, texts, max_len=max_pos, batch_size=64, device=device)
             entry: dict[str, Any] = {"rm_score": round(sum(rm_test) / len(rm_test), 4),
                                      "eos_share": round(sum(g["ended"] for g in gen) / len(gen), 4)}
-            if judge is not None:
-                entry["gold"] = summarize(judge, test_prompts, texts)
+            if state.judge is not None:
+                entry["gold"] = summarize(state.judge, data.test_prompts, texts)
             result["test"][name] = entry
+    return result
+
+
+def run(params: Params, *, sft: Path, reward: Path, data: Path, world: Path | None, out: Path, value_out: Path,
+        metrics: Path, plots: Path, checkpoints: Path | None, reuse_first_forward: bool = True,
+        on_step: Callable[[int, dict[str, float]], None] | None = None) -> dict[str, Any]:
+    """Train the policy with PPO-ptx, save policy and value model, evaluate on held-out data, write metrics.
+
+    `reuse_first_forward=False` turns off the shortcut of `reuses_first_forward` (tests compare both
+    paths); `on_step(step, metrics)` is called at the end of every step (bench/ppo_vs_trl.py times it).
+    """
+    from rlhf.modeling import save_model
+    from rlhf.training import open_live
+
+    t0 = time.time()
+    # 1. State: models, optimizers, KL controller, generators, data; resumed from a checkpoint if any.
+    state = setup(params, sft=sft, reward=reward, data=data, world=world, checkpoints=checkpoints,
+                  reuse_first_forward=reuse_first_forward)
+    start, dist = state.step, state.dist
+    # 2. Train. The dvclive folder is rebuilt from the checkpoint's history, so a resumed run never logs a
+    #    step twice.
+    live = open_live(plots) if dist.is_main else None
+    if dist.is_main:
+        for h in state.history:
+            log_step(live, h)
+    t_train = time.time()
+    train(state, live, on_step)
+    t_train = time.time() - t_train
+    if not (dist.same_weights(state.policy) and dist.same_weights(state.value)):
+        raise StageError("ppo: the ranks' weights drifted apart during data-parallel training (a bug, not your "
+                         "input); rerun with one process and report it")
+    if not dist.is_main:  # rank 0 saves the models, runs the held-out evaluation and writes the metrics
+        return {"rank": dist.rank, "timing": {"wall_s": round(time.time() - t0, 1), "train_s": round(t_train, 3),
+                                              "resumed_from": start}}
+    live.end()
+    write_overoptimization(state.history, Path(plots))
+    t_eval = time.time()
+    # 3. Outputs: the policy (HF causal LM + tokenizer) and the value model (HF sequence classifier).
+    save_model(state.policy, state.tokenizer, out)
+    if params.rl_coef > 0:  # the SFT + ptx control trains no value model
+        save_model(state.value.model, state.tokenizer, value_out)
+    # 4. Metrics: the last rollouts (training prompts, sampled), then held-out evaluation only.
+    result = {**final_metrics(state), **evaluate_heldout(state)}
     if dist.enabled:  # absent with one process, whose metrics file stays as it always was
         result["processes"] = dist.world_size
     write_json(metrics, result)
-    checkpointer.clear()
+    state.checkpointer.clear()
     result["timing"] = {"wall_s": round(time.time() - t0, 1), "train_s": round(t_train, 3),
                         "eval_s": round(time.time() - t_eval, 1), "resumed_from": start}
     return result
 
 
-def log_step(live, m: dict[str, float]) -> None:
-    for k, v in m.items():
-        if k != "step" and not k.startswith("sanity/"):
-            live.log_metric(k, round(v, 6))
-    live.next_step()
-
-
 def summary(m: dict[str, Any]) -> str:
     if "rank" in m:  # a data-parallel rank other than 0: it trained, rank 0 reports
         return f"rank {m['rank']} done, weights identical to rank 0's ({m['timing']['wall_s']} s)"
-    r = m["final_rollout"]
-    text = f"{m['steps']} steps; last rollout rm {r['rm_score']}, kl {r['kl']}"
+    r = m.get("final_rollout", {})
+    if "control" in m:
+        text = f"{m['steps']} steps of ptx alone (SFT + ptx control); ptx loss {m['final_ptx_loss']}"
+    else:
+        text = f"{m['steps']} steps; last rollout rm {r['rm_score']}, kl {r['kl']}"
     if "processes" in m:
         text += f" ({m['processes']} processes)"
     if "gold" in r:

@@ -153,6 +153,22 @@ def human_rankings(candidates: list[dict[str, Any]], labels_path: Path) -> tuple
     return records, stale
 
 
+def merge_duplicates(records: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], int]:
+    """Records whose ranking orders each distinct text once (`rlhf.rm.merge_duplicate_ranks`), and how many changed.
+
+    A response sampled twice and ranked apart by a (noisy) labeler, X > Y > X', would otherwise say
+    both X > Y and Y > X; each copy now follows its best-ranked copy.
+    """
+    from rlhf.rm import merge_duplicate_ranks
+
+    out, changed = [], 0
+    for r in records:
+        merged = merge_duplicate_ranks(r["ranking"], r["responses"])
+        changed += merged != list(r["ranking"])
+        out.append({**r, "ranking": merged})
+    return out, changed
+
+
 def run(params: Params, *, candidates: Path, world: Path | None, labels: Path, out: Path, metrics: Path) -> dict[str, Any]:
     from rlhf.gold import load_judge
     from rlhf.rm import read_candidates
@@ -173,6 +189,7 @@ def run(params: Params, *, candidates: Path, world: Path | None, labels: Path, o
     else:
         records, stale = human_rankings(cands, labels)
         result["stale_labels_ignored"] = stale
+    records, result["rankings_with_duplicates_merged"] = merge_duplicates(records)
     write_jsonl(out, records)
 
     gold = None

@@ -94,10 +94,6 @@ class Params:
 # Comparison groups: one prompt, its responses, and the (winner, loser) pairs among them
 
 
-def _distinct(pairs: list[tuple[int, int]], responses: list[str]) -> list[tuple[int, int]]:
-    return [(w, l) for w, l in pairs if responses[w] != responses[l]]
-
-
 def load_groups(path: Path, data_format: str) -> list[dict[str, Any]]:
     """Comparison groups {prompt, responses, pairs, ranking?, labeler?} from a file of any accepted format."""
     from rlhf.rm import parse_hh, ranking_pairs, validate_ranking_record
@@ -107,7 +103,8 @@ def load_groups(path: Path, data_format: str) -> list[dict[str, Any]]:
     if data_format == "rankings":
         for lineno, r in enumerate(read_jsonl(path, RANKING_SCHEMA), start=1):
             validate_ranking_record(r, f"{path}:{lineno}")
-            pairs = _distinct(ranking_pairs(r["ranking"], r.get("ties")), r["responses"])  # declared ties: no pair
+            # among distinct texts (a duplicate counts once, at its best rank); declared ties give no pair
+            pairs = ranking_pairs(r["ranking"], r.get("ties"), responses=r["responses"])
             if pairs:
                 groups.append({"prompt": r["prompt"], "responses": list(r["responses"]), "pairs": pairs,
                                "ranking": list(r["ranking"]), "labeler": r["labeler"]})

@@ -1,4 +1,10 @@
-"""One name per stage everywhere: dvc.yaml stage, params.yaml section, stages/<name>.py, `rlhf <name>`."""
+"""One name per stage everywhere: dvc.yaml stage, params.yaml section, stages/<name>.py, `rlhf <name>`.
+
+Variant stages are the one exception: a dvc.yaml stage that runs another stage's command with params
+overridden in its cmd (`rlhf ppo --set ptx_coef=0 ...`, the controls `sft_ptx` and `ppo_noptx`). It has
+no section, module or command of its own; it lists its base stage's params except the overridden ones,
+and writes outputs of its own.
+"""
 
 import dataclasses
 import importlib
@@ -14,6 +20,25 @@ def dvc_stages():
     return yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
 
 
+def base_command(stage: dict) -> str:
+    return stage["cmd"].split()[1]
+
+
+def variants() -> dict[str, str]:
+    """Variant stage -> the stage whose command it runs."""
+    return {name: base_command(s) for name, s in dvc_stages().items() if base_command(s) != name}
+
+
+def overridden(cmd: str) -> dict[str, str]:
+    words = cmd.split()
+    return dict(words[i + 1].split("=", 1) for i, w in enumerate(words) if w == "--set")
+
+
+def outputs(stage: dict) -> set[str]:
+    entries = [*stage.get("outs", []), *stage.get("metrics", []), *stage.get("plots", [])]
+    return {e if isinstance(e, str) else next(iter(e)) for e in entries}
+
+
 def cli_commands():
     from cli.main import app
 
@@ -21,7 +46,7 @@ def cli_commands():
 
 
 def test_names_agree_across_dvc_params_modules_and_cli():
-    stages = set(dvc_stages())
+    stages = set(dvc_stages()) - set(variants())
     sections = set(yaml.safe_load((ROOT / "params.yaml").read_text()))
     modules = {p.stem for p in (ROOT / "stages").glob("*.py") if p.stem != "__init__"}
     commands = cli_commands() - TOOLS
@@ -30,13 +55,30 @@ def test_names_agree_across_dvc_params_modules_and_cli():
 
 
 def test_each_stage_lists_its_params_key_by_key_and_runs_its_command():
-    for name, stage in dvc_stages().items():
-        assert stage["cmd"].startswith(f"rlhf {name}"), name
-        module = importlib.import_module(f"stages.{name}")
+    stages = dvc_stages()
+    for name, stage in stages.items():
+        base = variants().get(name, name)
+        assert stage["cmd"].startswith(f"rlhf {base} "), name
+        module = importlib.import_module(f"stages.{base}")
         fields = {f.name for f in dataclasses.fields(module.Params)}
+        keys = overridden(stage["cmd"])
+        assert set(keys) <= fields and (base == name) == (not keys), (name, keys)  # a variant overrides something
         listed = set()
         for entry in stage.get("params", []):
-            assert isinstance(entry, str) and entry.startswith(f"{name}."), (name, entry)
+            assert isinstance(entry, str) and entry.startswith(f"{base}."), (name, entry)
             listed.add(entry.split(".", 1)[1])
-        assert listed == fields, (name, fields ^ listed)
+        assert listed == fields - set(keys), (name, fields ^ listed)
         assert callable(module.run) and module.__doc__, name
+        if base != name:  # a variant: the base's inputs, outputs of its own
+            assert stage["deps"] == stages[base]["deps"], name
+            assert not outputs(stage) & outputs(stages[base]), name
+
+
+def test_variant_overrides_are_valid_params():
+    from rlhf.params import load_section, override
+
+    for name, base in variants().items():
+        module = importlib.import_module(f"stages.{base}")
+        params = load_section(ROOT / "params.yaml", base, module.Params)
+        changed = override(params, [f"{k}={v}" for k, v in overridden(dvc_stages()[name]["cmd"]).items()], base)
+        assert changed != params, name

@@ -5,7 +5,7 @@ import torch
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
 from rlhf.decode import LlamaDecoder, supports
-from rlhf.modeling import left_pad, position_ids, sample_categorical, sample_tokens
+from rlhf.modeling import inverse_cdf, left_pad, position_ids, sample_categorical, sample_tokens
 
 PAD, EOS = 0, 2
 
@@ -84,6 +84,54 @@ def test_sample_categorical_takes_unnormalized_rows_and_is_reproducible():
     b = sample_categorical(probs, torch.Generator().manual_seed(5))
     assert torch.equal(a, b)
     assert abs(float(a.double().mean()) - 0.75) < 0.03
+
+
+def test_inverse_cdf_draws_tokens_far_below_float32_resolution():
+    """A large-vocabulary row: 0.999 on one token, the rest spread over thousands of tokens of probability
+    2e-10 (zeros among them, and at the end). Every tiny token owns its exact slice of [0, 1): the u at the
+    middle of its slice, computed in exact arithmetic, draws it. A float32 cumulative sum gives most of
+    those slices width 0 (the reason for float64)."""
+    from fractions import Fraction
+
+    vocab = 5001
+    probs = torch.full((vocab,), 2e-10, dtype=torch.float64)
+    probs[7] = 0.999
+    probs[100:110] = 0.0
+    probs[-3:] = 0.0
+    probs = probs / probs.sum()
+    # Exact cumulative sums (Fractions of the float64 values) and, for sampled tiny tokens, the u at the
+    # middle of their slice.
+    exact = [Fraction(0)]
+    for p in probs.tolist():
+        exact.append(exact[-1] + Fraction(p))
+    total = exact[-1]
+    tokens = [i for i in range(0, vocab, 37) if probs[i] > 0 and i != 7]
+    u = torch.tensor([[float((exact[i] + exact[i + 1]) / 2 / total)] for i in tokens], dtype=torch.float64)
+    rows = probs.unsqueeze(0).expand(len(tokens), vocab)
+    assert inverse_cdf(rows, u).tolist() == tokens
+    # A float32 cumulative sum stores values 6e-8 apart near 1: most tiny tokens' slices are empty there.
+    widths = torch.diff(probs.float().cumsum(0))[7:][probs[8:] > 0]
+    assert float((widths == 0).double().mean()) > 0.9
+
+    # u·total rounding up to the total lands on the last token of positive probability, never on a zero.
+    top = inverse_cdf(probs.unsqueeze(0), torch.tensor([[1.0]], dtype=torch.float64))
+    assert top.tolist() == [vocab - 4]
+    zeros = torch.tensor([[0.5, 0.5, 0.0, 0.0]])
+    edges = inverse_cdf(zeros.expand(4, 4), torch.tensor([[0.0], [0.5], [1.0 - 2**-53], [1.0]], dtype=torch.float64))
+    assert edges.tolist() == [0, 1, 1, 1]
+
+
+def test_sample_categorical_never_draws_zero_probability_in_a_large_vocabulary():
+    """20,000 draws over 50,000 tokens where the mass is 1/2 on one token and 1/2 spread evenly over the
+    tokens after it, every other one of them 0: the spread half is drawn half the time, zeros never."""
+    vocab = 50_000
+    probs = torch.zeros(vocab)
+    probs[0] = 0.5
+    probs[1::2] = 0.5 / len(range(1, vocab, 2))
+    draws = torch.cat([sample_categorical(probs.expand(500, vocab), torch.Generator().manual_seed(s)) for s in range(40)])
+    assert float(probs[draws].min()) > 0
+    spread = float((draws > 0).double().mean())
+    assert abs(spread - 0.5) < 4 * (0.25 / draws.numel()) ** 0.5  # 4 standard errors
 
 
 def test_decoder_runs_under_bf16_autocast_like_the_hf_forward():

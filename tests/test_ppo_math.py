@@ -222,6 +222,45 @@ def test_response_logits_equal_the_full_forward(temperature):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
+def test_logprobs_under_autocast_come_from_fp32_logits():
+    """Under bf16 autocast the backbone runs in bf16 but the LM head in fp32: the logits equal a float64
+    head on the same hidden states to fp32 rounding, where a bf16 head is off by more than 0.01 nats
+    (logits of magnitude ~10-30, as trained LMs produce). The value head likewise."""
+    from rlhf.modeling import left_pad, position_ids
+
+    policy = tiny_llama(0)
+    with torch.no_grad():
+        policy.lm_head.weight.mul_(300.0)
+    queries, responses = queries_and_responses()
+    q_ids, q_mask = left_pad(queries, PAD)
+    r_mask, _ = ppo.response_mask(responses, EOS)
+    ids, mask = torch.cat([q_ids, responses], 1), torch.cat([q_mask, r_mask], 1)
+    ctx = q_ids.shape[1]
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = ppo.response_logits(policy, ids, mask, ctx, 1.0)
+        hidden = policy.model(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask)).last_hidden_state
+        bf16_head = policy(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask)).logits[:, ctx - 1: -1]
+    reference = hidden[:, ctx - 1: -1].double() @ policy.lm_head.weight.detach().double().T
+    assert logits.dtype == torch.float32 and bf16_head.dtype == torch.bfloat16
+    assert float(reference.abs().amax()) > 10
+    valid = r_mask.bool()
+    ours = ppo.logprobs_from_logits(logits.double(), responses)[valid]
+    exact = ppo.logprobs_from_logits(reference, responses)[valid]
+    rounded = ppo.logprobs_from_logits(bf16_head.double(), responses)[valid]
+    assert float((ours - exact).abs().max()) < 1e-4
+    assert float((rounded - exact).abs().max()) > 1e-2
+
+    rm = tiny_llama(1, seq_cls=True)
+    with torch.no_grad():
+        rm.score.weight.mul_(300.0)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            values = ppo.ValueModel(rm)(ids, mask)
+            hidden = rm.model(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask)).last_hidden_state
+    assert values.dtype == torch.float32
+    torch.testing.assert_close(values.double(), (hidden.double() @ rm.score.weight.detach().double().T).squeeze(-1),
+                               rtol=1e-5, atol=1e-4)
+
+
 def test_first_minibatch_ratio_is_one():
     """Item 18: before any update the recomputed log-probs equal the rollout's: ratio ≡ 1, approxkl = clipfrac = 0."""
     from rlhf.modeling import left_pad, sample_tokens
@@ -307,6 +346,27 @@ def test_disable_dropout():
     llama.config.attention_dropout = 0.3
     ppo.disable_dropout(llama)
     assert llama.config.attention_dropout == 0.0
+
+
+def test_initial_values_include_the_reward_models_demonstration_bias():
+    """Item 19 with item 3: at initialization the value at the last real token is the centered reward PPO
+    optimizes (the raw head plus config.reward_bias), read as `rewards_from_ids` reads it."""
+    from rlhf.modeling import left_pad
+    from rlhf.rm import REWARD_BIAS_KEY, rewards_from_ids
+
+    rm = tiny_llama(1, seq_cls=True)
+    setattr(rm.config, REWARD_BIAS_KEY, 2.5)
+    queries, responses = queries_and_responses()
+    q_ids, q_mask = left_pad(queries, PAD)
+    r_mask, _ = ppo.response_mask(responses, EOS)
+    ids, mask = torch.cat([q_ids, responses], 1), torch.cat([q_mask, r_mask], 1)
+    with torch.no_grad():
+        values = ppo.ValueModel(rm)(ids, mask)  # (B, T)
+        last = ppo.last_index(mask)
+        rows = torch.arange(len(queries))
+        torch.testing.assert_close(values[rows, last], rewards_from_ids(rm, ids, mask), rtol=1e-6, atol=1e-6)
+        raw = rewards_from_ids(rm, ids, mask, centered=False)
+        torch.testing.assert_close(values[rows, last] - raw, torch.full_like(raw, 2.5), rtol=0, atol=1e-6)
 
 
 def test_value_model_needs_score_head():

@@ -187,12 +187,15 @@ def test_ppo_first_forward_shortcut_matches_general_path(ppo_run, tmp_path):
     params = tiny_params("ppo", steps=2, minibatch_size=8, micro_batch_size=8, checkpoint_every=0, heldout_corpus=0,
                          eval_prompts=1)
     assert params.batch_size == 8 and ppo.reuses_first_forward(8, 8, 8)
-    runs = {}
+    runs, seen = {}, {}
     for reuse in (True, False):
         paths = stage_paths(tmp_path / f"reuse_{reuse}")
+        seen[reuse] = []
         ppo.run(params, sft=ppo_run.sft, reward=ppo_run.reward, data=ppo_run.prepared, world=ppo_run.world,
-                reuse_first_forward=reuse, **paths)
+                reuse_first_forward=reuse, on_step=lambda step, m, r=reuse: seen[r].append((step, m["step"])), **paths)
         runs[reuse] = paths
+    # The timing hook the benchmarks use: called once at the end of every step, with that step's metrics.
+    assert seen[True] == seen[False] == [(0, 0.0), (1, 1.0)]
     fast, general = (json.loads(runs[r]["metrics"].read_text()) for r in (True, False))
     assert fast["sanity"]["first_minibatch_max_abs_ratio_minus_1"] == 0.0
     assert fast["sanity"]["first_minibatch_max_approxkl"] == 0.0
@@ -211,6 +214,14 @@ def test_ppo_first_forward_shortcut_matches_general_path(ppo_run, tmp_path):
         a, b = (load_file(str(runs[r][folder] / "model.safetensors")) for r in (True, False))
         for k in b:
             torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-5, msg=f"{folder} {k}")
+
+
+@pytest.mark.parametrize("key, value", [("adam_eps", 0.0), ("adam_beta1", -0.1), ("adam_beta2", 1.0)])
+def test_ppo_rejects_bad_adam_settings(key, value):
+    from rlhf.errors import StageError
+
+    with pytest.raises(StageError, match=f"ppo.{key}"):
+        tiny_params("ppo", **{key: value}).validate()
 
 
 def test_ppo_missing_reward_model_says_what_to_run(ppo_run, tmp_path):
@@ -239,3 +250,108 @@ def test_overoptimization_files(tmp_path):
     none = tmp_path / "none"
     assert write_overoptimization([{k: v for k, v in h.items() if k != "gold/score"} for h in history], none) is None
     assert (none / "overoptimization.csv").read_text() == "step,sqrt_kl,proxy_score,gold_score\n"
+
+
+def test_ppo_steps_compose_on_an_explicit_state(ppo_run):
+    """The module-level steps on one rollout: rollout -> score -> rewards and advantages -> update -> metrics.
+
+    The shortcut's forward gives the same old log-probs, entropy and values as the no_grad scoring pass;
+    step 4 penalizes responses without EOS and leaves nothing after EOS; one step updates
+    both networks and β and reports item 22's metrics with ratio exactly 1 on the first minibatch.
+    """
+    from rlhf import ppo as P
+    from stages import ppo
+
+    params = tiny_params("ppo", steps=2, minibatch_size=8, micro_batch_size=8, checkpoint_every=0)
+    state = ppo.setup(params, sft=ppo_run.sft, reward=ppo_run.reward, data=ppo_run.prepared, world=ppo_run.world,
+                      checkpoints=None)
+    assert state.reuse and state.step == 0 and state.local_batch == 8 and state.updates_per_step == 2
+    for opt in (state.policy_opt, state.value_opt):  # item 24: Adam's ε and β from the params
+        assert opt.param_groups[0]["eps"] == params.adam_eps == 1e-5
+        assert opt.param_groups[0]["betas"] == (params.adam_beta1, params.adam_beta2) == (0.9, 0.95)
+    ro = ppo.rollout(state, 0)
+    b, r = params.batch_size, params.max_new_tokens
+    assert ro.responses.shape == ro.r_mask.shape == (b, r) and ro.ids.shape == (b, ro.context_len + r)
+    assert torch.equal(ro.mask[:, ro.context_len:], ro.r_mask)
+    full = ppo.score(state, ro, with_policy=True)
+    short = ppo.score(state, ro, with_policy=False)
+    assert set(short) == {"ref_logprobs", "scores"} and full["scores"].shape == (b,)
+    perm = torch.randperm(b, generator=torch.Generator().manual_seed(0))
+    held = ppo.score_with_first_update_forward(state, ro, short, perm)
+    assert held[1].requires_grad  # the update reuses it, graph and all
+    for key in ("logprobs", "entropy", "values"):
+        torch.testing.assert_close(short[key] * ro.r_mask, full[key] * ro.r_mask, rtol=0, atol=1e-5, msg=key)
+
+    adv = ppo.rewards_and_advantages(state, ro, full)
+    expected = torch.where(ro.ended, full["scores"], torch.full_like(full["scores"], params.missing_eos_penalty))
+    assert torch.equal(adv.scores, expected)
+    assert torch.equal(adv.kl, (full["logprobs"] - full["ref_logprobs"]) * ro.r_mask)
+    assert float((adv.advantages * (1 - ro.r_mask)).abs().sum()) == 0.0  # nothing after EOS (item 14)
+
+    before = [p.detach().clone() for p in (state.policy.lm_head.weight, state.value.model.score.weight)]
+    beta = state.kl_ctl.value
+    m = ppo.ppo_step(state, 0)
+    assert m["sanity/first_ratio"] == 1.0 and m["sanity/first_approxkl"] == 0.0 and m["kl_coef"] == beta
+    assert state.kl_ctl.value != beta  # adaptive β (target_kl > 0 in the tiny profile)
+    after = (state.policy.lm_head.weight, state.value.model.score.weight)
+    assert all(not torch.equal(a, b) for a, b in zip(before, after, strict=True))
+    assert {"objective/kl", "policy/clipfrac", "loss/ptx", "val/ratio", "gold/score"} <= set(m)
+
+
+def test_sft_ptx_control_takes_ppos_optimizer_steps_on_the_same_corpus_batches(ppo_run, monkeypatch):
+    """rl_coef = 0 (dvc.yaml's `sft_ptx`): no rollouts, and the policy takes exactly PPO-ptx's optimizer
+    steps, each on the corpus batch PPO-ptx uses at that update."""
+    from stages import ppo
+
+    seen: dict[float, list[int]] = {}
+    real = ppo.ptx_backward
+
+    def recording(state, update_index):
+        seen.setdefault(state.params.rl_coef, []).append(update_index)
+        return real(state, update_index)
+
+    monkeypatch.setattr(ppo, "ptx_backward", recording)
+    steps = {}
+    for rl_coef in (1.0, 0.0):
+        params = tiny_params("ppo", steps=2, checkpoint_every=0, rl_coef=rl_coef)
+        state = ppo.setup(params, sft=ppo_run.sft, reward=ppo_run.reward, data=ppo_run.prepared, world=ppo_run.world,
+                          checkpoints=None)
+        before = state.policy.lm_head.weight.detach().clone()
+        metrics = [ppo.ppo_step(state, step) for step in range(params.steps)]
+        assert not torch.equal(before, state.policy.lm_head.weight)
+        steps[rl_coef] = [int(s["step"]) for s in state.policy_opt.state.values()]
+        if rl_coef == 0:
+            assert set(metrics[-1]) == {"step", "loss/ptx"}  # no rollout was sampled
+            assert not state.value_opt.state  # the value model never trained
+    assert seen[0.0] == seen[1.0] == list(range(2 * state.updates_per_step))
+    assert steps[0.0] == steps[1.0] and set(steps[0.0]) == {2 * state.updates_per_step}
+
+
+def test_ppo_cli_set_overrides_params_for_the_control_stages(ppo_run, tmp_path):
+    """`rlhf ppo --set KEY=VALUE` (dvc.yaml's variant stages): typed, validated, one-line errors."""
+    from rlhf.errors import StageError
+    from rlhf.params import override
+
+    base = tiny_params("ppo")
+    assert override(base, ["ptx_coef=0", "steps=5"], "ppo") == tiny_params("ppo", ptx_coef=0.0, steps=5)
+    for bad, match in (("ptx=0", "expected KEY=VALUE with KEY one of"), ("rl_coef", "expected KEY=VALUE"),
+                       ("steps=many", "ppo.steps': expected an integer"), ("rl_coef=-1", "ppo.rl_coef")):
+        with pytest.raises(StageError, match=match):
+            override(base, [bad], "ppo")
+
+    paths = stage_paths(tmp_path)
+    cmd = [sys.executable, "-m", "cli", "ppo", "--params", str(TINY), "--set", "rl_coef=0", "--set", "steps=2",
+           "--set", "eval_prompts=2", "--sft", str(ppo_run.sft), "--reward", str(ppo_run.reward),
+           "--data", str(ppo_run.prepared), "--world", str(ppo_run.world)]
+    cmd += [x for k, v in paths.items() for x in (f"--{k.replace('_', '-')}", str(v))]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    done = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "SFT + ptx control" in " ".join(done.stdout.split())
+    m = json.loads(paths["metrics"].read_text())
+    assert m["steps"] == 2 and "control" in m and "final_rollout" not in m
+    assert m["test"]["prompts"] == 2 and "gold" in m["test"]["policy"] and "tax" in m["corpus_logprob"]
+    assert (paths["out"] / "model.safetensors").is_file() and not paths["value_out"].exists()
+    bad = subprocess.run(cmd[:4] + ["--set", "nope=1"] + cmd[4:], cwd=tmp_path, env=env, capture_output=True,
+                         text=True, timeout=120)
+    assert bad.returncode == 1 and "nope=1" in bad.stderr and "Traceback" not in bad.stderr
