@@ -45,6 +45,7 @@ def main() -> None:
 
     from rlhf.io import write_json
     from rlhf.params import load_section
+    from rlhf import preferences
     from stages import reward
 
     base = load_section(args.params, "reward", reward.Params)
@@ -59,8 +60,8 @@ def main() -> None:
                                plots=Path(tmp) / "plots", checkpoints=None)
                 wall = time.time() - t0
             h = m["heldout"]
-            groups = reward.load_groups(Path(args.data), base.data_format)
-            train = [g for g in groups if not reward.is_heldout(g["prompt"], p.val_fraction, p.seed)]
+            groups = preferences.load_groups(Path(args.data), base.data_format)
+            train = [g for g in groups if not preferences.is_heldout(g["prompt"], p.val_fraction, p.seed)]
             n_pairs = sum(len(g["pairs"]) for g in train)
             fwd = 2 * n_pairs if batching == "pairs" else sum(len(g["responses"]) for g in train)
             runs.append({

@@ -65,3 +65,12 @@ def answer_test_prompts(model, tokenizer, prompts: list[str], judge, *, max_new_
     responses = [g["response"] for g in gen]
     return TestAnswers(responses=responses, ended=[bool(g["ended"]) for g in gen],
                        gold=summarize(judge, prompts, responses) if judge is not None else None)
+
+
+def gold_compare(models: dict[str, Any], tokenizer, prompts: list[str], judge, *, max_new_tokens: int, device) -> dict[str, Any]:
+    """Greedy responses of each model on `prompts`, scored by the gold judge."""
+    out = {}
+    for name, model in models.items():
+        answers = answer_test_prompts(model, tokenizer, prompts, judge, max_new_tokens=max_new_tokens, device=device)
+        out[name] = {**answers.gold, "ended_with_eos": answers.ended_share}
+    return out

@@ -307,3 +307,27 @@ def train_loop(
                                    "rng": rng_state(), "step": step + 1, "live": live_snapshot(live)})
     model.eval()
     return last
+
+
+# ----------------------------------------------------------------------------------------------
+# Supervised examples: a chat prompt and its response, the loss on the response only (sft, dpo)
+
+
+def build_example(tokenizer, prompt: str, response: str, max_len: int) -> tuple[list[int], list[int]]:
+    """Token ids and labels; prompt positions are IGNORE_INDEX so only the response is learned."""
+    from rlhf.modeling import encode_prompt, encode_response
+
+    p_ids = encode_prompt(tokenizer, prompt)
+    r_ids = encode_response(tokenizer, response, add_eos=True)
+    ids = (p_ids + r_ids)[:max_len]
+    labels = ([IGNORE_INDEX] * len(p_ids) + r_ids)[:max_len]
+    return ids, labels
+
+
+def collate(examples: list[tuple[list[int], list[int]]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Right-padded (B, T) ids, mask and labels; padding is IGNORE_INDEX in the labels."""
+    from rlhf.modeling import right_pad
+
+    ids, mask = right_pad([x for x, _ in examples], pad_id)
+    labels, _ = right_pad([y for _, y in examples], IGNORE_INDEX)
+    return ids, mask, labels

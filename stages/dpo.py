@@ -99,7 +99,7 @@ def load_dpo_groups(path: Path, data_format: str) -> list[dict[str, Any]]:
     """{prompt, responses, ranking, pairs} groups; responses distinct, ranking = 0..K-1 (best first)."""
     from rlhf.dpo import distinct_ranking
     from rlhf.rm import ranking_pairs
-    from stages.reward import load_groups
+    from rlhf.preferences import load_groups
 
     out = []
     for g in load_groups(path, data_format):  # pairwise / HH records come as [chosen, rejected]
@@ -111,7 +111,7 @@ def load_dpo_groups(path: Path, data_format: str) -> list[dict[str, Any]]:
 
 
 def encode_groups(tokenizer, groups: list[dict[str, Any]], max_len: int) -> list[list[Example]]:
-    from stages.sft import build_example
+    from rlhf.training import build_example
 
     return [[build_example(tokenizer, g["prompt"], r, max_len) for r in g["responses"]] for g in groups]
 
@@ -120,7 +120,7 @@ def batch_logprobs(model, examples: list[Example], pad_id: int, device) -> torch
     """(N,) log π(response | prompt) of each example, summed over response tokens (with grad if enabled)."""
     from rlhf.dpo import sequence_logprobs
     from rlhf.modeling import autocast
-    from stages.sft import collate
+    from rlhf.training import collate
 
     ids, mask, labels = (t.to(device) for t in collate(examples, pad_id))
     with autocast(device):
@@ -170,7 +170,7 @@ def preference_stats(groups: list[dict[str, Any]], rewards: list[list[float]], l
                      gold: list[list[float]] | None = None) -> dict[str, Any]:
     """Accuracy of the implicit reward on the labeled pairs (and vs gold), mean chosen / rejected reward and
     margin per pair, and the mean log π/π_ref of the best- and worst-ranked responses."""
-    from stages.reward import heldout_metrics
+    from rlhf.preferences import heldout_metrics
 
     out = heldout_metrics(groups, rewards, gold)
     pairs = [(r[w], r[l]) for g, r in zip(groups, rewards) for w, l in g["pairs"]]
@@ -224,8 +224,8 @@ def run(params: Params, *, sft: Path, data: Path, test: Path, world: Path | None
     from rlhf.gold import load_judge
     from rlhf.modeling import load_causal_lm, load_tokenizer, make_optimizer, pick_device, save_model, setup_torch
     from rlhf.training import Checkpointer, cosine_lr, epoch_batches, file_digest, fingerprint, open_live, train_loop
-    from stages.reward import is_heldout
-    from stages.sft import gold_compare
+    from rlhf.gold import gold_compare
+    from rlhf.preferences import is_heldout
 
     t0 = time.time()
     dist, device = init_dist(pick_device(params.device))

@@ -26,7 +26,6 @@ The recipe (Ouyang et al. 2022 sec. 3.5):
 
 from __future__ import annotations
 
-import hashlib
 import math
 import time
 from dataclasses import dataclass
@@ -36,8 +35,9 @@ from typing import Any, Literal
 import torch
 
 from rlhf.errors import StageError
-from rlhf.io import DEMONSTRATION_SCHEMA, HH_SCHEMA, PAIRWISE_SCHEMA, RANKING_SCHEMA, read_jsonl, write_json
+from rlhf.io import DEMONSTRATION_SCHEMA, read_jsonl, write_json
 from rlhf.params import require, to_dict
+from rlhf.preferences import heldout_metrics, is_heldout, load_groups
 
 BIAS_METHOD = "demonstrations_mean_zero"  # docs/ppo.md item 3: InstructGPT's centering
 
@@ -94,44 +94,6 @@ class Params:
 # Comparison groups: one prompt, its responses, and the (winner, loser) pairs among them
 
 
-def load_groups(path: Path, data_format: str) -> list[dict[str, Any]]:
-    """Comparison groups {prompt, responses, pairs, ranking?, labeler?} from a file of any accepted format."""
-    from rlhf.rm import parse_hh, ranking_pairs, validate_ranking_record
-
-    path = Path(path)
-    groups = []
-    if data_format == "rankings":
-        for lineno, r in enumerate(read_jsonl(path, RANKING_SCHEMA), start=1):
-            validate_ranking_record(r, f"{path}:{lineno}")
-            # among distinct texts (a duplicate counts once, at its best rank); declared ties give no pair
-            pairs = ranking_pairs(r["ranking"], r.get("ties"), responses=r["responses"])
-            if pairs:
-                groups.append({"prompt": r["prompt"], "responses": list(r["responses"]), "pairs": pairs,
-                               "ranking": list(r["ranking"]), "labeler": r["labeler"]})
-    elif data_format == "pairwise":
-        for r in read_jsonl(path, PAIRWISE_SCHEMA):
-            if r["chosen"] != r["rejected"]:
-                groups.append({"prompt": r["prompt"], "responses": [r["chosen"], r["rejected"]], "pairs": [(0, 1)]})
-    elif data_format == "hh":
-        for lineno, r in enumerate(read_jsonl(path, HH_SCHEMA), start=1):
-            prompt, chosen, rejected = parse_hh(r["chosen"], r["rejected"], f"{path}:{lineno}")
-            if chosen != rejected:
-                groups.append({"prompt": prompt, "responses": [chosen, rejected], "pairs": [(0, 1)]})
-    else:
-        raise StageError(f"params key 'reward.data_format': unknown format {data_format!r}")
-    if not groups:
-        raise StageError(f"{path}: no comparisons with two different responses; nothing to train on")
-    return groups
-
-
-def is_heldout(prompt: str, fraction: float, seed: int) -> bool:
-    """Split by a hash of the normalized prompt: all rankings of one prompt land on the same side."""
-    from rlhf.text import normalize
-
-    h = hashlib.sha256(f"reward-split-{seed}:{normalize(prompt)}".encode()).digest()
-    return int.from_bytes(h[:8], "big") / 2**64 < fraction
-
-
 def as_pair_groups(groups: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """The naive variant: every (winner, loser) pair becomes its own 2-response group."""
     return [{"prompt": g["prompt"], "responses": [g["responses"][w], g["responses"][l]], "pairs": [(0, 1)]}
@@ -167,49 +129,6 @@ def score_groups(model, encoded: list[list[list[int]]], pad_id: int, device, bat
     for enc in encoded:
         out.append(scores[pos: pos + len(enc)])
         pos += len(enc)
-    return out
-
-
-def heldout_metrics(groups: list[dict[str, Any]], scores: list[list[float]], gold: list[list[float]] | None) -> dict[str, Any]:
-    """Pairwise accuracy against the labels (and the gold judge), Spearman with gold, labelers vs gold."""
-    from rlhf.agreement import pairs_gold_agreement, rate, score_agreement, spearman
-
-    hits = n = 0.0
-    for g, s in zip(groups, scores):
-        for w, l in g["pairs"]:
-            n += 1
-            hits += 0.5 if s[w] == s[l] else float(s[w] > s[l])
-    out: dict[str, Any] = {"pairs": int(n), "accuracy_labels": rate(hits, n)}
-    if gold is None:
-        return out
-    # Gold statistics per distinct prompt (overlapping labelers share one prompt's responses).
-    seen: set[str] = set()
-    g_hits = g_n = 0.0
-    lab_hits = lab_n = 0
-    rhos, pooled_s, pooled_g = [], [], []
-    for g, s, gs in zip(groups, scores, gold):
-        if "ranking" in g:
-            a, t = pairs_gold_agreement(g["pairs"], gs)  # the labels' own pairs, as `rank` measures them
-            lab_hits, lab_n = lab_hits + a, lab_n + t
-        key = g["prompt"] + "\x00" + "\x00".join(g["responses"])
-        if key in seen:
-            continue
-        seen.add(key)
-        a, t = score_agreement(s, gs)
-        g_hits, g_n = g_hits + a, g_n + t
-        rho = spearman(s, gs)
-        if rho is not None:
-            rhos.append(rho)
-        pooled_s.extend(s)
-        pooled_g.extend(gs)
-    out["gold_pairs"] = int(g_n)
-    out["accuracy_gold"] = rate(g_hits, g_n)
-    out["spearman_gold_within_prompt"] = round(sum(rhos) / len(rhos), 4) if rhos else None
-    pooled = spearman(pooled_s, pooled_g)
-    out["spearman_gold_pooled"] = round(pooled, 4) if pooled is not None else None
-    if lab_n:
-        # The bar the RM is measured against: how often the labels themselves agree with gold here.
-        out["labels_gold_agreement"] = rate(lab_hits, lab_n)
     return out
 
 

@@ -20,8 +20,9 @@ import torch
 
 from rlhf.errors import StageError
 from rlhf.io import DEMONSTRATION_SCHEMA, PROMPT_SCHEMA, read_jsonl, remove_outputs, write_json
+from rlhf.gold import gold_compare
 from rlhf.params import require, to_dict
-from rlhf.training import IGNORE_INDEX
+from rlhf.training import IGNORE_INDEX, build_example, collate
 
 
 @dataclass(frozen=True)
@@ -58,26 +59,6 @@ class Params:
         require(self.eval_prompts >= 0, "sft.eval_prompts", "must be >= 0")
 
 
-def build_example(tokenizer, prompt: str, response: str, max_len: int) -> tuple[list[int], list[int]]:
-    """Token ids and labels; prompt positions are IGNORE_INDEX so only the response is learned."""
-    from rlhf.modeling import encode_prompt, encode_response
-
-    p_ids = encode_prompt(tokenizer, prompt)
-    r_ids = encode_response(tokenizer, response, add_eos=True)
-    ids = (p_ids + r_ids)[:max_len]
-    labels = ([IGNORE_INDEX] * len(p_ids) + r_ids)[:max_len]
-    return ids, labels
-
-
-def collate(examples: list[tuple[list[int], list[int]]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Right-padded (B, T) ids, mask and labels; padding is IGNORE_INDEX in the labels."""
-    from rlhf.modeling import right_pad
-
-    ids, mask = right_pad([x for x, _ in examples], pad_id)
-    labels, _ = right_pad([y for _, y in examples], IGNORE_INDEX)
-    return ids, mask, labels
-
-
 @torch.no_grad()
 def validation_loss(model, examples: list[tuple[list[int], list[int]]], pad_id: int, device,
                     batch_size: int = 64) -> float:
@@ -93,17 +74,6 @@ def validation_loss(model, examples: list[tuple[list[int], list[int]]], pad_id: 
         n = int((labels[:, 1:] != IGNORE_INDEX).sum())
         total, count = total + float(loss) * n, count + n
     return total / count
-
-
-def gold_compare(models: dict[str, Any], tokenizer, prompts: list[str], judge, *, max_new_tokens: int, device) -> dict[str, Any]:
-    """Greedy responses of each model on `prompts`, scored by the gold judge."""
-    from rlhf.gold import answer_test_prompts
-
-    out = {}
-    for name, model in models.items():
-        answers = answer_test_prompts(model, tokenizer, prompts, judge, max_new_tokens=max_new_tokens, device=device)
-        out[name] = {**answers.gold, "ended_with_eos": answers.ended_share}
-    return out
 
 
 def run(params: Params, *, base: Path, data: Path, world: Path | None, out: Path, metrics: Path, plots: Path,

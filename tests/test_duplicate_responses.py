@@ -73,7 +73,7 @@ def test_rank_stage_merges_duplicates_before_writing():
 def test_reward_stage_groups_use_the_merged_pairs(tmp_path):
     import json
 
-    from stages.reward import load_groups
+    from rlhf.preferences import load_groups
 
     path = tmp_path / "rankings.jsonl"
     rec = {"prompt_id": "p1", "prompt": "p", "responses": ["X", "Y", "X", "Z"], "ranking": [0, 1, 2, 3],

@@ -134,7 +134,7 @@ def test_counts_after_rank_skip_rank_undo_undo_rank_skip_quit(tmp_path):
 
 def test_ties_are_stored_as_declared_ties_and_give_no_preference_pair(tmp_path):
     from rlhf.rm import ranking_pairs, validate_ranking_record
-    from stages.reward import load_groups
+    from rlhf.preferences import load_groups
 
     write_candidates(tmp_path / "cands.jsonl", n=2)
     res = label(tmp_path, "1 = 3 > 2\n3>2>1\n")

@@ -61,7 +61,8 @@ def _preference_group(rng: random.Random, k: int = 4) -> tuple[dict, list[list[i
 def test_reward_model_learns_a_separable_preference():
     from transformers import LlamaConfig, LlamaForSequenceClassification
 
-    from stages.reward import batch_loss, heldout_metrics, score_groups
+    from rlhf.preferences import heldout_metrics
+    from stages.reward import batch_loss, score_groups
 
     rng = random.Random(0)
     train = [_preference_group(rng) for _ in range(200)]
@@ -111,7 +112,7 @@ class WordTokenizer:
 def test_sft_lowers_response_loss_on_train_and_heldout_prompts():
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from stages.sft import build_example, collate
+    from rlhf.training import build_example, collate
 
     tok = WordTokenizer()
     pairs = [(a, b) for a in WORDS for b in WORDS if a != b]

@@ -5,7 +5,7 @@ import json
 import torch
 
 from rlhf.training import IGNORE_INDEX, masked_lm_loss
-from stages.sft import build_example, collate
+from rlhf.training import build_example, collate
 from tests.conftest import tiny_params
 
 
