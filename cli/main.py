@@ -26,4 +26,5 @@ app = typer.Typer(
 from cli import spine  # noqa: E402,F401
 from cli import feedback  # noqa: E402,F401
 from cli import rl  # noqa: E402,F401
+from cli import bestofn  # noqa: E402,F401
 from cli import report  # noqa: E402,F401
