@@ -28,3 +28,4 @@ from cli import feedback  # noqa: E402,F401
 from cli import rl  # noqa: E402,F401
 from cli import bestofn  # noqa: E402,F401
 from cli import report  # noqa: E402,F401
+from cli import seeds  # noqa: E402,F401

@@ -127,8 +127,8 @@ def curve_rows(per_n: dict[int, dict[str, Any]]) -> list[str]:
     head = "n,kl,sqrt_kl,proxy" + (",gold" if has_gold else "")
     rows = [head]
     for n, m in per_n.items():
-        row = f"{n},{m['kl']:.6f},{m['sqrt_kl']:.6f},{m['proxy']['mean']:.6f}"
-        rows.append(row + (f",{m['gold']['mean']:.6f}" if has_gold else ""))
+        row = f"{n},{m['kl']:.6f},{m['sqrt_kl']:.6f},{m['proxy']['mean']:.4f}"
+        rows.append(row + (f",{m['gold']['mean']:.4f}" if has_gold else ""))
     return rows
 
 

@@ -70,7 +70,7 @@ def test_kl_formula_and_n_values():
 
 def test_curve_rows_drop_gold_without_a_judge():
     with_gold = {1: {"kl": 0.0, "sqrt_kl": 0.0, "proxy": {"mean": 0.1}, "gold": {"mean": 0.2}}}
-    assert curve_rows(with_gold) == ["n,kl,sqrt_kl,proxy,gold", "1,0.000000,0.000000,0.100000,0.200000"]
+    assert curve_rows(with_gold) == ["n,kl,sqrt_kl,proxy,gold", "1,0.000000,0.000000,0.1000,0.2000"]
     without = {1: {"kl": 0.0, "sqrt_kl": 0.0, "proxy": {"mean": 0.1}}}
     assert curve_rows(without)[0] == "n,kl,sqrt_kl,proxy"
 
