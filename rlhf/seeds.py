@@ -181,15 +181,20 @@ def read_experiments(cwd: Path, names: Sequence[str] | None, prefix: str) -> lis
     if res.returncode != 0:
         raise StageError(f"`dvc exp show --json` failed in {cwd}: {(res.stderr.strip().splitlines() or ['?'])[-1]}")
     exps = experiments_from_show(json.loads(res.stdout), names)
-    if names is None:
-        exps = [e for e in exps if e["name"].startswith(f"{prefix}-")]
     if names is not None:
         missing = sorted(set(names) - {e["name"] for e in exps})
         if missing:
             raise StageError(f"no experiment named {missing[0]}; `dvc exp list` shows the names")
+        return sorted(exps, key=lambda e: list(names).index(e["name"]))
+    exps = [e for e in exps if e["name"].startswith(f"{prefix}-")]
     if not exps:
         raise StageError(f"no experiments named {prefix}-*; run `rlhf seeds run` first")
-    return exps
+    return sort_by_seed(exps)
+
+
+def sort_by_seed(exps: Sequence[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
+    """Experiments in seed order (`dvc exp show` lists the newest first); unknown seeds last, by name."""
+    return sorted(exps, key=lambda e: (seed_of(e) is None, seed_of(e) or 0, _natural(e["name"])))
 
 
 def seed_of(exp: Mapping[str, Any]) -> int | None:

@@ -210,11 +210,10 @@ def run(params: Params, *, sft: Path, reward: Path, test: Path, world: Path | No
     }
     if greedy_gold is not None:
         result["sft_greedy"]["gold"] = {**mean_ci(greedy_gold, **ci), "by_family": family_means(families, greedy_gold)}
-    write_json(metrics, result)
+    write_json(metrics, result, sort_keys=False)  # n in numeric order (1, 2, 4, ..., 16), not as text
     atomic_write_text(Path(plots) / "bestofn.csv", "\n".join(curve_rows(per_n)) + "\n")
     result["timing"] = {"wall_s": round(time.time() - t0, 1)}
     return result
-
 
 
 def summary(m: dict[str, Any]) -> str:

@@ -18,7 +18,7 @@ from cli.main import app
 from rlhf.errors import StageError
 from rlhf.seeds import (
     describe, experiments_from_show, flatten, headline, markdown, queue_commands, seed_of, summarize,
-    t_quantile, t_two_sided_mass, training_seed_keys,
+    sort_by_seed, t_quantile, t_two_sided_mass, training_seed_keys,
 )
 from tests.conftest import ROOT
 
@@ -129,6 +129,8 @@ def test_experiments_from_dvc_exp_show_json():
     assert exps[1]["metrics"] == {"evaluate": {"models": {"sft": {"gold": {"total": 0.6}}}}}
     assert seed_of(exps[1]) == 1
     assert len(experiments_from_show(show)) == 3
+    newest_first = experiments_from_show(show, ["seed-0", "seed-1"])[::-1]  # `dvc exp show` lists the newest first
+    assert [e["name"] for e in sort_by_seed(newest_first)] == ["seed-0", "seed-1"]
 
 
 def test_cli_summarize_from_run_folders(tmp_path):
