@@ -1,6 +1,7 @@
 # Two entry points that work on a fresh clone with only Python 3.11 and make.
 #   make repro  - create .venv if missing, install, run the default pipeline with `dvc repro`
 #   make test   - same set-up, then the test suite (offline)
+#   make seeds N=3 - the pipeline over N training seeds as DVC experiments, summarized (docs/seeds.md)
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
@@ -8,7 +9,8 @@ export HF_HUB_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup repro test clean
+.PHONY: setup repro test seeds clean
+N ?= 3
 
 $(BIN)/rlhf: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -23,6 +25,9 @@ repro: setup
 
 test: setup
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m pytest -q
+
+seeds: setup
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/rlhf seeds run --seeds $(N)
 
 clean:
 	rm -rf models data/prepared data/samples data/rankings checkpoints plots reports .dvc/tmp

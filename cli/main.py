@@ -6,8 +6,12 @@ with the `<name>:` section of params.yaml:
     world, prepare, pretrain, sft      cli/supervised.py   data and the supervised policy (InstructGPT step 1)
     sample, rank, reward               cli/feedback.py     comparisons and the reward model (step 2)
     label                              cli/feedback.py     a tool outside the DAG: rank candidates by hand
-    ppo                                cli/ppo.py          PPO-ptx against the reward model (step 3)
+    dpo                                cli/dpo.py          DPO on the rankings, no reward model (Rafailov et al. 2023)
+    ppo                                cli/ppo.py          PPO-ptx against the reward model (step 3); its controls
+                                                           sft_ptx and ppo_noptx run `rlhf ppo --set KEY=0`
+    bestofn                            cli/bestofn.py      the reward model's best of n SFT samples (no training)
     evaluate                           cli/evaluate.py     base vs SFT vs policy, benchmarks, the report
+    seeds                              cli/seeds.py        a tool outside the DAG: the pipeline over N seeds
 
 Every command is a `cli.command.Command`: markdown-safe help, a stage's params listed in its --help, and
 a hyperparameter given as a flag answered with the `dvc exp run -S` that sets it. Heavy libraries
@@ -70,5 +74,7 @@ def _options(
 from cli import supervised  # noqa: E402,F401  world, prepare, pretrain, sft
 from cli import feedback  # noqa: E402,F401  sample, rank, reward, label
 from cli import dpo  # noqa: E402,F401
-from cli import ppo  # noqa: E402,F401
+from cli import ppo  # noqa: E402,F401  ppo (and its controls sft_ptx, ppo_noptx: `rlhf ppo --set ...`)
+from cli import bestofn  # noqa: E402,F401
 from cli import evaluate  # noqa: E402,F401
+from cli import seeds  # noqa: E402,F401  a tool outside the DAG: the pipeline over N training seeds

@@ -95,6 +95,19 @@ def read_jsonl(path: str | Path, schema: Schema | None = None, *, allow_empty: b
     return records
 
 
+def read_json(path: str | Path) -> Any:
+    """One JSON document (a metrics file); a missing or broken file is a one-line StageError."""
+    path = Path(path)
+    if not path.is_file():
+        raise StageError(f"{path}: file not found")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise StageError(f"{path}: not valid UTF-8; re-encode the file as UTF-8") from None
+    except json.JSONDecodeError as exc:
+        raise StageError(f"{path}: broken JSON ({exc.msg} at line {exc.lineno})") from None
+
+
 # ----------------------------------------------------------------------------------------------
 # Writes: atomic, and a failed one is one line naming the path and the fix
 
