@@ -95,8 +95,11 @@ class _CurveLog:
     def next_step(self) -> None:
         self.step += 1
 
-    def end(self) -> None:
+    def make_summary(self) -> None:
         (Path(self.dir) / "metrics.json").write_text(json.dumps({"step": self.step, **self.summary}))
+
+    def end(self) -> None:
+        self.make_summary()
 
 
 def ensure_curve_logger() -> bool:

@@ -22,6 +22,7 @@ def evaluate(
     plots: Path = typer.Option(Path("plots"), help="folder with each stage's dvclive curves (plots/<stage>/...)"),
     reports: Path = typer.Option(Path("reports"), help="folder for report.html, report.md, figures/, responses.jsonl"),
     metrics: Path = typer.Option(Path("metrics/evaluate.json"), help="metrics JSON (dvc metrics show/diff)"),
+    headline: Path = typer.Option(Path("metrics/headline.json"), help="the ten-odd numbers to compare across experiments"),
     params: Path = Params,
 ) -> None:
     """Compare the models in `evaluate.models` on held-out prompts and the public benchmarks; write the report.
@@ -34,4 +35,4 @@ def evaluate(
     Example:  dvc exp run -S evaluate.judge=reward -S evaluate.reward_model=models/reward
     """
     run_stage("evaluate", params, test=test, world=world, truthfulqa=truthfulqa, crows_pairs=crows_pairs, rtp=rtp,
-              plots=plots, reports=reports, metrics=metrics, params_file=params)
+              plots=plots, reports=reports, metrics=metrics, headline=headline, params_file=params)

@@ -378,10 +378,10 @@ def report_settings(params: Params, judge, test: Path, n_prompts: int, suites: l
 
 
 def run(params: Params, *, test: Path, world: Path | None, plots: Path | None, reports: Path, metrics: Path,
-        headline_out: Path | None = None, reward_metrics: Path | None = None, params_file: Path | None = None,
+        headline: Path | None = None, reward_metrics: Path | None = None, params_file: Path | None = None,
         **suite_files: Path | None) -> dict[str, Any]:
     """`suite_files`: one file per suite of `rlhf.suites.SUITES`, by its option (truthfulqa, crows_pairs,
-    rtp); None or a missing file skips the suite. `headline_out` and `reward_metrics` default to
+    rtp); None or a missing file skips the suite. `headline` and `reward_metrics` default to
     headline.json and reward.json beside `metrics`; `params_file` feeds the report's run information."""
     from rlhf.gold import load_judge
     from rlhf.modeling import pick_device, setup_torch
@@ -416,7 +416,7 @@ def run(params: Params, *, test: Path, world: Path | None, plots: Path | None, r
 
     # 4. The headline, the DVC plot tables, the responses for human labeling, and the report.
     metrics = Path(metrics)
-    write_json(headline_out or metrics.with_name("headline.json"),
+    write_json(headline or metrics.with_name("headline.json"),
                headline(result, params.pairs, reward_metrics or metrics.with_name("reward.json")))
     reports = Path(reports)
     write_plot_tables(reports / "plots", result)
