@@ -68,9 +68,11 @@ def answer_test_prompts(model, tokenizer, prompts: list[str], judge, *, max_new_
 
 
 def gold_compare(models: dict[str, Any], tokenizer, prompts: list[str], judge, *, max_new_tokens: int, device) -> dict[str, Any]:
-    """Greedy responses of each model on `prompts`, scored by the gold judge."""
-    out = {}
+    """Greedy responses of each model on `prompts`, scored by the gold judge: the `test` section of a training
+    stage's metrics, laid out as ppo.json's (`test.<model>.gold.total`), with the token limit beside the EOS
+    share (a share of answers that end with EOS means little without the limit they had)."""
+    out: dict[str, Any] = {"prompts": len(prompts), "max_new_tokens": max_new_tokens}
     for name, model in models.items():
         answers = answer_test_prompts(model, tokenizer, prompts, judge, max_new_tokens=max_new_tokens, device=device)
-        out[name] = {**answers.gold, "ended_with_eos": answers.ended_share}
+        out[name] = {"gold": answers.gold, "ended_with_eos": answers.ended_share}
     return out

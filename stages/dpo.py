@@ -303,7 +303,6 @@ def run(params: Params, *, sft: Path, data: Path, test: Path, world: Path | None
                                      [ref_train[i] for i in sub], params.beta)
     n_pairs = sum(len(g["pairs"]) for g in train)
     result: dict[str, Any] = {
-        "loss": params.loss, "beta": params.beta, "data_format": params.data_format,
         "train": {"comparisons": len(train), "responses": sum(len(g["responses"]) for g in train),
                   "pairs": n_pairs, "steps": total_steps, "per_step": params.batch_size,
                   "train_loss": round(last["train_loss"], 4),
@@ -321,9 +320,8 @@ def run(params: Params, *, sft: Path, data: Path, test: Path, world: Path | None
     result["test"] = sampled_kl(model, ref, tokenizer, prompts, max_new_tokens=params.eval_max_new_tokens,
                                 seed=params.seed, device=device)
     if judge is not None:
-        result["gold_test"] = gold_compare({"sft": ref, "dpo": model}, tokenizer, prompts, judge,
-                                           max_new_tokens=params.eval_max_new_tokens, device=device)
-        result["gold_test"]["prompts"] = len(prompts)
+        result["test"].update(gold_compare({"sft": ref, "dpo": model}, tokenizer, prompts, judge,
+                                           max_new_tokens=params.eval_max_new_tokens, device=device))
     if dist.enabled:  # absent with one process
         result["processes"] = dist.world_size
     # Wall time: the whole stage; pairs/s: the C(K,2) comparisons of every epoch over training time alone.
@@ -340,11 +338,11 @@ def summary(m: dict[str, Any]) -> str:
     if "heldout" not in m:
         return f"rank {m['rank']} done ({m['timing']['wall_s']} s)"
     h = m["heldout"]
-    text = f"{m['train']['steps']} steps ({m['loss']}, β {m['beta']}); held-out accuracy {h['accuracy_labels']:.1%} vs labels"
+    text = f"{m['train']['steps']} steps; held-out accuracy {h['accuracy_labels']:.1%} vs labels"
     if h.get("accuracy_gold") is not None:
         text += f", {h['accuracy_gold']:.1%} vs gold"
     text += f"; test KL {m['test']['kl']}"
-    if "gold_test" in m:
-        g = m["gold_test"]
-        text += f"; gold on {g['prompts']} test prompts: sft {g['sft']['total']:.3f} -> dpo {g['dpo']['total']:.3f}"
+    if "sft" in m["test"]:
+        g = m["test"]
+        text += f"; gold on {g['prompts']} test prompts: sft {g['sft']['gold']['total']:.3f} -> dpo {g['dpo']['gold']['total']:.3f}"
     return text + f" ({m['timing']['wall_s']} s, {m['timing']['pairs_per_s']} pairs/s)"

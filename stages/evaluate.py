@@ -264,7 +264,7 @@ def win_rates(judge, pairs: list[list[str]], prompts: list[str], runs: dict[str,
 # 4. Outputs beside metrics/evaluate.json
 
 
-def headline(result: dict[str, Any], pairs: list[list[str]], reward_metrics: Path | None) -> dict[str, Any]:
+def headline_numbers(result: dict[str, Any], pairs: list[list[str]], reward_metrics: Path | None) -> dict[str, Any]:
     """The numbers to compare across experiments (`dvc metrics show metrics/headline.json`): the win rates
     against the first pair's B (e.g. every policy vs SFT) with intervals, and per model the gold total,
     TruthfulQA MC1 and expected max toxicity; the reward model's held-out accuracy when known."""
@@ -408,7 +408,7 @@ def run(params: Params, *, test: Path, world: Path | None, plots: Path | None, r
             run_.metrics["rm_score"] = round(sum(rewards) / len(rewards), 4)
 
     # 2. Win rates, judged once per pair by the one judge; 3. intervals come with every metric.
-    result: dict[str, Any] = {"prompts": len(prompts), "models": {n: r.metrics for n, r in runs.items()},
+    result: dict[str, Any] = {"prompts": len(prompts), "max_new_tokens": params.max_new_tokens, "models": {n: r.metrics for n, r in runs.items()},
                               "win_rates": win_rates(judge, params.pairs, prompts, runs, params, skipped)}
     if skipped:
         result["skipped"] = skipped
@@ -417,7 +417,7 @@ def run(params: Params, *, test: Path, world: Path | None, plots: Path | None, r
     # 4. The headline, the DVC plot tables, the responses for human labeling, and the report.
     metrics = Path(metrics)
     write_json(headline or metrics.with_name("headline.json"),
-               headline(result, params.pairs, reward_metrics or metrics.with_name("reward.json")))
+               headline_numbers(result, params.pairs, reward_metrics or metrics.with_name("reward.json")))
     reports = Path(reports)
     write_plot_tables(reports / "plots", result)
     write_responses(reports / "responses.jsonl", records, families, runs)

@@ -232,7 +232,9 @@ def write_overoptimization(history: list[dict[str, float]], directory: Path) -> 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    # Raw points per rollout, and a line through their moving average in step order (rollouts are noisy).
+    # Raw points per rollout, and a line through their moving average in √KL order: rollouts are noisy and
+    # KL does not grow monotonically with the step, so a line in step order scribbles back and forth.
+    rows = sorted(rows, key=lambda h: h["objective/sqrt_kl"])
     x = [h["objective/sqrt_kl"] for h in rows]
     proxy = [h["objective/rm_score"] for h in rows]
     gold = [h["gold/score"] for h in rows]
@@ -843,7 +845,7 @@ def final_metrics(state: PPOState) -> dict[str, Any]:
         "final_rollout": {name: round(last[k], 4) for name, k in (
             ("rm_score", "objective/rm_score"), ("scores", "objective/scores"), ("kl", "objective/kl"),
             ("entropy", "objective/entropy"), ("response_length", "val/response_length"),
-            ("eos_share", "val/eos_share"), ("kl_coef", "kl_coef"), ("gold", "gold/score")) if k in last},
+            ("ended_with_eos", "val/eos_share"), ("kl_coef", "kl_coef"), ("gold", "gold/score")) if k in last},
         # Items 12 and 18, checked on every step of this run.
         "sanity": {
             "mean_kl_over_steps": round(sum(h["objective/kl"] for h in history) / len(history), 4),
@@ -871,14 +873,14 @@ def evaluate_heldout(state: PPOState) -> dict[str, Any]:
                                     "tax": round(lp_sft - lp_policy, 4), "documents": len(data.heldout_docs)}
     if data.test_prompts:
         max_pos = int(getattr(state.policy.config, "max_position_embeddings", 10**9))
-        result["test"] = {"prompts": len(data.test_prompts)}
+        result["test"] = {"prompts": len(data.test_prompts), "max_new_tokens": params.max_new_tokens}
         for name, model in (("policy", state.policy), ("sft", state.ref)):
             gen = generate_responses(model, tok, data.test_prompts, max_new_tokens=params.max_new_tokens,
                                      temperature=0.0, batch_size=64, seed=0, device=device)
             texts = [g["response"] for g in gen]
             rm_test = score_texts(state.rm, tok, data.test_prompts, texts, max_len=max_pos, batch_size=64, device=device)
             entry: dict[str, Any] = {"rm_score": round(sum(rm_test) / len(rm_test), 4),
-                                     "eos_share": round(sum(g["ended"] for g in gen) / len(gen), 4)}
+                                     "ended_with_eos": round(sum(g["ended"] for g in gen) / len(gen), 4)}
             if state.judge is not None:
                 entry["gold"] = summarize(state.judge, data.test_prompts, texts)
             result["test"][name] = entry

@@ -166,8 +166,9 @@ def run(params: Params, *, raw: Path, out: Path, metrics: Path) -> dict[str, Any
 
     families = Counter(r.get("family", "unknown") for r in splits["test"])
     result = {
-        "sft": len(sft), "sft_val": len(sft_val), "rm": len(splits["rm"]), "ppo": len(splits["ppo"]),
-        "test": len(splits["test"]), "corpus_docs": len(corpus_kept),
+        "split_sizes": {"sft": len(sft), "sft_val": len(sft_val), "rm": len(splits["rm"]), "ppo": len(splits["ppo"]),
+                        "test": len(splits["test"])},
+        "corpus_docs": len(corpus_kept),
         "duplicates_dropped": {"prompts": dup_prompts, "demonstrations": dup_demos,
                                "corpus": len(corpus) - len(corpus_kept), "pool_prompts_demonstrated": overlap_with_demos},
         "test_families": dict(sorted(families.items())),
@@ -177,4 +178,5 @@ def run(params: Params, *, raw: Path, out: Path, metrics: Path) -> dict[str, Any
 
 
 def summary(m: dict[str, Any]) -> str:
-    return f"sft {m['sft']} (+{m['sft_val']} val), rm {m['rm']}, ppo {m['ppo']}, test {m['test']} prompts; corpus {m['corpus_docs']} docs"
+    s = m["split_sizes"]
+    return f"sft {s['sft']} (+{s['sft_val']} val), rm {s['rm']}, ppo {s['ppo']}, test {s['test']} prompts; corpus {m['corpus_docs']} docs"

@@ -105,7 +105,7 @@ def take_hf_model(params: Params, out: Path) -> dict[str, Any]:
         model.resize_token_embeddings(len(tokenizer))
     model.config.pad_token_id = tokenizer.pad_token_id
     save_model(model, tokenizer, out)
-    return {"source": params.base_model, "params": param_count(model), "trained_steps": 0}
+    return {"source": params.base_model, "parameter_count": param_count(model), "trained_steps": 0}
 
 
 def run(params: Params, *, corpus: Path, out: Path, metrics: Path, plots: Path, checkpoints: Path | None) -> dict[str, Any]:
@@ -116,7 +116,7 @@ def run(params: Params, *, corpus: Path, out: Path, metrics: Path, plots: Path, 
     if params.base_model:
         remove_outputs(out, metrics)
         result = take_hf_model(params, Path(out))
-        write_json(metrics, result)
+        write_json(metrics, {k: v for k, v in result.items() if k != "source"})  # a setting, not a measurement
         return result
 
     from rlhf.dist import init_dist
@@ -174,8 +174,7 @@ def run(params: Params, *, corpus: Path, out: Path, metrics: Path, plots: Path, 
         live.end()
         save_model(model, tokenizer, out)
     result = {
-        "source": "scratch",
-        "params": param_count(model),
+        "parameter_count": param_count(model),
         "vocab_size": len(tokenizer),
         "train_blocks": len(train),
         "trained_steps": params.max_steps,
@@ -193,8 +192,8 @@ def run(params: Params, *, corpus: Path, out: Path, metrics: Path, plots: Path, 
 
 
 def summary(m: dict[str, Any]) -> str:
-    if m.get("source") != "scratch":
-        return f"took {m['source']} ({m['params']:,} params)"
+    if "source" in m:
+        return f"took {m['source']} ({m['parameter_count']:,} parameters)"
     t = m["timing"]
-    return (f"{m['params']:,} params, {m['trained_steps']} steps, val loss {m['val_loss']}, "
+    return (f"{m['parameter_count']:,} parameters, {m['trained_steps']} steps, val loss {m['val_loss']}, "
             f"{t['tokens_per_s']:,} tokens/s, {t['wall_s']} s")

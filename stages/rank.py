@@ -198,7 +198,7 @@ def run(params: Params, *, candidates: Path, world: Path | None, labels: Path, o
     result["records"] = len(records)
     result["labelers"] = len({r["labeler"] for r in records})
     result.update(agreement_stats(records, gold))
-    write_json(metrics, result)
+    write_json(metrics, {k: v for k, v in result.items() if k != "source"})  # a setting (rank.source), not a measurement
     result["timing"] = {"wall_s": round(time.time() - t0, 1)}
     return result
 

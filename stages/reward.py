@@ -265,7 +265,6 @@ def run(params: Params, *, sft: Path, data: Path, demos: Path, world: Path | Non
 
     flat_val = [x for s in scores for x in s]
     result: dict[str, Any] = {
-        "data_format": params.data_format, "batching": params.batching,
         "train": {"comparisons": len(train), "pairs": sum(len(g["pairs"]) for g in train), "steps": total_steps,
                   "per_step": per_step, "train_loss": round(last.get("train_loss", math.nan), 4)},
         "heldout": heldout,

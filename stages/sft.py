@@ -144,7 +144,7 @@ def run(params: Params, *, base: Path, data: Path, world: Path | None, out: Path
         prompts = [r["prompt"] for r in test][: params.eval_prompts or None]  # 0 = all
         models = {"base": load_causal_lm(base).to(device), "sft": model}
         scores = gold_compare(models, tokenizer, prompts, judge, max_new_tokens=params.eval_max_new_tokens, device=device)
-        result["gold_test"] = {**scores, "prompts": len(prompts)}
+        result["test"] = scores
     write_json(metrics, result)  # written last: its presence marks a finished run
     checkpointer.clear()  # only now: a kill during the gold comparison still resumes near the end
     result["timing"] = {"wall_s": round(time.time() - t0, 1)}
@@ -155,7 +155,7 @@ def summary(m: dict[str, Any]) -> str:
     text = f"{m['steps']} steps, train loss {m['train_loss']}"
     if "val_loss" in m:
         text += f", val loss {m['val_loss']}"
-    if "gold_test" in m:
-        g = m["gold_test"]
-        text += f"; gold on {g['prompts']} test prompts: base {g['base']['total']:.3f} -> sft {g['sft']['total']:.3f}"
+    if "test" in m:
+        g = m["test"]
+        text += f"; gold on {g['prompts']} test prompts: base {g['base']['gold']['total']:.3f} -> sft {g['sft']['gold']['total']:.3f}"
     return text + f" ({m['timing']['wall_s']} s)"

@@ -247,7 +247,8 @@ def test_stage_end_to_end(tiny_rm, tiny_dpo):
         assert 0 <= part["accuracy_labels"] <= 1
         assert math.isclose(part["margin"], part["chosen_reward"] - part["rejected_reward"], abs_tol=2e-4)
     assert 0 <= m["heldout"]["accuracy_gold"] <= 1  # a world file was given
-    assert set(m["gold_test"]) >= {"sft", "dpo", "prompts"} and m["gold_test"]["prompts"] == p.eval_prompts
+    assert set(m["test"]) >= {"sft", "dpo", "prompts", "kl", "max_new_tokens"} and m["test"]["prompts"] == p.eval_prompts
+    assert set(m["test"]["dpo"]) == {"gold", "ended_with_eos"} and "total" in m["test"]["dpo"]["gold"]
     assert math.isfinite(m["test"]["kl"]) and m["test"]["prompts"] == p.eval_prompts
     assert m["timing"]["pairs_per_s"] > 0 and m["timing"]["resumed_from"] == 0
     # Training moved the policy away from the reference, and the output is a plain HF causal LM.
@@ -274,9 +275,8 @@ def test_pairs_loss_runs_and_pairwise_and_hh_inputs(tiny_rm, tmp_path):
         data.write_text("".join(json.dumps(r) + "\n" for r in rows))
         paths = dpo_paths(tiny_rm, tmp_path / fmt, data)
         m = dpo.run(tiny_params("dpo", data_format=fmt, loss=loss, eval_prompts=2), **{**paths, "world": tmp_path / "none"})
-        assert m["data_format"] == fmt and m["loss"] == loss
         assert m["train"]["pairs"] == m["train"]["comparisons"]  # one pair per record
-        assert "gold_test" not in m and "accuracy_gold" not in m["heldout"]  # no world file
+        assert "sft" not in m["test"] and "accuracy_gold" not in m["heldout"]  # no world file
         assert (paths["out"] / "config.json").is_file()
 
 

@@ -476,3 +476,65 @@ def test_a_lock_held_too_long_is_named(tmp_path):
                            + r".*; if no such process runs, delete " + re.escape(str(labels.parent / ".human.jsonl.lock"))):
             with locked(labels, timeout=0.1):
                 pass
+
+
+# ---- the same contract in reward, dpo and ppo: a full disk at a checkpoint, then a rerun resumes --------
+
+
+def feedback_args(stage: str, tiny_rm, tmp_path: Path, params: Path) -> tuple[list[str], dict[str, Path]]:
+    """The CLI arguments of `stage` on the tiny run, its outputs under tmp_path."""
+    paths = {"out": tmp_path / f"models/{stage}", "metrics": tmp_path / f"metrics/{stage}.json",
+             "plots": tmp_path / f"plots/{stage}", "checkpoints": tmp_path / f"checkpoints/{stage}"}
+    inputs = {
+        "reward": ["--sft", str(tiny_rm.sft), "--data", str(tiny_rm.rankings), "--demos",
+                   str(tiny_rm.prepared / "sft.jsonl"), "--world", str(tiny_rm.world)],
+        "dpo": ["--sft", str(tiny_rm.sft), "--data", str(tiny_rm.rankings), "--test",
+                str(tiny_rm.prepared / "test.jsonl"), "--world", str(tiny_rm.world)],
+        "ppo": ["--sft", str(tiny_rm.sft), "--reward", str(tiny_rm.reward), "--data", str(tiny_rm.prepared),
+                "--world", str(tiny_rm.world), "--value-out", str(tmp_path / "models/value")],
+    }[stage]
+    return [stage, *inputs, *[a for k, v in paths.items() for a in (f"--{k}", str(v))], "--params", str(params)], paths
+
+
+@pytest.mark.parametrize("stage, every, steps", [("reward", 2, None), ("dpo", 2, None), ("ppo", 1, 3)])
+def test_disk_full_at_a_checkpoint_then_the_rerun_resumes(tiny_rm, tmp_path, stage, every, steps):
+    """A full disk at the second checkpoint save of reward, dpo or ppo: exit 1, one line naming the path and
+    the fix, no partial output, the first checkpoint kept; with space freed the same command resumes from it."""
+    import torch
+
+    from cli.main import app
+
+    data = yaml.safe_load(TINY.read_text())
+    data[stage]["checkpoint_every"] = every
+    if steps:
+        data[stage]["steps"] = steps
+    params = tmp_path / "params.yaml"
+    params.write_text(yaml.safe_dump(data, sort_keys=False))
+    args, paths = feedback_args(stage, tiny_rm, tmp_path, params)
+    real_save, saves = torch.save, []
+
+    def torch_save_fills_disk(obj, f, *a, **k):
+        if isinstance(obj, dict) and "step" in obj:  # a checkpoint (dpo also caches its reference log-probs)
+            saves.append(obj["step"])
+            if len(saves) == 2:
+                f.write(b"PK\x03\x04" + b"\0" * 4096)
+                raise ENOSPC
+        return real_save(obj, f, *a, **k)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(torch, "save", torch_save_fills_disk)
+        res = CliRunner().invoke(app, args)
+    line = one_error_line(res)
+    ckpt = paths["checkpoints"]
+    assert line.startswith(f"error: no space left on device writing {ckpt / 'checkpoint.pt'}; free space on that "
+                           "disk or point --checkpoints elsewhere"), line
+    assert not paths["out"].exists() and not paths["metrics"].exists() and not paths["plots"].exists()
+    assert not leftovers(tmp_path), leftovers(tmp_path)
+    first = checkpoint_step({"checkpoints": ckpt})
+    assert first is not None and first == saves[0], (first, saves)
+
+    res = CliRunner().invoke(app, args)
+    assert res.exit_code == 0, res.output
+    assert f"at step {first}" in " ".join(res.output.split()) or f"from step {first}" in " ".join(res.output.split()), res.output
+    assert paths["metrics"].is_file() and (paths["out"] / "config.json").is_file()
+    assert not ckpt.exists() and not leftovers(tmp_path)

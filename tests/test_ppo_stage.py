@@ -86,7 +86,7 @@ def test_ppo_writes_models_metrics_and_plots(ppo_run):
 
     m = json.loads(ppo_run.metrics.read_text())
     assert "timing" not in m  # metrics stay byte-identical between runs
-    for key in ("rm_score", "kl", "gold", "eos_share", "response_length", "kl_coef"):
+    for key in ("rm_score", "kl", "gold", "ended_with_eos", "response_length", "kl_coef"):
         assert key in m["final_rollout"], key
     for name in ("policy", "sft"):
         assert 0.0 <= m["test"][name]["gold"]["total"] <= 1.0

@@ -62,8 +62,10 @@ def test_tiny_spine_end_to_end(tiny_run):
         assert list(folder.glob("*.safetensors")) and not list(folder.glob("*.bin"))
     m = json.loads((tiny_run.metrics / "sft.json").read_text())
     assert m["steps"] > 0 and m["train_loss"] > 0
-    assert m["gold_test"]["prompts"] == min(tiny_params("sft").eval_prompts or 10**9,
-                                            len((tiny_run.prepared / "test.jsonl").read_text().splitlines()))
+    assert m["test"]["prompts"] == min(tiny_params("sft").eval_prompts or 10**9,
+                                       len((tiny_run.prepared / "test.jsonl").read_text().splitlines()))
+    assert m["test"]["max_new_tokens"] == tiny_params("sft").eval_max_new_tokens
     for model in ("base", "sft"):
-        assert set(m["gold_test"][model]) == {"helpful", "truthful", "harmless", "total", "by_family", "ended_with_eos"}
+        assert set(m["test"][model]) == {"gold", "ended_with_eos"}
+        assert set(m["test"][model]["gold"]) == {"helpful", "truthful", "harmless", "total", "by_family"}
     assert not (tiny_run.root / "ckpt/sft").exists()  # checkpoints removed on success
