@@ -43,7 +43,8 @@ def test_splits_are_disjoint_and_cover_the_pool(tmp_path):
     assert len(texts["rm"]) + len(texts["ppo"]) + len(texts["test"]) == 200  # the duplicate was dropped
     assert m["duplicates_dropped"]["prompts"] == 1
     assert len(texts["sft"]) + len(texts["sft_val"]) == 40
-    assert 10 < m["test"] < 70  # ~20% of 200
+    assert 10 < m["split_sizes"]["test"] < 70  # ~20% of 200
+    assert m["split_sizes"] == {name: len(texts[name]) for name in names}
 
 
 def test_split_is_deterministic_and_seeded(tmp_path):
