@@ -152,6 +152,14 @@ class Fixture:
     sources: dict[str, str]
 
 
+
+def repo_relative(path: Path) -> str:
+    """A path as recorded in results: relative to the repository, never a machine's absolute path."""
+    try:
+        return str(Path(path).resolve().relative_to(Path(__file__).resolve().parents[1]))
+    except ValueError:
+        return Path(path).name
+
 def build_fixture(root: Path, size: ModelSize, *, n_prompts: int = 512, n_texts: int = 2000, seed: int = 0,
                   corpus: Path = ROOT / "data/raw/corpus.jsonl",
                   prompts_path: Path = ROOT / "data/raw/prompts.jsonl") -> Fixture:
@@ -183,8 +191,8 @@ def build_fixture(root: Path, size: ModelSize, *, n_prompts: int = 512, n_texts:
     write_jsonl(data / "ppo.jsonl", [{"id": str(i), "prompt": p} for i, p in enumerate(prompts)])
     write_jsonl(data / "test.jsonl", [{"id": f"t{i}", "prompt": p} for i, p in enumerate(prompts[:4])])
     write_jsonl(data / "corpus.jsonl", [{"text": t} for t in texts[:16]])
-    sources = {"corpus": str(corpus) if corpus.is_file() else "synthetic",
-               "prompts": str(prompts_path) if prompts_path.is_file() else "synthetic"}
+    sources = {"corpus": repo_relative(corpus) if corpus.is_file() else "synthetic",
+               "prompts": repo_relative(prompts_path) if prompts_path.is_file() else "synthetic"}
     return Fixture(root, root / "sft", root / "reward", data, tokenizer, prompts, size, sources)
 
 
