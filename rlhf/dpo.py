@@ -106,17 +106,3 @@ def dpo_loss(policy_logps: torch.Tensor, ref_logps: torch.Tensor, rankings: Sequ
         return plackett_luce_loss(rewards, order.to(rewards.device), valid.to(rewards.device)), rewards
     raise ValueError(f"unknown DPO loss {loss!r}; expected one of {LOSSES}")
 
-
-def distinct_ranking(responses: Sequence[str], ranking: Sequence[int]) -> list[int]:
-    """The ranking with repeated response texts dropped, each text kept at its best place.
-
-    Two identical responses have identical log-probabilities, so a labeler's order between them is no
-    preference; the reward stage drops such pairs, and a Plackett-Luce ranking needs distinct items.
-    """
-    seen: set[str] = set()
-    out = []
-    for i in ranking:
-        if responses[i] not in seen:
-            seen.add(responses[i])
-            out.append(i)
-    return out

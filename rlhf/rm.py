@@ -145,6 +145,21 @@ def parse_ranking_text(text: str, k: int) -> tuple[list[int], list[list[int]]]:
     return [n - 1 for n in nums], [[int(t) - 1 for t in tier] for tier in tiers if len(tier) > 1]
 
 
+def distinct_ranking(responses: Sequence[str], ranking: Sequence[int]) -> list[int]:
+    """The ranking with repeated response texts dropped, each text kept at its best place.
+
+    Two identical responses score alike under any model, so a labeler's order between them is no
+    preference; `ranking_pairs` and DPO's Plackett-Luce ranking take distinct texts only.
+    """
+    seen: set[str] = set()
+    out = []
+    for i in ranking:
+        if responses[i] not in seen:
+            seen.add(responses[i])
+            out.append(i)
+    return out
+
+
 def ranking_pairs(ranking: Sequence[int], ties: Sequence[Sequence[int]] | None = None,
                   responses: Sequence[str] | None = None) -> list[tuple[int, int]]:
     """All (winner, loser) pairs implied by a full ranking, best first: C(K,2) of them, less the declared ties.
@@ -156,8 +171,7 @@ def ranking_pairs(ranking: Sequence[int], ties: Sequence[Sequence[int]] | None =
     """
     group = {i: n for n, g in enumerate(ties or ()) for i in g}
     if responses is not None:
-        seen: set[str] = set()
-        ranking = [i for i in ranking if not (responses[i] in seen or seen.add(responses[i]))]
+        ranking = distinct_ranking(responses, ranking)
     return [(ranking[a], ranking[b]) for a, b in combinations(range(len(ranking)), 2)
             if ranking[a] not in group or group[ranking[a]] != group.get(ranking[b])]
 

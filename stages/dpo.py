@@ -8,7 +8,7 @@ Run    rlhf dpo
 The recipe (Rafailov et al. 2023; the math in rlhf/dpo.py):
 1. Comparison groups are read as the reward stage reads them (same formats, same split by prompt hash,
    so with the same seed and share DPO holds out the very prompts the reward model holds out).
-   Repeated response texts of a ranking keep their best place (rlhf.dpo.distinct_ranking).
+   Repeated response texts of a ranking keep their best place (rlhf.rm.distinct_ranking).
 2. Every response is encoded as SFT encodes a demonstration (chat prompt + response + EOS, prompt
    masked out), so log π(y|x) sums over the response's tokens and its EOS only.
 3. The reference π_ref = SFT is frozen: its log-probabilities of every response are computed once,
@@ -32,7 +32,7 @@ from typing import Any, Literal
 import torch
 
 from rlhf.errors import StageError
-from rlhf.io import read_jsonl, remove_outputs, write_json
+from rlhf.io import PROMPT_SCHEMA, read_jsonl, remove_outputs, write_json
 from rlhf.params import require, to_dict
 
 
@@ -87,7 +87,6 @@ class Params:
         require(self.eval_prompts >= 0, "dpo.eval_prompts", "must be >= 0")
 
 
-TEST_SCHEMA = {"id": (str, True), "prompt": (str, True)}
 Example = tuple[list[int], list[int]]  # (token ids, labels with the prompt masked out)
 
 
@@ -97,8 +96,7 @@ Example = tuple[list[int], list[int]]  # (token ids, labels with the prompt mask
 
 def load_dpo_groups(path: Path, data_format: str) -> list[dict[str, Any]]:
     """{prompt, responses, ranking, pairs} groups; responses distinct, ranking = 0..K-1 (best first)."""
-    from rlhf.dpo import distinct_ranking
-    from rlhf.rm import ranking_pairs
+    from rlhf.rm import distinct_ranking, ranking_pairs
     from rlhf.preferences import load_groups
 
     out = []
@@ -221,17 +219,16 @@ def run(params: Params, *, sft: Path, data: Path, test: Path, world: Path | None
         plots: Path, checkpoints: Path | None) -> dict[str, Any]:
     from rlhf.dist import init_dist
     from rlhf.dpo import dpo_loss
-    from rlhf.gold import load_judge
+    from rlhf.gold import gold_compare, load_judge
     from rlhf.modeling import load_causal_lm, load_tokenizer, make_optimizer, pick_device, save_model, setup_torch
     from rlhf.training import Checkpointer, cosine_lr, epoch_batches, file_digest, fingerprint, open_live, train_loop
-    from rlhf.gold import gold_compare
     from rlhf.preferences import is_heldout
 
     t0 = time.time()
     dist, device = init_dist(pick_device(params.device))
     setup_torch(params.threads, device)
     tokenizer = load_tokenizer(sft)
-    test_rows = read_jsonl(test, TEST_SCHEMA)
+    test_rows = read_jsonl(test, PROMPT_SCHEMA)
     judge = load_judge(world) if dist.is_main else None  # a broken world file fails now, not after training
     if dist.is_main:
         remove_outputs(out, metrics)  # a failed or killed run leaves no stale result behind

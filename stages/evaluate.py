@@ -32,12 +32,11 @@ from typing import Any
 
 from rlhf import benchmarks as B
 from rlhf.errors import StageError
-from rlhf.io import read_jsonl, write_json, write_jsonl
+from rlhf.io import PROMPT_SCHEMA, read_jsonl, write_json, write_jsonl
 from rlhf.judges import JUDGES, RewardJudge, build_judge, judge_scores
 from rlhf.params import require
 from rlhf.suites import SUITES, Context, Suite
 
-TEST_SCHEMA = {"id": (str, True), "prompt": (str, True)}
 
 
 @dataclass(frozen=True)
@@ -391,7 +390,7 @@ def run(params: Params, *, test: Path, world: Path | None, plots: Path | None, r
     device = pick_device(params.device)
     setup_torch(params.threads, device)
     check_models(params.models)
-    records = read_jsonl(test, TEST_SCHEMA)[: params.test_prompts or None]
+    records = read_jsonl(test, PROMPT_SCHEMA)[: params.test_prompts or None]
     prompts = [r["prompt"] for r in records]
     gold = load_judge(world)
     families = [gold.family(p) for p in prompts] if gold else [r.get("family", "all") for r in records]

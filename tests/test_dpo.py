@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from rlhf.dpo import distinct_ranking, dpo_loss, flat_orders, plackett_luce_loss, sequence_logprobs
+from rlhf.dpo import dpo_loss, flat_orders, plackett_luce_loss, sequence_logprobs
+from rlhf.rm import distinct_ranking
 from rlhf.errors import StageError
 from rlhf.training import IGNORE_INDEX
 from tests.conftest import TINY, tiny_params
