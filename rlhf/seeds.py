@@ -176,8 +176,11 @@ def _file_data(files: Any) -> dict[str, Any]:
 
 
 def read_experiments(cwd: Path, names: Sequence[str] | None, prefix: str) -> list[dict[str, Any]]:
-    """Experiments of the repository at `cwd` by name, or all whose name starts with `prefix`-."""
-    res = subprocess.run(["dvc", "exp", "show", "--json"], cwd=cwd, capture_output=True, text=True)
+    """Experiments of the repository at `cwd` by name, or all whose name starts with `prefix`-.
+
+    `--all-commits`: experiments queued on an earlier commit (the sweep ran, then something was
+    committed) are still found; without it `dvc exp show` lists only those based on HEAD."""
+    res = subprocess.run(["dvc", "exp", "show", "--json", "--all-commits"], cwd=cwd, capture_output=True, text=True)
     if res.returncode != 0:
         raise StageError(f"`dvc exp show --json` failed in {cwd}: {(res.stderr.strip().splitlines() or ['?'])[-1]}")
     exps = experiments_from_show(json.loads(res.stdout), names)
