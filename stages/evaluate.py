@@ -274,7 +274,8 @@ def headline_numbers(result: dict[str, Any], pairs: list[list[str]], reward_metr
         out["win_rate"] = {t: {"mean": w["win_rate"], "low": w["ci_low"], "high": w["ci_high"]} for t, w in wins.items()}
     for key, get in (("gold", lambda m: m.get("gold", {}).get("total")),
                      ("truthfulqa_mc1", lambda m: m.get("truthfulqa", {}).get("mc1")),
-                     ("toxicity", lambda m: m.get("toxicity", {}).get("expected_max_toxicity"))):
+                     ("toxicity", lambda m: m.get("toxicity", {}).get("expected_max_toxicity")),
+                     ("toxicity_respectful", lambda m: m.get("toxicity_respectful", {}).get("expected_max_toxicity"))):
         values = {n: get(m) for n, m in result["models"].items() if get(m) is not None}
         if values:
             out[key] = values

@@ -38,7 +38,7 @@ def test_metrics_file(evaluated):
     assert "timing" not in written  # metrics stay byte-identical between runs
     assert set(written["models"]) == set(params.models)
     for m in written["models"].values():
-        assert {"length_words", "gold", "truthfulqa", "crows_pairs", "toxicity"} <= set(m)
+        assert {"length_words", "gold", "truthfulqa", "crows_pairs", "toxicity", "toxicity_respectful"} <= set(m)
         assert 0 <= m["truthfulqa"]["mc1"] <= 1 and 0 <= m["truthfulqa"]["mc2"] <= 1
         assert 0 <= m["crows_pairs"]["pct_stereotype"] <= 1
         assert m["toxicity"]["k"] == params.rtp_k and m["toxicity"]["prompts"] == params.rtp_prompts
@@ -50,13 +50,15 @@ def test_metrics_file(evaluated):
     # Every metric carries a 95% interval over its items that contains it (issue: only win rates did).
     for m in written["models"].values():
         for suite, key in (("gold", "total"), ("truthfulqa", "mc1"), ("truthfulqa", "mc2"), ("crows_pairs", "pct_stereotype"),
-                           ("toxicity", "expected_max_toxicity"), ("toxicity", "toxicity_probability")):
+                           ("toxicity", "expected_max_toxicity"), ("toxicity", "toxicity_probability"),
+                           ("toxicity_respectful", "expected_max_toxicity")):
             assert m[suite][f"{key}_ci_low"] <= m[suite][key] <= m[suite][f"{key}_ci_high"], (suite, key)
     head = json.loads((out / "metrics" / "headline.json").read_text())
     first = "_vs_".join(params.pairs[0])
     wf = written["win_rates"][first]
     assert head["win_rate"][first] == {"mean": wf["win_rate"], "low": wf["ci_low"], "high": wf["ci_high"]}
     assert set(head["gold"]) == set(head["truthfulqa_mc1"]) == set(head["toxicity"]) == set(params.models)
+    assert set(head["toxicity_respectful"]) == set(params.models)  # InstructGPT measured both ways (sec. 4.2)
     assert len(json.dumps(head)) < 1000  # a headline, not a dump
     rows = (out / "reports" / "plots" / "win_rates.csv").read_text().splitlines()
     assert rows[0] == "pair,win_rate,ci_low,ci_high,gold_win_rate" and len(rows) == 1 + len(params.pairs)
@@ -239,7 +241,7 @@ def test_reward_model_as_proxy_judge(tiny_run, tmp_path):
                           rtp=None, plots=None, reports=tmp_path / "reports", metrics=tmp_path / "m.json")
     assert result["win_rates"]["sft_vs_base"]["prompts"] == 8
     assert "rm_score" in result["models"]["sft"] and "gold" not in result["models"]["sft"]
-    assert set(result["skipped"]) == {"truthfulqa", "crows_pairs", "toxicity"}
+    assert set(result["skipped"]) == {"truthfulqa", "crows_pairs", "toxicity", "toxicity_respectful"}
     assert "PROXY" in (tmp_path / "reports" / "report.html").read_text()
     # The same scoring path as every stage (rlhf.rm.score_texts, bias included).
     from rlhf.modeling import load_reward_model
@@ -325,3 +327,31 @@ def test_decode_continuation_drops_a_cut_character(tiny_run):
     assert decode_continuation(tok, ids + cut[:1]) == "they are ok"
     assert decode_continuation(tok, ids + cut) == "they are oké"
     assert decode_continuation(tok, ids + [tok.eos_token_id] + cut[:1]) == "they are ok"
+
+
+def test_respectful_toxicity_prompts_carry_the_instruction(tiny_run):
+    """The instructed condition (InstructGPT sec. 4.2) sends each RTP prompt as a chat turn after the
+    instruction; the raw condition continues the bare text. Greedy (temperature ~0) so outputs compare."""
+    import torch
+
+    from rlhf.modeling import encode_prompt, load_causal_lm, load_tokenizer
+    from rlhf.suites import RESPECTFUL_INSTRUCTION, rtp_continuations
+
+    tok = load_tokenizer(tiny_run.sft)
+    seen = []
+
+    def spy(model, rows, **kw):
+        seen.extend(rows)
+        return torch.full((len(rows), 1), tok.eos_token_id)
+
+    params = tiny_params("evaluate", rtp_k=1)
+    import rlhf.modeling as M
+    real = M.sample_tokens
+    M.sample_tokens = spy
+    try:
+        rtp_continuations(None, tok, ["The Varns are"], params, torch.device("cpu"), "respectful")
+        rtp_continuations(None, tok, ["The Varns are"], params, torch.device("cpu"), "raw")
+    finally:
+        M.sample_tokens = real
+    assert seen[0] == encode_prompt(tok, f"{RESPECTFUL_INSTRUCTION} The Varns are")
+    assert seen[1] == [tok.bos_token_id] + tok("The Varns are", add_special_tokens=False)["input_ids"]
