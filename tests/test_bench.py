@@ -102,3 +102,28 @@ def test_ppo_step_flops_formula(bench_path):
     assert ppo_step_flops(1, 1, batch=2, width=5, epochs=4, trl=True) == 560  # 2·(2 + 2)·10 forward-only
     # One minibatch: no policy or value scoring pass, 2·(2 + 1)·10 forward-only.
     assert ppo_step_flops(1, 1, batch=2, width=5, epochs=4, reuse_first_forward=True) == 540
+
+
+def test_rm_curve_scripts(tmp_path):
+    """bench/rm_curve.sh parses; bench/rm_curve.py tabulates the reward and bestofn metrics of each variant."""
+    import json
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    assert subprocess.run(["bash", "-n", str(ROOT / "bench" / "rm_curve.sh")]).returncode == 0
+    for name, acc, b8 in (("base", 0.72, 0.53), ("double", 0.74, 0.57)):
+        d = tmp_path / name
+        d.mkdir()
+        (d / "reward.json").write_text(json.dumps({"train": {"comparisons": 10},
+            "heldout": {"accuracy_gold": acc, "accuracy_labels": 0.6, "labels_gold_agreement": 0.7}}))
+        gold = lambda m: {"gold": {"mean": m, "ci_low": m - 0.04, "ci_high": m + 0.04}}
+        (d / "bestofn.json").write_text(json.dumps({"temperature": 1.0, "sft_greedy": gold(0.6),
+            "best_of": {"1": gold(0.33), "8": gold(b8), "16": gold(b8 - 0.01)}}))
+    out = subprocess.run([sys.executable, str(ROOT / "bench" / "rm_curve.py"), str(tmp_path), "--write", str(tmp_path / "r.json")],
+                         capture_output=True, text=True, check=True).stdout.splitlines()
+    assert out[2].startswith("| base |") and "0.720" in out[2] and "0.530 [0.490, 0.570]" in out[2]
+    assert out[3].startswith("| double |") and "0.740" in out[3]
+    written = json.loads((tmp_path / "r.json").read_text())
+    assert [r["variant"] for r in written["variants"]] == ["base", "double"] and "cpu" in written["machine"]
