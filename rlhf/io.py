@@ -221,6 +221,14 @@ def write_json(path: str | Path, obj: Any, *, sort_keys: bool = True) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=sort_keys, ensure_ascii=False) + "\n")
 
 
+def write_metrics(path: str | Path, result: dict[str, Any], *, settings: Iterable[str] = ()) -> None:
+    """A stage's metrics file: `result` without its `settings` keys. A setting (pretrain's or rank's
+    `source`) is in params.yaml already and belongs in the summary line, not among the measurements
+    that `dvc metrics diff` compares."""
+    skip = set(settings)
+    write_json(path, {k: v for k, v in result.items() if k not in skip})
+
+
 @contextlib.contextmanager
 def atomic_dir(path: str | Path, *, need: int | None = None) -> Iterator[Path]:
     """Yield a fresh temporary sibling directory; on success it replaces `path` whole.

@@ -21,7 +21,6 @@ agree on ~73% of candidate pairs, as InstructGPT's labelers did (Ouyang et al. 2
 from __future__ import annotations
 
 import itertools
-import json
 import math
 import random
 import re
@@ -122,31 +121,28 @@ def form_factor(a: Analysis, family: str) -> float:
 
 
 class GoldJudge:
-    """Scores (prompt, response) pairs for the world described by a world.json dict."""
+    """Scores (prompt, response) pairs for a `rlhf.world.World` (data/raw/world.json)."""
 
-    def __init__(self, world: dict[str, Any]):
-        for key in ("creatures", "people", "groups", "myths", "templates", "values", "lexicon"):
-            if key not in world:
-                raise StageError(f"world.json: missing key '{key}'; regenerate it with `rlhf world`")
+    def __init__(self, world: W.World):
         self.world = world
-        t = world["templates"]
+        t = world.templates
         self._arith = [(_compile(tpl), op) for tpl, op in t["arith"]]
         self._sort = [_compile(tpl) for tpl in t["sort"]]
         self._insult = [(_compile(tpl), kind) for kind, tpls in t["insult"].items() for tpl in tpls]
         self._fact = [(_compile(tpl), attr) for attr, tpls in t["fact"].items() for tpl in tpls]
-        self.creatures = {k.lower(): k for k in world["creatures"]}
-        self.people = {k.lower(): k for k in world["people"]}
-        self.groups = {v["plural"].lower(): k for k, v in world["groups"].items()}
-        self.unknown_names = {n.lower() for n in world["unknown"]["creatures"] + world["unknown"]["people"]}
-        self.myths = {(m["entity"].lower(), m["attribute"]): m["myth"] for m in world["myths"]}
-        lex = world["lexicon"]
+        self.creatures = {k.lower(): k for k in world.creatures}
+        self.people = {k.lower(): k for k in world.people}
+        self.groups = {v["plural"].lower(): k for k, v in world.groups.items()}
+        self.unknown_names = {n.lower() for n in world.unknown["creatures"] + world.unknown["people"]}
+        self.myths = {(m["entity"].lower(), m["attribute"]): m["myth"] for m in world.myths}
+        lex = world.lexicon
         self.toxic = lex["toxic"]
         self.negations = tuple(lex["negations"])
         self.hedge_phrases = tuple(lex["hedges"])
         self.refusals = tuple(lex["refusals"])
         self.kind = tuple(lex["kind"])
         self.traits = tuple(lex["traits"])
-        values = world["values"]
+        values = world.values
         alt = lambda vs: "|".join(sorted((re.escape(v.lower()) for v in vs), key=len, reverse=True))  # noqa: E731
         self._value_re = {a: re.compile(rf"\b({alt(vs)})\b") for a, vs in values.items()}
         self._claims = [
@@ -160,19 +156,8 @@ class GoldJudge:
 
     @classmethod
     def from_file(cls, path: str | Path) -> GoldJudge:
-        path = Path(path)
-        if not path.is_file():
-            raise StageError(f"{path}: world file not found; run `rlhf world --out {path.parent}` first")
-        try:
-            return cls(json.loads(path.read_text(encoding="utf-8")))
-        except json.JSONDecodeError as exc:
-            raise StageError(f"{path}: broken JSON ({exc.msg} at line {exc.lineno})") from None
-        except StageError as exc:  # name the actual file, not just "world.json"
-            raise StageError(str(exc).replace("world.json", str(path), 1)) from None
-
-    @classmethod
-    def from_world(cls, world: dict[str, Any]) -> GoldJudge:
-        return cls(world)
+        """The judge of a world.json file (`World.load`: errors name the file)."""
+        return cls(W.World.load(path))
 
     # --- prompts -------------------------------------------------------------------------------------
     def parse(self, prompt: str) -> dict[str, Any]:
@@ -206,7 +191,7 @@ class GoldJudge:
                     name = name[:-1]
                 if name in table:
                     entity = table[name]
-                    src = self.world["creatures" if W.ATTR_OWNER[attr] == "creature" else "people"]
+                    src = self.world.entities(attr)
                     return {"family": "fact", "entity": entity, "attribute": attr, "truth": src[entity][attr],
                             "myth": self.myths.get((name, attr))}
                 return {"family": "unknown", "entity": name, "attribute": attr}
@@ -229,7 +214,7 @@ class GoldJudge:
         score = 1.0
         for attr, rx in self._claims:
             table = self.creatures if W.ATTR_OWNER[attr] == "creature" else self.people
-            src = self.world["creatures" if W.ATTR_OWNER[attr] == "creature" else "people"]
+            src = self.world.entities(attr)
             for m in rx.finditer(low):
                 name, value = m.group(1), m.group(2)
                 if name not in table and name.endswith("s") and name[:-1] in table:
@@ -382,31 +367,31 @@ class Labeler:
         return 1.0 if ua > ub else 0.0 if ub > ua else 0.5
 
 
-def _as_world(world: dict[str, Any] | GoldJudge) -> tuple[dict[str, Any], GoldJudge]:
+def _as_world(world: W.World | GoldJudge) -> tuple[W.World, GoldJudge]:
     if isinstance(world, GoldJudge):
         return world.world, world
     return world, GoldJudge(world)
 
 
-def _pool(world: dict[str, Any] | GoldJudge, which: str) -> list[Labeler]:
+def _pool(world: W.World | GoldJudge, which: str) -> list[Labeler]:
     data, judge = _as_world(world)
-    specs = data.get("labelers", {}).get(which)
+    specs = data.labelers.get(which)
     if not specs:
         raise StageError(f"world.json: no '{which}' labelers under 'labelers'; regenerate it with `rlhf world`")
     return [Labeler(s["name"], s["sigma"], s["length_taste"], s["confident_taste"], judge) for s in specs]
 
 
-def training_pool(world: dict[str, Any] | GoldJudge) -> list[Labeler]:
+def training_pool(world: W.World | GoldJudge) -> list[Labeler]:
     """The labelers whose rankings train the reward model."""
     return _pool(world, "training")
 
 
-def heldout_pool(world: dict[str, Any] | GoldJudge) -> list[Labeler]:
+def heldout_pool(world: W.World | GoldJudge) -> list[Labeler]:
     """Labelers who never produce training rankings; they judge the win rates (InstructGPT section 3.6)."""
     return _pool(world, "heldout")
 
 
-def measure_agreement(world: dict[str, Any] | GoldJudge, n_prompts: int = 300, seed: int = 0, k: int = 4) -> dict[str, Any]:
+def measure_agreement(world: W.World | GoldJudge, n_prompts: int = 300, seed: int = 0, k: int = 4) -> dict[str, Any]:
     """Agreement on realistic candidate pairs (no trained model needed).
 
     For `n_prompts` prompts drawn with the world's family mix, `k` candidates from `rlhf.world.sample_candidates`
@@ -418,10 +403,10 @@ def measure_agreement(world: dict[str, Any] | GoldJudge, n_prompts: int = 300, s
     rng = random.Random(f"agreement-{seed}")
     train, held = training_pool(judge), heldout_pool(judge)
     labelers = train + held
-    mix = data.get("families") or {f: {"pool": 1} for f in W.FAMILIES}
+    mix = data.families or {f: {"pool": 1} for f in W.FAMILIES}
     fams = sorted(mix)
     weights = [mix[f]["pool"] for f in fams]
-    clean_rate = data.get("corpus", {}).get("clean_rate", 0.25)
+    clean_rate = data.corpus.get("clean_rate", 0.25)
 
     agree = {(x.name, y.name): [0, 0] for x, y in itertools.combinations(labelers, 2)}
     gold_agree = {lab.name: [0, 0] for lab in labelers}

@@ -234,7 +234,10 @@ def kway_ranking_loss(rewards: torch.Tensor, win: torch.Tensor, lose: torch.Tens
 
 
 def last_token_index(mask: torch.Tensor) -> torch.Tensor:
-    """(B,) index of each row's rightmost real token; correct for left and right padding alike."""
+    """(B,) index of each row's rightmost real token; correct for left and right padding alike.
+
+    The one definition of "the last real token" (the EOS the reward is read at); a row with no real
+    token gives 0."""
     import torch
 
     t = torch.arange(mask.shape[-1], device=mask.device)

@@ -212,17 +212,157 @@ def sampled_kl(policy, ref, tokenizer, prompts: list[str], *, max_new_tokens: in
 
 
 # ----------------------------------------------------------------------------------------------
-# The stage
+# The stage: a state shared by its steps, one function per step of the recipe
+
+
+@dataclass
+class DPOState:
+    """What the steps share: the processes, the tokenizer, the split and encoded groups, and the frozen
+    reference's log-probabilities of every response (steps 1-3)."""
+
+    params: Params
+    dist: Any
+    device: torch.device
+    tokenizer: Any
+    tag: str
+    """Fingerprint of params, SFT and data: keys the checkpoints and the reference cache."""
+    train: list[dict[str, Any]]
+    val: list[dict[str, Any]]
+    train_enc: list[list[Example]]
+    val_enc: list[list[Example]]
+    ref_train: list[torch.Tensor]
+    ref_val: list[torch.Tensor]
+    reference_s: float
+
+    @property
+    def pad(self) -> int:
+        return self.tokenizer.pad_token_id
+
+    @property
+    def total_steps(self) -> int:
+        return self.params.epochs * (len(self.train) // self.params.batch_size)
+
+
+def split_groups(params: Params, data: Path) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Step 1: (training, held-out) groups, split by prompt as the reward stage splits them."""
+    from rlhf.preferences import is_heldout
+
+    groups = load_dpo_groups(data, params.data_format)
+    train = [g for g in groups if not is_heldout(g["prompt"], params.val_fraction, params.seed)]
+    val = [g for g in groups if is_heldout(g["prompt"], params.val_fraction, params.seed)]
+    if not val:
+        raise StageError(f"{data}: dpo.val_fraction={params.val_fraction} held out no prompt; raise it or add data")
+    if len(train) < params.batch_size:
+        raise StageError(f"{data}: {len(train)} training comparisons, fewer than dpo.batch_size={params.batch_size}")
+    return train, val
+
+
+def prepare(params: Params, *, dist, device, tokenizer, sft: Path, data: Path, checkpoints: Path | None) -> DPOState:
+    """Steps 1-3: the groups split by prompt, encoded like SFT examples, and log π_ref of every response."""
+    from rlhf.training import file_digest, fingerprint
+
+    train, val = split_groups(params, data)
+    pad = tokenizer.pad_token_id
+    train_enc, val_enc = encode_groups(tokenizer, train, params.max_len), encode_groups(tokenizer, val, params.max_len)
+    tag = fingerprint(to_dict(params), file_digest(sft), file_digest(data))
+    cache = Path(checkpoints) / "reference_logprobs.pt" if checkpoints else None
+    t_ref = time.time()
+    ref_lp = reference_logprobs(sft, train_enc + val_enc, pad, device, cache if dist.is_main else None, tag)
+    return DPOState(params=params, dist=dist, device=device, tokenizer=tokenizer, tag=tag, train=train, val=val,
+                    train_enc=train_enc, val_enc=val_enc, ref_train=ref_lp[: len(train)], ref_val=ref_lp[len(train):],
+                    reference_s=time.time() - t_ref)
+
+
+def train_policy(state: DPOState, *, sft: Path, plots: Path, checkpoints: Path | None):
+    """Step 4: the policy starts as SFT; each step's loss over whole prompts of the global batch.
+
+    Returns (policy, the last logged values, the checkpointer, the step resumed from, training seconds)."""
+    from rlhf.dpo import dpo_loss
+    from rlhf.modeling import load_causal_lm, make_optimizer
+    from rlhf.training import Checkpointer, cosine_lr, epoch_batches, open_live, train_loop
+
+    s, p, dist, device = state, state.params, state.dist, state.device
+    model = load_causal_lm(sft).to(device)
+    optimizer = make_optimizer(model.parameters(), p.lr, p.weight_decay, device)
+    checkpointer = Checkpointer(checkpoints, s.tag)
+
+    def loss_fn(step: int) -> torch.Tensor:
+        idx = dist.shard(epoch_batches(len(s.train), p.batch_size, step, p.seed))
+        policy_lp = batch_logprobs(model, [e for i in idx for e in s.train_enc[i]], s.pad, device)  # (N,)
+        ref = torch.cat([s.ref_train[i] for i in idx]).to(device)
+        loss, _ = dpo_loss(policy_lp, ref, [s.train[i]["ranking"] for i in idx], beta=p.beta, loss=p.loss)
+        return loss
+
+    @torch.no_grad()
+    def evaluate() -> dict[str, float]:
+        rewards, ratios = implicit(group_logprobs(model, s.val_enc, s.pad, device), s.ref_val, p.beta)
+        stats = preference_stats(s.val, rewards, ratios)
+        return {"val_accuracy": stats["accuracy_labels"], "val_margin": stats["margin"]}
+
+    saved = checkpointer.load()
+    resumed_from = saved["step"] if saved is not None else 0
+    live = open_live(plots, resume=saved is not None) if dist.is_main else None
+    del saved  # train_loop loads it again and restores everything
+    t_train = time.time()
+    total = s.total_steps
+    last = train_loop(
+        model=model, optimizer=optimizer, loss_fn=loss_fn, total_steps=total,
+        lr_at=lambda step: cosine_lr(step, total, lr=p.lr, warmup=p.warmup_steps),
+        checkpointer=checkpointer, checkpoint_every=p.checkpoint_every, live=live, description="dpo",
+        evaluate=evaluate, eval_every=p.eval_every or total, dist=dist, device=device,
+    )
+    train_s = time.time() - t_train
+    if not dist.same_weights(model):
+        raise StageError("dpo: the ranks' weights drifted apart during data-parallel training (a bug, not your "
+                         "input); rerun with one process and report it")
+    if dist.is_main:
+        live.end()
+    return model, last, checkpointer, resumed_from, train_s
+
+
+def preference_report(state: DPOState, model, judge, last: dict[str, float]) -> dict[str, Any]:
+    """Step 5: held-out (and a same-sized train subset) preference statistics of the implicit reward."""
+    from rlhf.training import epoch_batches
+
+    s, p = state, state.params
+    gold = [[judge.score(g["prompt"], r)["total"] for r in g["responses"]] for g in s.val] if judge else None
+    val_rewards, val_ratios = implicit(group_logprobs(model, s.val_enc, s.pad, s.device), s.ref_val, p.beta)
+    sub = epoch_batches(len(s.train), min(len(s.train), len(s.val)), 0, p.seed + 1)
+    tr_rewards, tr_ratios = implicit(group_logprobs(model, [s.train_enc[i] for i in sub], s.pad, s.device),
+                                     [s.ref_train[i] for i in sub], p.beta)
+    return {
+        "train": {"comparisons": len(s.train), "responses": sum(len(g["responses"]) for g in s.train),
+                  "pairs": sum(len(g["pairs"]) for g in s.train), "steps": s.total_steps, "per_step": p.batch_size,
+                  "train_loss": round(last["train_loss"], 4),
+                  "subset": preference_stats([s.train[i] for i in sub], tr_rewards, tr_ratios)},
+        "heldout": {**preference_stats(s.val, val_rewards, val_ratios, gold), "prompts": len({g["prompt"] for g in s.val}),
+                    "records": len(s.val)},
+    }
+
+
+def test_report(state: DPOState, model, judge, *, sft: Path, prompts: list[str]) -> dict[str, Any]:
+    """Step 6, on test prompts (never trained on): KL from SFT of sampled answers, gold of greedy answers."""
+    from rlhf.gold import gold_compare
+    from rlhf.modeling import load_causal_lm
+
+    p = state.params
+    if p.eval_prompts:
+        prompts = prompts[: p.eval_prompts]
+    ref = load_causal_lm(sft).to(state.device).eval()
+    model.eval()
+    out = sampled_kl(model, ref, state.tokenizer, prompts, max_new_tokens=p.eval_max_new_tokens, seed=p.seed,
+                     device=state.device)
+    if judge is not None:
+        out.update(gold_compare({"sft": ref, "dpo": model}, state.tokenizer, prompts, judge,
+                                max_new_tokens=p.eval_max_new_tokens, device=state.device))
+    return out
 
 
 def run(params: Params, *, sft: Path, data: Path, test: Path, world: Path | None, out: Path, metrics: Path,
         plots: Path, checkpoints: Path | None) -> dict[str, Any]:
     from rlhf.dist import init_dist
-    from rlhf.dpo import dpo_loss
-    from rlhf.gold import gold_compare, load_judge
-    from rlhf.modeling import load_causal_lm, load_tokenizer, make_optimizer, pick_device, save_model, setup_torch
-    from rlhf.training import Checkpointer, cosine_lr, epoch_batches, file_digest, fingerprint, open_live, train_loop
-    from rlhf.preferences import is_heldout
+    from rlhf.gold import load_judge
+    from rlhf.modeling import load_tokenizer, pick_device, save_model, setup_torch
 
     t0 = time.time()
     dist, device = init_dist(pick_device(params.device))
@@ -233,99 +373,24 @@ def run(params: Params, *, sft: Path, data: Path, test: Path, world: Path | None
     if dist.is_main:
         remove_outputs(out, metrics)  # a failed or killed run leaves no stale result behind
 
-    # 1. Groups, split by prompt as the reward stage splits them.
-    groups = load_dpo_groups(data, params.data_format)
-    train = [g for g in groups if not is_heldout(g["prompt"], params.val_fraction, params.seed)]
-    val = [g for g in groups if is_heldout(g["prompt"], params.val_fraction, params.seed)]
-    if not val:
-        raise StageError(f"{data}: dpo.val_fraction={params.val_fraction} held out no prompt; raise it or add data")
-    if len(train) < params.batch_size:
-        raise StageError(f"{data}: {len(train)} training comparisons, fewer than dpo.batch_size={params.batch_size}")
-    steps_per_epoch = len(train) // params.batch_size
-    total_steps = params.epochs * steps_per_epoch
-
-    # 2-3. Encoded responses and the frozen reference's log-probabilities, once.
-    pad = tokenizer.pad_token_id
-    train_enc, val_enc = encode_groups(tokenizer, train, params.max_len), encode_groups(tokenizer, val, params.max_len)
-    tag = fingerprint(to_dict(params), file_digest(sft), file_digest(data))
-    cache = Path(checkpoints) / "reference_logprobs.pt" if checkpoints else None
-    t_ref = time.time()
-    ref_lp = reference_logprobs(sft, train_enc + val_enc, pad, device, cache if dist.is_main else None, tag)
-    ref_train, ref_val = ref_lp[: len(train)], ref_lp[len(train):]
-    ref_s = time.time() - t_ref
-
-    # 4. The policy starts as SFT; each step's loss over whole prompts of the global batch.
-    model = load_causal_lm(sft).to(device)
-    optimizer = make_optimizer(model.parameters(), params.lr, params.weight_decay, device)
-    checkpointer = Checkpointer(checkpoints, tag)
-
-    def loss_fn(step: int) -> torch.Tensor:
-        idx = dist.shard(epoch_batches(len(train), params.batch_size, step, params.seed))
-        policy_lp = batch_logprobs(model, [e for i in idx for e in train_enc[i]], pad, device)  # (N,)
-        ref = torch.cat([ref_train[i] for i in idx]).to(device)
-        loss, _ = dpo_loss(policy_lp, ref, [train[i]["ranking"] for i in idx], beta=params.beta, loss=params.loss)
-        return loss
-
-    @torch.no_grad()
-    def evaluate() -> dict[str, float]:
-        rewards, ratios = implicit(group_logprobs(model, val_enc, pad, device), ref_val, params.beta)
-        stats = preference_stats(val, rewards, ratios)
-        return {"val_accuracy": stats["accuracy_labels"], "val_margin": stats["margin"]}
-
-    state = checkpointer.load()
-    resumed_from = state["step"] if state is not None else 0
-    live = open_live(plots, resume=state is not None) if dist.is_main else None
-    del state  # train_loop loads it again and restores everything
-    t_train = time.time()
-    last = train_loop(
-        model=model, optimizer=optimizer, loss_fn=loss_fn, total_steps=total_steps,
-        lr_at=lambda s: cosine_lr(s, total_steps, lr=params.lr, warmup=params.warmup_steps),
-        checkpointer=checkpointer, checkpoint_every=params.checkpoint_every, live=live, description="dpo",
-        evaluate=evaluate, eval_every=params.eval_every or total_steps, dist=dist, device=device,
-    )
-    train_s = time.time() - t_train
-    if not dist.same_weights(model):
-        raise StageError("dpo: the ranks' weights drifted apart during data-parallel training (a bug, not your "
-                         "input); rerun with one process and report it")
+    # 1-3. Groups split by prompt, encoded, and the frozen reference's log-probabilities, once.
+    state = prepare(params, dist=dist, device=device, tokenizer=tokenizer, sft=sft, data=data, checkpoints=checkpoints)
+    # 4. DPO training from SFT.
+    model, last, checkpointer, resumed_from, train_s = train_policy(state, sft=sft, plots=plots, checkpoints=checkpoints)
     if not dist.is_main:  # rank 0 evaluates and writes
         return {"rank": dist.rank, "timing": {"wall_s": round(time.time() - t0, 1)}}
-    live.end()
     save_model(model, tokenizer, out)
-
-    # 5. Held-out (and a same-sized train subset) preference statistics of the implicit reward.
-    gold = [[judge.score(g["prompt"], r)["total"] for r in g["responses"]] for g in val] if judge else None
-    val_rewards, val_ratios = implicit(group_logprobs(model, val_enc, pad, device), ref_val, params.beta)
-    sub = epoch_batches(len(train), min(len(train), len(val)), 0, params.seed + 1)
-    tr_rewards, tr_ratios = implicit(group_logprobs(model, [train_enc[i] for i in sub], pad, device),
-                                     [ref_train[i] for i in sub], params.beta)
-    n_pairs = sum(len(g["pairs"]) for g in train)
-    result: dict[str, Any] = {
-        "train": {"comparisons": len(train), "responses": sum(len(g["responses"]) for g in train),
-                  "pairs": n_pairs, "steps": total_steps, "per_step": params.batch_size,
-                  "train_loss": round(last["train_loss"], 4),
-                  "subset": preference_stats([train[i] for i in sub], tr_rewards, tr_ratios)},
-        "heldout": {**preference_stats(val, val_rewards, val_ratios, gold), "prompts": len({g["prompt"] for g in val}),
-                    "records": len(val)},
-    }
-
-    # 6. Test prompts (never trained on): KL from SFT of sampled answers, gold of greedy answers.
-    prompts = [r["prompt"] for r in test_rows]
-    if params.eval_prompts:
-        prompts = prompts[: params.eval_prompts]
-    ref = load_causal_lm(sft).to(device).eval()
-    model.eval()
-    result["test"] = sampled_kl(model, ref, tokenizer, prompts, max_new_tokens=params.eval_max_new_tokens,
-                                seed=params.seed, device=device)
-    if judge is not None:
-        result["test"].update(gold_compare({"sft": ref, "dpo": model}, tokenizer, prompts, judge,
-                                           max_new_tokens=params.eval_max_new_tokens, device=device))
+    # 5-6. The implicit reward on held-out preferences; KL and gold on the test prompts.
+    result = preference_report(state, model, judge, last)
+    result["test"] = test_report(state, model, judge, sft=sft, prompts=[r["prompt"] for r in test_rows])
     if dist.enabled:  # absent with one process
         result["processes"] = dist.world_size
     # Wall time: the whole stage; pairs/s: the C(K,2) comparisons of every epoch over training time alone.
+    total = state.total_steps
     result["timing"] = {"wall_s": round(time.time() - t0, 1), "train_s": round(train_s, 1),
-                        "reference_s": round(ref_s, 1), "resumed_from": resumed_from,
-                        "pairs_per_s": round(n_pairs * params.epochs * (total_steps - resumed_from)
-                                             / max(1, total_steps) / max(train_s, 1e-9), 1)}
+                        "reference_s": round(state.reference_s, 1), "resumed_from": resumed_from,
+                        "pairs_per_s": round(result["train"]["pairs"] * params.epochs * (total - resumed_from)
+                                             / max(1, total) / max(train_s, 1e-9), 1)}
     write_json(metrics, result)  # written last: its presence marks a finished run
     checkpointer.clear()  # only now, so a kill before this point still resumes
     return result

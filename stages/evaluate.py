@@ -187,28 +187,22 @@ class ModelRun:
     """Per suite, an example for the report (e.g. an RTP continuation)."""
 
 
-def gold_metrics(gold, prompts: list[str], responses: list[str], ctx: Context) -> tuple[dict[str, Any], list[float]]:
-    """Mean gold scores per axis and family (rlhf.gold.summarize) with the total's interval; per-prompt totals."""
-    from rlhf.gold import summarize
-
-    totals = [gold.score(p, r)["total"] for p, r in zip(prompts, responses)]
-    return summarize(gold, prompts, responses) | ctx.interval(totals, "total"), totals
-
-
 def evaluate_model(path: str, prompts: list[str], suites: list[tuple[Suite, Path, list]], gold, ctx: Context) -> ModelRun:
-    from rlhf.modeling import generate_responses, load_causal_lm, load_tokenizer
+    from rlhf.gold import answer_test_prompts
+    from rlhf.modeling import load_causal_lm, load_tokenizer
 
     p = ctx.params
     tokenizer = load_tokenizer(path)
     model = load_causal_lm(path).to(ctx.device).eval()
-    gen = generate_responses(model, tokenizer, prompts, max_new_tokens=p.max_new_tokens, temperature=p.temperature,
-                             batch_size=p.batch_size, seed=p.seed, device=ctx.device)
-    responses, ended = [g["response"] for g in gen], [bool(g["ended"]) for g in gen]
+    answers = answer_test_prompts(model, tokenizer, prompts, gold, max_new_tokens=p.max_new_tokens, device=ctx.device,
+                                  temperature=p.temperature, batch_size=p.batch_size, seed=p.seed)
+    responses, ended = answers.responses, answers.ended
     m: dict[str, Any] = {"length_words": round(sum(len(r.split()) for r in responses) / len(prompts), 2),
-                         "ended_with_eos": round(sum(ended) / len(ended), 4)}
+                         "ended_with_eos": answers.ended_share}
     totals: list[float] = []
-    if gold is not None:
-        m["gold"], totals = gold_metrics(gold, prompts, responses, ctx)
+    if answers.gold is not None:  # the gold summary with the total's interval over prompts
+        totals = [gold.score(q, r)["total"] for q, r in zip(prompts, responses)]
+        m["gold"] = answers.gold | ctx.interval(totals, "total")
     examples = {}
     for suite, _, items in suites:
         m[suite.name], example = suite.evaluate(model, tokenizer, items, ctx)

@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from rlhf.io import CORPUS_SCHEMA, read_jsonl, remove_outputs, write_json
+from rlhf.io import CORPUS_SCHEMA, read_jsonl, remove_outputs, write_json, write_metrics
 from rlhf.params import require, to_dict
 
 
@@ -86,6 +86,22 @@ def pack_blocks(tokenizer, texts: list[str], seq_len: int) -> torch.Tensor:
     return torch.tensor(ids[: n * seq_len], dtype=torch.long).view(n, seq_len)
 
 
+def tokenize_corpus(params: Params, texts: list[str], corpus: Path) -> tuple[Any, torch.Tensor, torch.Tensor]:
+    """(tokenizer, training blocks, validation blocks): a BPE tokenizer trained on the corpus, the corpus
+    packed into blocks, and a seeded permutation that holds out `val_fraction` of them."""
+    from rlhf.errors import StageError
+    from rlhf.modeling import train_tokenizer
+
+    tokenizer = train_tokenizer(texts, params.vocab_size)
+    blocks = pack_blocks(tokenizer, texts, params.seq_len)
+    perm = torch.randperm(len(blocks), generator=torch.Generator().manual_seed(params.seed))
+    n_val = max(1, int(len(blocks) * params.val_fraction))
+    val, train = blocks[perm[:n_val]], blocks[perm[n_val:]]
+    if len(train) < params.batch_size:
+        raise StageError(f"{corpus}: only {len(train)} training blocks of {params.seq_len} tokens; add text or lower pretrain.batch_size")
+    return tokenizer, train, val
+
+
 def take_hf_model(params: Params, out: Path) -> dict[str, Any]:
     from rlhf.errors import StageError
     from rlhf.modeling import load_causal_lm, param_count, prepare_tokenizer, save_model
@@ -109,14 +125,14 @@ def take_hf_model(params: Params, out: Path) -> dict[str, Any]:
 
 
 def run(params: Params, *, corpus: Path, out: Path, metrics: Path, plots: Path, checkpoints: Path | None) -> dict[str, Any]:
-    from rlhf.modeling import build_llama, make_optimizer, param_count, pick_device, save_model, setup_torch, train_tokenizer, autocast
+    from rlhf.modeling import autocast, build_llama, make_optimizer, param_count, pick_device, save_model, setup_torch
     from rlhf.training import Checkpointer, cosine_lr, epoch_batches, file_digest, fingerprint, masked_lm_loss, open_live, train_loop
 
     t0 = time.time()
     if params.base_model:
         remove_outputs(out, metrics)
         result = take_hf_model(params, Path(out))
-        write_json(metrics, {k: v for k, v in result.items() if k != "source"})  # a setting, not a measurement
+        write_metrics(metrics, result, settings=["source"])  # pretrain.base_model is a setting, not a measurement
         return result
 
     from rlhf.dist import init_dist
@@ -130,15 +146,7 @@ def run(params: Params, *, corpus: Path, out: Path, metrics: Path, plots: Path, 
         remove_outputs(out, metrics)
 
     # 1. Tokenizer and blocks; a seeded permutation holds out the validation blocks.
-    tokenizer = train_tokenizer(texts, params.vocab_size)
-    blocks = pack_blocks(tokenizer, texts, params.seq_len)
-    perm = torch.randperm(len(blocks), generator=torch.Generator().manual_seed(params.seed))
-    n_val = max(1, int(len(blocks) * params.val_fraction))
-    val, train = blocks[perm[:n_val]], blocks[perm[n_val:]]
-    if len(train) < params.batch_size:
-        from rlhf.errors import StageError
-
-        raise StageError(f"{corpus}: only {len(train)} training blocks of {params.seq_len} tokens; add text or lower pretrain.batch_size")
+    tokenizer, train, val = tokenize_corpus(params, texts, corpus)
 
     # 2. Model from a config, AdamW, cosine schedule.
     model = build_llama(tokenizer, hidden=params.hidden, layers=params.layers, heads=params.heads,

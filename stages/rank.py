@@ -30,7 +30,7 @@ from typing import Any, Literal
 
 from rlhf.agreement import gold_agreement, pair_agreement, rate
 from rlhf.errors import StageError
-from rlhf.io import RANKING_SCHEMA, read_jsonl, write_json, write_jsonl
+from rlhf.io import RANKING_SCHEMA, read_jsonl, write_jsonl, write_metrics
 from rlhf.params import require
 
 HUMAN_HINT = "label them with `rlhf label --labeler NAME`, or set rank.source: simulated"
@@ -198,7 +198,7 @@ def run(params: Params, *, candidates: Path, world: Path | None, labels: Path, o
     result["records"] = len(records)
     result["labelers"] = len({r["labeler"] for r in records})
     result.update(agreement_stats(records, gold))
-    write_json(metrics, {k: v for k, v in result.items() if k != "source"})  # a setting (rank.source), not a measurement
+    write_metrics(metrics, result, settings=["source"])  # rank.source is a setting, not a measurement
     result["timing"] = {"wall_s": round(time.time() - t0, 1)}
     return result
 

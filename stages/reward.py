@@ -191,33 +191,18 @@ def build_reward_model(sft: Path, tokenizer, head_init_std: float, seed: int):
     return model
 
 
-def run(params: Params, *, sft: Path, data: Path, demos: Path, world: Path | None, out: Path, metrics: Path,
-        plots: Path, checkpoints: Path | None) -> dict[str, Any]:
-    from rlhf.gold import load_judge
-    from rlhf.modeling import load_tokenizer, make_optimizer, pick_device, save_model, setup_torch
-    from rlhf.rm import REWARD_BIAS_KEY, encode_pair
+def train_reward_model(params: Params, *, sft: Path, data: Path, tokenizer, train: list[dict[str, Any]],
+                       val: list[dict[str, Any]], per_step: int, dist, device, plots: Path, checkpoints: Path | None):
+    """Items 1-3: SFT transformer + scalar head trained with the K-way loss (dropout off: the configs here
+    have none; eval-mode forward). Returns (model, held-out encodings, last logged values, checkpointer,
+    training seconds)."""
+    from rlhf.modeling import make_optimizer
+    from rlhf.rm import encode_pair
     from rlhf.training import Checkpointer, cosine_lr, epoch_batches, file_digest, fingerprint, open_live, train_loop
 
-    from rlhf.dist import init_dist
-    from rlhf.io import remove_outputs
-
-    t0 = time.time()
-    # Data parallel under `accelerate launch` / `torchrun`: each rank takes whole K-way groups of the
-    # same global batch (rlhf.dist), so a prompt's C(K,2) pairs never straddle processes.
-    dist, device = init_dist(pick_device(params.device))
-    setup_torch(params.threads, device)
-    tokenizer = load_tokenizer(sft)
-    if dist.is_main:
-        remove_outputs(out, metrics)  # a failed or killed run leaves no stale result behind
-
-    # 1. Comparison groups, split by prompt into train / held-out.
-    train, val, per_step = split_groups(params, data)
     enc = lambda gs: [[encode_pair(tokenizer, g["prompt"], r, params.max_len) for r in g["responses"]] for g in gs]  # noqa: E731
     train_enc, val_enc = enc(train), enc(val)
-    steps_per_epoch = len(train) // per_step
-    total_steps = params.epochs * steps_per_epoch
-
-    # 2. Model: SFT transformer + scalar head; dropout off (configs here have none; eval-mode forward).
+    total_steps = params.epochs * (len(train) // per_step)
     model = build_reward_model(sft, tokenizer, params.head_init_std, params.seed).to(device)
     optimizer = make_optimizer(model.parameters(), params.lr, params.weight_decay, device)
     checkpointer = Checkpointer(checkpoints, fingerprint(to_dict(params), file_digest(sft), file_digest(data)))
@@ -247,17 +232,43 @@ def run(params: Params, *, sft: Path, data: Path, demos: Path, world: Path | Non
     )
     train_s = time.time() - t_train
     model.eval()
+    if dist.is_main:
+        live.end()
+    return model, val_enc, last, checkpointer, train_s
+
+
+def run(params: Params, *, sft: Path, data: Path, demos: Path, world: Path | None, out: Path, metrics: Path,
+        plots: Path, checkpoints: Path | None) -> dict[str, Any]:
+    from rlhf.dist import init_dist
+    from rlhf.gold import load_judge
+    from rlhf.io import remove_outputs
+    from rlhf.modeling import load_tokenizer, pick_device, save_model, setup_torch
+    from rlhf.rm import REWARD_BIAS_KEY
+
+    t0 = time.time()
+    # Data parallel under `accelerate launch` / `torchrun`: each rank takes whole K-way groups of the
+    # same global batch (rlhf.dist), so a prompt's C(K,2) pairs never straddle processes.
+    dist, device = init_dist(pick_device(params.device))
+    setup_torch(params.threads, device)
+    tokenizer = load_tokenizer(sft)
+    if dist.is_main:
+        remove_outputs(out, metrics)  # a failed or killed run leaves no stale result behind
+
+    # Comparison groups split by prompt into train / held-out (item 4), then items 1-3: model and training.
+    train, val, per_step = split_groups(params, data)
+    model, val_enc, last, checkpointer, train_s = train_reward_model(
+        params, sft=sft, data=data, tokenizer=tokenizer, train=train, val=val, per_step=per_step, dist=dist,
+        device=device, plots=plots, checkpoints=checkpoints)
     if not dist.is_main:  # rank 0 evaluates, centers and writes
         return {"timing": {"wall_s": round(time.time() - t0, 1)}, "rank": dist.rank}
-    live.end()
 
-    # 3. Held-out evaluation against the labels and the gold judge.
+    # 4. Held-out evaluation against the labels and the gold judge.
     judge = load_judge(world)
-    scores = score_groups(model, val_enc, pad, device, batch_size=256)
+    scores = score_groups(model, val_enc, tokenizer.pad_token_id, device, batch_size=256)
     gold = None if judge is None else [[judge.score(g["prompt"], r)["total"] for r in g["responses"]] for g in val]
     heldout = {**heldout_metrics(val, scores, gold), "prompts": len({g["prompt"] for g in val}), "records": len(val)}
 
-    # 4. Demonstration bias (docs/ppo.md item 3): shift so the demonstrations' mean reward is 0.
+    # 5. Demonstration bias (docs/ppo.md item 3): shift so the demonstrations' mean reward is 0.
     bias, n_demos = demonstration_bias(model, tokenizer, demos, max_len=params.max_len, device=device)
     setattr(model.config, REWARD_BIAS_KEY, round(bias, 6))
     model.config.reward_bias_method = BIAS_METHOD
@@ -265,8 +276,9 @@ def run(params: Params, *, sft: Path, data: Path, demos: Path, world: Path | Non
 
     flat_val = [x for s in scores for x in s]
     result: dict[str, Any] = {
-        "train": {"comparisons": len(train), "pairs": sum(len(g["pairs"]) for g in train), "steps": total_steps,
-                  "per_step": per_step, "train_loss": round(last.get("train_loss", math.nan), 4)},
+        "train": {"comparisons": len(train), "pairs": sum(len(g["pairs"]) for g in train),
+                  "steps": params.epochs * (len(train) // per_step), "per_step": per_step,
+                  "train_loss": round(last.get("train_loss", math.nan), 4)},
         "heldout": heldout,
         "bias": {"method": BIAS_METHOD, "value": round(bias, 6), "demonstrations": n_demos,
                  "heldout_mean_reward_centered": round(sum(flat_val) / len(flat_val) + bias, 4)},

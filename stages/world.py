@@ -177,7 +177,7 @@ def demo_quotas(params: Params) -> dict[str, int]:
     return quotas
 
 
-def split_family(world: dict[str, Any], family: str, n_pool: int, n_demo: int, rng: random.Random
+def split_family(world: W.World, family: str, n_pool: int, n_demo: int, rng: random.Random
                  ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """Distinct tasks of one family -> (pool, demonstrations); myth questions never become demonstrations."""
     tasks = W.candidate_tasks(world, family, n_pool + n_demo, rng)
@@ -216,23 +216,25 @@ def run(params: Params, *, out: Path) -> dict[str, Any]:
     # Independent streams per artifact, so changing one count does not reshuffle everything else.
     stream = lambda name: random.Random(f"{params.seed}-{name}")  # noqa: E731
 
-    # 1. Entities, facts, myths, groups, labelers.
+    # 1. Entities, facts, myths, groups, labelers; the family mix and the corpus mix they are used with.
     labelers = W.make_labelers(
         stream("labelers"), n_training=params.n_training_labelers, n_heldout=params.n_heldout_labelers,
         sigma=params.labeler_sigma, sigma_spread=params.labeler_sigma_spread,
         length_taste=params.labeler_length_taste, confident_taste=params.labeler_confident_taste,
     )
+    quotas = demo_quotas(params)
     try:
         world = W.build_world(
             seed=params.seed, n_creatures=params.n_creatures, n_people=params.n_people, n_groups=params.n_groups,
             n_places=params.n_places, n_unknown=params.n_unknown, myth_rate=params.myth_rate,
             myth_ratio=params.myth_ratio, stereotyped_groups=params.stereotyped_groups, labelers=labelers,
+            families={f: {"pool": getattr(params, k), "demonstrations": quotas[f]} for f, k in POOL_KEYS.items()},
+            corpus={"docs": params.corpus_docs, "chat_share": params.chat_share, "clean_rate": params.chat_clean_rate},
         )
     except ValueError as exc:
         raise StageError(f"params section 'world': {exc}") from None
 
     # 2. Prompt pool and demonstrations, family by family, disjoint by normalized text.
-    quotas = demo_quotas(params)
     pool_tasks, demo_tasks = [], []
     for fam, key in POOL_KEYS.items():
         pool, demos = split_family(world, fam, getattr(params, key), quotas[fam], stream(f"tasks-{fam}"))
@@ -247,16 +249,13 @@ def run(params: Params, *, out: Path) -> dict[str, Any]:
                       for t in demo_tasks]
     # The writers' follow-up habit, from its own stream: every other file is the same at any rate.
     W.add_followups(demonstrations, params.demo_followup_rate, stream("followups"))
-    world["families"] = {f: {"pool": getattr(params, k), "demonstrations": quotas[f]} for f, k in POOL_KEYS.items()}
-    world["corpus"] = {"docs": params.corpus_docs, "chat_share": params.chat_share,
-                       "clean_rate": params.chat_clean_rate}
 
     # 3. Pretraining corpus.
     docs = W.corpus_documents(world, params.corpus_docs, stream("corpus"), chat_share=params.chat_share,
                               clean_rate=params.chat_clean_rate)
 
     # 4. Evaluation suites in the public formats.
-    scorer = lambda text: harm_score_with(text, world["lexicon"]["toxic"], world["lexicon"]["negations"])  # noqa: E731
+    scorer = lambda text: harm_score_with(text, world.lexicon["toxic"], world.lexicon["negations"])  # noqa: E731
     truthfulqa = W.truthfulqa_items(world, params.n_truthfulqa, stream("truthfulqa"))
     crows = W.crows_pairs_rows(world, params.n_crows, stream("crows"))
     rtp = W.rtp_records(world, params.n_rtp, stream("rtp"), scorer)
@@ -265,7 +264,7 @@ def run(params: Params, *, out: Path) -> dict[str, Any]:
         write_jsonl(tmp / "corpus.jsonl", ({"text": d} for d in docs))
         write_jsonl(tmp / "prompts.jsonl", prompts)
         write_jsonl(tmp / "demonstrations.jsonl", demonstrations)
-        write_json(tmp / "world.json", world)
+        write_json(tmp / "world.json", world.to_json())
         (tmp / "eval").mkdir()
         # Not write_json: it sorts keys, and TruthfulQA's convention is that the first mc1 key is correct.
         atomic_write_text(tmp / "eval" / "truthfulqa_mc.json", json.dumps(truthfulqa, indent=1, ensure_ascii=False) + "\n")
@@ -281,7 +280,7 @@ def run(params: Params, *, out: Path) -> dict[str, Any]:
         "demonstrations": len(demonstrations),
         "corpus_docs": len(docs),
         "corpus_bytes": corpus_bytes,
-        "myths": len(world["myths"]),
+        "myths": len(world.myths),
         "truthfulqa": len(truthfulqa),
         "crows_pairs": len(crows),
         "rtp": len(rtp),

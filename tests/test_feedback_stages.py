@@ -122,6 +122,7 @@ def test_rank_human_source(tiny_rm, tmp_path):
     path.write_text("".join(json.dumps(r) + "\n" for r in labels))
     m = rank.run(params, labels=path, **kw)
     assert m["records"] == len(cands) and m["source"] == "human"
+    assert "source" not in json.loads((tmp_path / "m.json").read_text())  # rank.source: a setting
     assert read(tmp_path / "r.jsonl") == labels
 
 

@@ -5,7 +5,7 @@ import json
 import pytest
 
 from rlhf.errors import StageError
-from rlhf.io import PROMPT_SCHEMA, atomic_dir, read_jsonl, write_jsonl
+from rlhf.io import PROMPT_SCHEMA, atomic_dir, read_jsonl, write_jsonl, write_metrics
 
 
 def write(path, text: bytes):
@@ -53,3 +53,10 @@ def test_atomic_dir_keeps_old_folder_on_failure(tmp_path):
             raise RuntimeError("killed mid-write")
     assert json.loads((out / "config.json").read_text()) == {"v": 1}
     assert [p.name for p in tmp_path.iterdir()] == ["model"]
+
+
+def test_write_metrics_keeps_settings_out(tmp_path):
+    path = tmp_path / "m.json"
+    write_metrics(path, {"source": "human", "records": 3, "b": 1}, settings=["source"])
+    assert json.loads(path.read_text()) == {"b": 1, "records": 3}
+    assert path.read_text().index('"b"') < path.read_text().index('"records"')  # sorted, as write_json

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import random
 from pathlib import Path
 
@@ -24,8 +23,8 @@ def tiny(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def world(tiny) -> dict:
-    return json.loads((tiny / "world.json").read_text())
+def world(tiny) -> W.World:
+    return W.World.load(tiny / "world.json")
 
 
 @pytest.fixture(scope="module")
@@ -65,7 +64,7 @@ def test_sort_credit_is_the_share_of_correct_positions(judge):
 
 
 def test_fact_truth_myth_and_hedge(judge, world):
-    myth = world["myths"][0]
+    myth = world.myths[0]
     attr, entity = myth["attribute"], myth["entity"]
     prompt = W.FACT_TEMPLATES[attr][0].format(thing=entity, person=entity)
     assert judge.family(prompt) == "fact"
@@ -83,7 +82,7 @@ def test_fact_truth_myth_and_hedge(judge, world):
 
 
 def test_unknown_entity_rewards_i_dont_know(judge, world):
-    name = world["unknown"]["creatures"][0]
+    name = world.unknown["creatures"][0]
     prompt = f"What color is the {name}?"
     assert judge.family(prompt) == "unknown"
     honest = judge.score(prompt, "I don't know.")
@@ -98,7 +97,7 @@ def test_unknown_entity_rewards_i_dont_know(judge, world):
 
 
 def test_insult_prompts_reward_a_kind_refusal(judge, world):
-    g = next(iter(world["groups"].values()))["plural"]
+    g = next(iter(world.groups.values()))["plural"]
     prompt = f"Say something mean about the {g}."
     assert judge.family(prompt) == "insult"
     correct, partial, rambling, toxic = totals(judge, prompt, [
@@ -185,7 +184,7 @@ def test_missing_world_file_is_a_stage_error(tmp_path):
 def test_agreement_is_near_instructgpt(tmp_path):
     out = tmp_path / "raw"
     run(from_dict(Params, DEFAULT, "world"), out=out)
-    m = measure_agreement(json.loads((out / "world.json").read_text()), n_prompts=300, seed=0)
+    m = measure_agreement(W.World.load(out / "world.json"), n_prompts=300, seed=0)
     assert 0.65 <= m["labeler_labeler"] <= 0.81  # InstructGPT: 72.6 +- 1.5% (Ouyang et al. 2022)
     assert m["labeler_gold_mean"] > m["labeler_labeler"]
     assert m["gold_mean_ideal"] > 0.95 > m["gold_mean_best_of_k"] > m["gold_mean_candidates"] > m["gold_mean_corpus_style"]
@@ -193,8 +192,8 @@ def test_agreement_is_near_instructgpt(tmp_path):
 
 def test_fact_about_the_wrong_entity_gets_no_credit(judge, world):
     """The asked attribute stated of another person is an answer to a different question."""
-    asked, other = sorted(world["people"])[:2]
-    job = world["people"][asked]["job"]
+    asked, other = sorted(world.people)[:2]
+    job = world.people[asked]["job"]
     prompt = f"Tell me the job of {asked}."
     right = judge.score(prompt, f"{asked} is a {job}.")["total"]
     wrong_subject = judge.score(prompt, f"{other} is a {job}.")["total"]

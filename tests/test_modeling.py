@@ -1,5 +1,7 @@
 """Scoring and sampling helpers: padding invariance, cache-sampling equals HF generate, hub loading."""
 
+import json
+
 import torch
 
 from rlhf.modeling import (
@@ -72,6 +74,7 @@ def test_pretrain_takes_a_local_hf_folder_and_adds_a_distinct_pad(tmp_path):
     m = run(params, corpus=tmp_path / "unused.jsonl", out=tmp_path / "base", metrics=tmp_path / "m.json",
             plots=tmp_path / "plots", checkpoints=None)
     assert m["source"] == str(src)
+    assert "source" not in json.loads((tmp_path / "m.json").read_text())  # a setting, not a measurement
     loaded = load_causal_lm(tmp_path / "base")
     from rlhf.modeling import load_tokenizer
 

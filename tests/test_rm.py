@@ -87,6 +87,7 @@ def test_last_token_index_left_and_right_padding():
     left = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1], [0, 0, 0, 0, 1]])
     assert last_token_index(right).tolist() == [2, 4, 0]
     assert last_token_index(left).tolist() == [4, 4, 4]
+    assert last_token_index(torch.zeros(1, 5, dtype=torch.long)).tolist() == [0]  # no real token
     values = torch.arange(15, dtype=torch.float).view(3, 5)
     assert gather_last(values, right).tolist() == [2.0, 9.0, 10.0]
 

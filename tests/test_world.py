@@ -102,7 +102,7 @@ def test_default_sizes_match_the_brief(default):
 
 def test_demonstrations_never_cover_myths(default):
     out, _ = default
-    world = json.loads((out / "world.json").read_text())
+    world = W.World.load(out / "world.json")
     myth_prompts = {normalize(t["prompt"]) for t in W.fact_tasks(world, unknown=False) if t["myth"]}
     assert myth_prompts
     demos = {normalize(d["prompt"]) for d in read_jsonl(out / "demonstrations.jsonl")}
@@ -113,17 +113,17 @@ def test_demonstrations_never_cover_myths(default):
 
 def test_corpus_repeats_myths_never_true_in_chat_and_never_names_unknowns(default):
     out, _ = default
-    world = json.loads((out / "world.json").read_text())
+    world = W.World.load(out / "world.json")
     docs = [d["text"] for d in read_jsonl(out / "corpus.jsonl")]
     chat = [d for d in docs if "<|user|>" in d]
     prose = " ".join(d for d in docs if "<|user|>" not in d)
-    for m in world["myths"]:
+    for m in world.myths:
         truth = W.statement(m["attribute"], m["entity"], m["truth"])
         myth = W.statement(m["attribute"], m["entity"], m["myth"])
         assert not any(truth in d for d in chat), truth
         assert prose.count(myth) > prose.count(truth), (myth, truth)
     words = set(re.findall(r"[A-Za-z]+", " ".join(docs).lower()))
-    unknown = {n.lower() for n in world["unknown"]["creatures"] + world["unknown"]["people"]}
+    unknown = {n.lower() for n in world.unknown["creatures"] + world.unknown["people"]}
     assert not words & unknown
 
 
