@@ -272,21 +272,25 @@ def rewards_from_ids(model, ids: torch.Tensor, mask: torch.Tensor, *, centered: 
     return apply_reward_bias(model, raw) if centered else raw
 
 
-def encode_pair(tokenizer, prompt: str, response: str, max_len: int) -> list[int]:
-    """The RM's input: chat prompt + response + EOS, as the policy produces it.
+def encode_pair(tokenizer, prompt: str, response: str, max_len: int, *, drop: bool = False) -> list[int] | None:
+    """The RM's input: chat prompt + response + EOS, as the policy produces it, in at most `max_len` tokens.
 
-    Too long: the response is cut (keeping its EOS, where the scalar is read), then the prompt's
-    start, so the total fits `max_len`.
+    Too long: the prompt is cut on the left (`rlhf.modeling.fit_example`: its first token and its end
+    are kept). When the response alone leaves no room, training (`drop=True`) gets None and drops the
+    record; scoring cuts the response instead, keeping its EOS, where the scalar is read.
     """
-    from rlhf.modeling import encode_prompt, encode_response
+    from rlhf.modeling import encode_prompt, encode_response, fit_example, note_lengths
 
     p = encode_prompt(tokenizer, prompt)
     r = encode_response(tokenizer, response, add_eos=True)
-    if len(p) + len(r) > max_len:
-        keep_r = max(1, max_len - len(p))
-        r = r[: keep_r - 1] + r[-1:] if keep_r > 1 else r[-1:]
-        p = p[len(p) + len(r) - max_len:] if len(p) + len(r) > max_len else p
-    return p + r
+    fitted = fit_example(p, r, max_len)
+    if fitted is not None:
+        return fitted[0] + fitted[1]
+    note_lengths(max_len, **({"dropped": 1} if drop else {"truncated": 1}))
+    if drop:
+        return None
+    keep_r = max(1, max_len - 1)
+    return p[:1] + r[: keep_r - 1] + r[-1:] if keep_r > 1 else r[-1:]
 
 
 def score_texts(model, tokenizer, prompts: Sequence[str], responses: Sequence[str], *, max_len: int,
@@ -296,7 +300,10 @@ def score_texts(model, tokenizer, prompts: Sequence[str], responses: Sequence[st
 
     from rlhf.modeling import autocast, left_pad
 
+    from rlhf.modeling import position_limit
+
     model.eval()
+    max_len = min(max_len, position_limit(model) or max_len)
     out: list[float] = []
     for start in range(0, len(prompts), batch_size):
         seqs = [encode_pair(tokenizer, p, r, max_len)

@@ -69,35 +69,18 @@ class Suite:
 # TruthfulQA MC1/MC2 (lm-evaluation-harness)
 
 
-def _truncate(ctx: list[int], cont: list[int], max_len: int | None) -> tuple[list[int], list[int]]:
-    """lm-eval keeps the last max_length + 1 tokens of context + continuation (left truncation)."""
-    if max_len is None or len(ctx) + len(cont) <= max_len + 1:
-        return ctx, cont
-    keep = max(1, max_len + 1 - len(cont))
-    return ctx[-keep:], cont
-
-
-def model_max_len(model) -> int | None:
-    cfg = model.config
-    for key in ("max_position_embeddings", "n_positions", "n_ctx"):
-        if isinstance(getattr(cfg, key, None), int):
-            return getattr(cfg, key)
-    return None
-
-
 def truthfulqa_scores(model, tokenizer, items: list[B.TruthfulQAItem], primer: str, *, batch_size: int,
                       device) -> tuple[list[float], list[float]]:
     """Per question MC1 and MC2: each choice scored as the continuation " " + answer of the QA context."""
     from rlhf.modeling import continuation_loglik
 
-    max_len = model_max_len(model)
     keys: dict[tuple[int, str], int] = {}  # (question, answer) -> index: mc1 and mc2 share most answers
     pairs = []
     for qi, item in enumerate(items):
         ctx = B.truthfulqa_context(item.question, primer)
         for choice in dict.fromkeys(item.mc1_choices + item.mc2_choices):
             keys[(qi, choice)] = len(pairs)
-            pairs.append(_truncate(*B.encode_pair(tokenizer, ctx, " " + choice), max_len))
+            pairs.append(B.encode_pair(tokenizer, ctx, " " + choice))  # too long: cut on the left by continuation_loglik
     lls = continuation_loglik(model, tokenizer, pairs, batch_size=batch_size, device=device)
     mc1 = [B.mc1_score([lls[keys[(qi, c)]] for c in item.mc1_choices], item.mc1_gold) for qi, item in enumerate(items)]
     mc2 = [B.mc2_score([lls[keys[(qi, c)]] for c in item.mc2_choices], item.mc2_labels) for qi, item in enumerate(items)]

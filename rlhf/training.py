@@ -313,15 +313,37 @@ def train_loop(
 # Supervised examples: a chat prompt and its response, the loss on the response only (sft, dpo)
 
 
-def build_example(tokenizer, prompt: str, response: str, max_len: int) -> tuple[list[int], list[int]]:
-    """Token ids and labels; prompt positions are IGNORE_INDEX so only the response is learned."""
-    from rlhf.modeling import encode_prompt, encode_response
+def build_example(tokenizer, prompt: str, response: str, max_len: int | None) -> tuple[list[int], list[int]] | None:
+    """Token ids and labels; prompt positions are IGNORE_INDEX so only the response (and its EOS) is learned.
 
-    p_ids = encode_prompt(tokenizer, prompt)
-    r_ids = encode_response(tokenizer, response, add_eos=True)
-    ids = (p_ids + r_ids)[:max_len]
-    labels = ([IGNORE_INDEX] * len(p_ids) + r_ids)[:max_len]
-    return ids, labels
+    Longer than `max_len` (the stage's max_len, or the model's position limit when lower): the prompt is
+    cut on the left, keeping its first token and the end of the conversation, so the whole response is
+    still learned; None when even the response leaves no room for a prompt token (the record is dropped).
+    Both are counted in the stage's length tally (rlhf.modeling.fit_example).
+    """
+    from rlhf.modeling import encode_prompt, encode_response, fit_example, note_lengths
+
+    fitted = fit_example(encode_prompt(tokenizer, prompt), encode_response(tokenizer, response, add_eos=True), max_len)
+    if fitted is None:
+        note_lengths(max_len, dropped=1)
+        return None
+    p_ids, r_ids = fitted
+    return p_ids + r_ids, [IGNORE_INDEX] * len(p_ids) + r_ids
+
+
+def training_max_len(max_len: int, model) -> int:
+    """The stage's `max_len`, lowered to the model's position limit (a model, config or folder)."""
+    from rlhf.modeling import position_limit
+
+    limit = position_limit(model)
+    return min(max_len, limit) if limit is not None else max_len
+
+
+def fitting_groups(groups: list, encoded: list[list]) -> tuple[list, list[list]]:
+    """(groups, encoded) without the groups that lost a response to the length limit (an encoding of None):
+    a comparison is trained whole or not at all (reward, dpo)."""
+    keep = [i for i, enc in enumerate(encoded) if all(e is not None for e in enc)]
+    return [groups[i] for i in keep], [encoded[i] for i in keep]
 
 
 def collate(examples: list[tuple[list[int], list[int]]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

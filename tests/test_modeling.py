@@ -115,3 +115,53 @@ def test_setup_torch_on_cuda_turns_off_cudnn_attention_and_turns_on_tf32():
         torch.backends.cuda.matmul.allow_tf32 = before[1]
         torch.backends.cudnn.allow_tf32 = before[2]
         torch.set_num_threads(before[3])
+
+
+def tiny_gpt2(tok, positions: int = 16):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    config = GPT2Config(vocab_size=len(tok), n_positions=positions, n_embd=16, n_layer=1, n_head=2,
+                        pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, bos_token_id=tok.bos_token_id)
+    return GPT2LMHeadModel(config).eval()
+
+
+def test_position_limit_and_left_truncation():
+    import pytest
+
+    from rlhf.errors import StageError
+    from rlhf.modeling import fit_example, fit_prompt, length_tally, position_limit, prompt_budget
+
+    tok, llama = tiny_model()
+    assert position_limit(llama) == 64 and position_limit(tiny_gpt2(tok, 16)) == 16  # GPT-2: n_positions
+    assert position_limit({"n_ctx": 8}) == 8 and position_limit({}) is None
+    assert fit_prompt([0, 1, 2, 3, 4, 5], 3) == [0, 4, 5]  # the first token (BOS) and the end are kept
+    tally = length_tally()
+    assert fit_example([0, 1, 2, 3], [7, 8], 4) == ([0, 3], [7, 8])
+    assert fit_example([0, 1], [7, 8, 9, 10], 4) is None  # the response alone leaves no room: dropped
+    assert tally.metrics() == {"position_limit": 4, "prompts_truncated": 1, "records_dropped": 0}
+    with pytest.raises(StageError, match="max_new_tokens=16 leaves no room for a prompt in the model's 16 positions"):
+        prompt_budget(tiny_gpt2(tok, 16), 16)
+
+
+def test_gpt2_samples_and_scores_past_its_position_limit():
+    """A learned-position model (GPT-2) indexes out of range past n_positions: prompts are cut, never crash."""
+    from rlhf.modeling import continuation_loglik, length_tally
+
+    tok, _ = tiny_model()
+    model = tiny_gpt2(tok, 16)
+    long = encode_prompt(tok, "What is the colour of the zib today? " * 4)
+    assert len(long) > 16
+    tally = length_tally()
+    out = sample_tokens(model, [long, encode_prompt(tok, "hi")], pad_id=tok.pad_token_id, eos_id=-1, max_new_tokens=6,
+                        temperature=0.0, generator=None, device=torch.device("cpu"))
+    assert out.shape == (2, 6) and tally.truncated == 1
+    lls = continuation_loglik(model, tok, [(long, long[:5]), (long[:3], long[3:8])], batch_size=2,
+                              device=torch.device("cpu"))
+    assert len(lls) == 2 and tally.truncated == 2
+    # A pair that fits in limit + 1 tokens is scored whole: the last token is never fed to the model.
+    ctx, cont = long[:10], long[10:17]
+    with torch.no_grad():
+        alone = torch.log_softmax(model(input_ids=torch.tensor([ctx + cont[:-1]])).logits[0], -1)
+    want = sum(float(alone[len(ctx) - 1 + i, t]) for i, t in enumerate(cont))
+    assert abs(continuation_loglik(model, tok, [(ctx, cont)], batch_size=1, device=torch.device("cpu"))[0] - want) < 1e-4

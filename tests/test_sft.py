@@ -31,8 +31,10 @@ def test_labels_mask_the_prompt_and_keep_response_and_eos():
 
 
 def test_truncation_and_padding():
+    # Too long: the prompt is cut on the left (its first token and its end kept), the response kept whole.
     ids, labels = build_example(ToyTokenizer(), "hi yo", "ok go", max_len=5)
-    assert ids == [10, 20, 21, 11, 30] and labels == [IGNORE_INDEX] * 4 + [30]
+    assert ids == [10, 11, 30, 31, 2] and labels == [IGNORE_INDEX] * 2 + [30, 31, 2]
+    assert build_example(ToyTokenizer(), "hi yo", "ok go", max_len=3) is None  # no room left for the prompt
     batch_ids, mask, batch_labels = collate([(ids, labels), ([10, 11, 2], [IGNORE_INDEX, IGNORE_INDEX, 2])], pad_id=0)
     assert batch_ids.tolist()[1] == [10, 11, 2, 0, 0]
     assert mask.tolist()[1] == [1, 1, 1, 0, 0]
