@@ -140,8 +140,8 @@ def run(params: Params, *, sft: Path, reward: Path, test: Path, world: Path | No
         plots: Path) -> dict[str, Any]:
     from rlhf.gold import load_judge
     from rlhf.modeling import (
-        check_model_dir, generate_responses, load_causal_lm, load_reward_model, load_tokenizer, pick_device,
-        same_tokenizer, setup_torch,
+        check_model_dir, generate_responses, length_tally, load_causal_lm, load_reward_model, load_tokenizer,
+        pick_device, same_tokenizer, setup_torch,
     )
     from rlhf.progress import progress
     from rlhf.rm import score_texts
@@ -156,7 +156,7 @@ def run(params: Params, *, sft: Path, reward: Path, test: Path, world: Path | No
         raise StageError(f"{reward}: the reward model's tokenizer differs from {sft}'s; train the RM from the same SFT model")
     policy = load_causal_lm(sft).to(device).eval()
     rm = load_reward_model(reward).to(device).eval()
-    rm_max_len = int(getattr(rm.config, "max_position_embeddings", 10**9))
+    lengths = length_tally()  # prompts too long for a model lose their start (score_texts fits the RM's limit)
     judge = load_judge(world)
     rows = read_jsonl(test, PROMPT_SCHEMA)
     if params.prompts:
@@ -178,7 +178,7 @@ def run(params: Params, *, sft: Path, reward: Path, test: Path, world: Path | No
     greedy_texts = [g["response"] for g in greedy]
 
     # 2. Proxy (RM, centered by the demonstration bias) and gold score of every sample and greedy answer.
-    proxy = score_texts(rm, tokenizer, flat + prompts, texts + greedy_texts, max_len=rm_max_len,
+    proxy = score_texts(rm, tokenizer, flat + prompts, texts + greedy_texts, max_len=10**9,
                         batch_size=params.batch_size, device=device)
     proxy, greedy_proxy = proxy[: len(flat)], proxy[len(flat):]
     gold = [judge.score(p, r)["total"] for p, r in zip(flat, texts, strict=True)] if judge else None
@@ -207,6 +207,7 @@ def run(params: Params, *, sft: Path, reward: Path, test: Path, world: Path | No
                                      / len(prompts), 3),
         "best_of": {str(n): m for n, m in per_n.items()},
         "sft_greedy": {"proxy": mean_ci(greedy_proxy, **ci)},
+        "lengths": lengths.report("bestofn"),
     }
     if greedy_gold is not None:
         result["sft_greedy"]["gold"] = {**mean_ci(greedy_gold, **ci), "by_family": family_means(families, greedy_gold)}

@@ -7,7 +7,9 @@ Run    rlhf sample
 InstructGPT's labelers ranked K = 4..9 responses per prompt (Ouyang et al. 2022, sec. 3.5). Responses
 are sampled at temperature 1 with no top-k / top-p (docs/ppo.md item 8), with the KV cache, in
 batches that hold the K copies of each prompt side by side. Each response is cut at its first EOS;
-`ended` records whether it stopped by itself (a response that never stops is ranked as it is).
+`ended` records whether it stopped by itself (a response that never stops is ranked as it is; a warning
+when fewer than half did). A prompt too long for the model with max_new_tokens loses its start
+(metrics: lengths, docs/models.md).
 
 Candidates format, one record per prompt (read back with `rlhf.rm.read_candidates`):
   {"prompt_id": str, "prompt": str, "responses": [K strings], "ended": [K bools]}
@@ -51,7 +53,8 @@ class Params:
 
 
 def run(params: Params, *, model: Path, prompts: Path, out: Path, metrics: Path) -> dict[str, Any]:
-    from rlhf.modeling import generate_responses, load_causal_lm, load_tokenizer, pick_device, setup_torch
+    from rlhf.modeling import (generate_responses, length_tally, load_causal_lm, load_tokenizer, pick_device,
+                               setup_torch, warn_rarely_ended)
     from rlhf.progress import progress
 
     t0 = time.time()
@@ -62,6 +65,7 @@ def run(params: Params, *, model: Path, prompts: Path, out: Path, metrics: Path)
         rows = rows[: params.prompts]
     tokenizer = load_tokenizer(model)
     lm = load_causal_lm(model).to(device).eval()
+    lengths = length_tally()  # prompts too long for the model with max_new_tokens lose their start
 
     # 1. Each prompt repeated K times in a row; one batched, KV-cached sampling pass over all of them.
     flat = [r["prompt"] for r in rows for _ in range(params.k)]
@@ -88,7 +92,9 @@ def run(params: Params, *, model: Path, prompts: Path, out: Path, metrics: Path)
         "mean_words": round(sum(len(g["response"].split()) for g in gen) / n, 2),
         "mean_distinct_per_prompt": round(sum(distinct) / len(distinct), 3),
         "all_identical_share": round(sum(d == 1 for d in distinct) / len(distinct), 4),
+        "lengths": lengths.report("sample"),
     }
+    warn_rarely_ended("sample", result["ended_share"], params.max_new_tokens, "sample.max_new_tokens")
     write_json(metrics, result)
     result["timing"] = {"wall_s": round(time.time() - t0, 1)}
     return result

@@ -11,6 +11,7 @@ training, base and SFT answer the held-out test prompts greedily and the world's
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,9 +39,11 @@ class Params:
     weight_decay: float
     """AdamW weight decay."""
     max_len: int
-    """Longest prompt+response in tokens; longer examples are truncated on the right."""
+    """Longest prompt+response in tokens (lowered to the model's position limit); a longer example loses the
+    start of its prompt, one whose response alone does not fit is dropped (metrics: lengths)."""
     eval_max_new_tokens: int
-    """Response length cap when answering test prompts for the gold comparison."""
+    """Response length cap when answering test prompts for the gold comparison; a warning when it is below
+    the demonstrations' 95th-percentile response length (metrics: response_tokens_p95)."""
     eval_prompts: int
     """How many test prompts the gold judge scores for base vs SFT (0 = all)."""
     checkpoint_every: int
@@ -76,11 +79,38 @@ def validation_loss(model, examples: list[tuple[list[int], list[int]]], pad_id: 
     return total / count
 
 
+def fitting_examples(tokenizer, demos: list[dict[str, Any]], max_len: int) -> list[tuple[list[int], list[int]]]:
+    """The demonstrations as examples that fit `max_len`; the ones whose response alone does not are left out."""
+    examples = (build_example(tokenizer, d["prompt"], d["response"], max_len) for d in demos)
+    return [e for e in examples if e is not None]
+
+
+def response_p95(tokenizer, demos: list[dict[str, Any]]) -> int:
+    """95th percentile of the demonstrations' response lengths in tokens, EOS included (nearest rank)."""
+    from rlhf.modeling import encode_response
+
+    sizes = sorted(len(encode_response(tokenizer, d["response"])) for d in demos)
+    return sizes[max(0, math.ceil(0.95 * len(sizes)) - 1)] if sizes else 0
+
+
+def check_response_budget(p95: int, max_new_tokens: int) -> None:
+    """One warning line when a response cap is below what most demonstrations need: SFT learns to stop
+    after ~p95 tokens, and a sampler cut before that rarely sees an EOS (sample, ppo: ended_share)."""
+    if max_new_tokens < p95:
+        from rlhf.progress import console
+
+        console.print(f"[yellow]sft: 95% of the demonstrations' responses take up to {p95} tokens, more than "
+                      f"sft.eval_max_new_tokens={max_new_tokens}; give sample and ppo a max_new_tokens of at least "
+                      f"{p95} so responses can end with EOS", soft_wrap=True)
+
+
 def run(params: Params, *, base: Path, data: Path, world: Path | None, out: Path, metrics: Path, plots: Path,
         checkpoints: Path | None) -> dict[str, Any]:
     from rlhf.gold import load_judge
-    from rlhf.modeling import autocast, load_causal_lm, load_tokenizer, make_optimizer, pick_device, save_model, setup_torch
-    from rlhf.training import Checkpointer, cosine_lr, epoch_batches, file_digest, fingerprint, masked_lm_loss, open_live, train_loop
+    from rlhf.modeling import (autocast, length_tally, load_causal_lm, load_tokenizer, make_optimizer, pick_device,
+                               save_model, setup_torch)
+    from rlhf.training import (Checkpointer, cosine_lr, epoch_batches, file_digest, fingerprint, masked_lm_loss, open_live,
+                               train_loop, training_max_len)
 
     t0 = time.time()
     from rlhf.dist import init_dist
@@ -99,11 +129,15 @@ def run(params: Params, *, base: Path, data: Path, world: Path | None, out: Path
         # model or metrics from an earlier run that would look like this run's result.
         remove_outputs(out, metrics)
 
-    # 1. Examples: prompt tokens masked out of the loss, EOS appended to every response.
-    train_ex = [build_example(tokenizer, d["prompt"], d["response"], params.max_len) for d in demos]
-    val_ex = [build_example(tokenizer, d["prompt"], d["response"], params.max_len) for d in val_demos]
+    # 1. Examples: prompt tokens masked out of the loss, EOS appended to every response; too long for the
+    #    model: the prompt cut on the left, or the example dropped when its response alone does not fit.
+    lengths = length_tally()
+    max_len = training_max_len(params.max_len, model)
+    train_ex = fitting_examples(tokenizer, demos, max_len)
+    val_ex = fitting_examples(tokenizer, val_demos, max_len)
     if len(train_ex) < params.batch_size:
         raise StageError(f"{data / 'sft.jsonl'}: {len(train_ex)} demonstrations, fewer than sft.batch_size={params.batch_size}")
+    p95 = response_p95(tokenizer, demos)
     steps_per_epoch = len(train_ex) // params.batch_size
     total_steps = params.epochs * steps_per_epoch
 
@@ -129,7 +163,7 @@ def run(params: Params, *, base: Path, data: Path, world: Path | None, out: Path
     )
     result: dict[str, Any] = {
         "demonstrations": len(train_ex), "val_demonstrations": len(val_ex), "steps": total_steps,
-        "train_loss": round(last["train_loss"], 4), "processes": dist.world_size,
+        "train_loss": round(last["train_loss"], 4), "processes": dist.world_size, "response_tokens_p95": p95,
     }
     if not dist.is_main:  # rank 0 writes the model and metrics and runs the gold comparison
         result["timing"] = {"wall_s": round(time.time() - t0, 1)}
@@ -145,6 +179,8 @@ def run(params: Params, *, base: Path, data: Path, world: Path | None, out: Path
         models = {"base": load_causal_lm(base).to(device), "sft": model}
         scores = gold_compare(models, tokenizer, prompts, judge, max_new_tokens=params.eval_max_new_tokens, device=device)
         result["test"] = scores
+    result["lengths"] = lengths.report("sft")
+    check_response_budget(p95, params.eval_max_new_tokens)
     write_json(metrics, result)  # written last: its presence marks a finished run
     checkpointer.clear()  # only now: a kill during the gold comparison still resumes near the end
     result["timing"] = {"wall_s": round(time.time() - t0, 1)}
