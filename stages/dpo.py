@@ -58,7 +58,8 @@ class Params:
     weight_decay: float
     """AdamW weight decay."""
     max_len: int
-    """Longest prompt+response in tokens; longer examples are cut on the right (as in sft)."""
+    """Longest prompt+response in tokens (lowered to the model's position limit); as in sft, a longer example
+    loses the start of its prompt, and a comparison with a response that alone does not fit is dropped."""
     val_fraction: float
     """Share of prompts held out (with all of their rankings); equal to reward.val_fraction and the same
     seed hold out the reward model's validation prompts."""
@@ -108,10 +109,12 @@ def load_dpo_groups(path: Path, data_format: str) -> list[dict[str, Any]]:
     return out
 
 
-def encode_groups(tokenizer, groups: list[dict[str, Any]], max_len: int) -> list[list[Example]]:
-    from rlhf.training import build_example
+def encode_groups(tokenizer, groups: list[dict[str, Any]], max_len: int) -> tuple[list[dict[str, Any]], list[list[Example]]]:
+    """(groups, their encoded responses), without the groups that lost a response to the length limit."""
+    from rlhf.training import build_example, fitting_groups
 
-    return [[build_example(tokenizer, g["prompt"], r, max_len) for r in g["responses"]] for g in groups]
+    return fitting_groups(groups, [[build_example(tokenizer, g["prompt"], r, max_len) for r in g["responses"]]
+                                   for g in groups])
 
 
 def batch_logprobs(model, examples: list[Example], pad_id: int, device) -> torch.Tensor:
@@ -191,13 +194,13 @@ def implicit(policy: list[torch.Tensor], ref: list[torch.Tensor], beta: float) -
 def sampled_kl(policy, ref, tokenizer, prompts: list[str], *, max_new_tokens: int, seed: int, device) -> dict[str, float]:
     """KL(π ‖ π_ref) on the test prompts: answers sampled from π at temperature 1, the mean of
     Σ_t log π/π_ref over their tokens (an unbiased estimate; the x axis of Gao et al. 2022)."""
-    from rlhf.modeling import encode_prompt, sample_tokens
+    from rlhf.modeling import encode_prompt, fit_queries, sample_tokens
     from rlhf.training import IGNORE_INDEX
 
     gen = torch.Generator(device=device.type if device.type != "cuda" else device).manual_seed(seed)
     examples: list[Example] = []
     for i in range(0, len(prompts), 64):
-        queries = [encode_prompt(tokenizer, p) for p in prompts[i: i + 64]]
+        queries = fit_queries(policy, [encode_prompt(tokenizer, p) for p in prompts[i: i + 64]], max_new_tokens)
         toks = sample_tokens(policy, queries, pad_id=tokenizer.pad_token_id, eos_id=tokenizer.eos_token_id,
                              max_new_tokens=max_new_tokens, temperature=1.0, generator=gen, device=device)
         for q, row in zip(queries, toks.tolist()):
@@ -243,27 +246,29 @@ class DPOState:
         return self.params.epochs * (len(self.train) // self.params.batch_size)
 
 
-def split_groups(params: Params, data: Path) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """Step 1: (training, held-out) groups, split by prompt as the reward stage splits them."""
+def split_groups(params: Params, data: Path, tokenizer, sft: Path) -> tuple[list, list, list, list]:
+    """Steps 1-2: (training, held-out) groups, split by prompt as the reward stage splits them, and their
+    encodings, without the comparisons that cannot fit the model (docs/models.md)."""
     from rlhf.preferences import is_heldout
+    from rlhf.training import training_max_len
 
     groups = load_dpo_groups(data, params.data_format)
-    train = [g for g in groups if not is_heldout(g["prompt"], params.val_fraction, params.seed)]
-    val = [g for g in groups if is_heldout(g["prompt"], params.val_fraction, params.seed)]
+    max_len = training_max_len(params.max_len, sft)
+    train, train_enc = encode_groups(tokenizer, [g for g in groups if not is_heldout(g["prompt"], params.val_fraction, params.seed)], max_len)
+    val, val_enc = encode_groups(tokenizer, [g for g in groups if is_heldout(g["prompt"], params.val_fraction, params.seed)], max_len)
     if not val:
         raise StageError(f"{data}: dpo.val_fraction={params.val_fraction} held out no prompt; raise it or add data")
     if len(train) < params.batch_size:
         raise StageError(f"{data}: {len(train)} training comparisons, fewer than dpo.batch_size={params.batch_size}")
-    return train, val
+    return train, val, train_enc, val_enc
 
 
 def prepare(params: Params, *, dist, device, tokenizer, sft: Path, data: Path, checkpoints: Path | None) -> DPOState:
     """Steps 1-3: the groups split by prompt, encoded like SFT examples, and log π_ref of every response."""
     from rlhf.training import file_digest, fingerprint
 
-    train, val = split_groups(params, data)
+    train, val, train_enc, val_enc = split_groups(params, data, tokenizer, sft)
     pad = tokenizer.pad_token_id
-    train_enc, val_enc = encode_groups(tokenizer, train, params.max_len), encode_groups(tokenizer, val, params.max_len)
     tag = fingerprint(to_dict(params), file_digest(sft), file_digest(data))
     cache = Path(checkpoints) / "reference_logprobs.pt" if checkpoints else None
     t_ref = time.time()
@@ -362,7 +367,7 @@ def run(params: Params, *, sft: Path, data: Path, test: Path, world: Path | None
         plots: Path, checkpoints: Path | None) -> dict[str, Any]:
     from rlhf.dist import init_dist
     from rlhf.gold import load_judge
-    from rlhf.modeling import load_tokenizer, pick_device, save_model, setup_torch
+    from rlhf.modeling import length_tally, load_tokenizer, pick_device, save_model, setup_torch
 
     t0 = time.time()
     dist, device = init_dist(pick_device(params.device))
@@ -374,6 +379,7 @@ def run(params: Params, *, sft: Path, data: Path, test: Path, world: Path | None
         remove_outputs(out, metrics)  # a failed or killed run leaves no stale result behind
 
     # 1-3. Groups split by prompt, encoded, and the frozen reference's log-probabilities, once.
+    lengths = length_tally()  # prompts cut and comparisons dropped to fit the model (docs/models.md)
     state = prepare(params, dist=dist, device=device, tokenizer=tokenizer, sft=sft, data=data, checkpoints=checkpoints)
     # 4. DPO training from SFT.
     model, last, checkpointer, resumed_from, train_s = train_policy(state, sft=sft, plots=plots, checkpoints=checkpoints)
@@ -383,6 +389,7 @@ def run(params: Params, *, sft: Path, data: Path, test: Path, world: Path | None
     # 5-6. The implicit reward on held-out preferences; KL and gold on the test prompts.
     result = preference_report(state, model, judge, last)
     result["test"] = test_report(state, model, judge, sft=sft, prompts=[r["prompt"] for r in test_rows])
+    result["lengths"] = lengths.report("dpo")
     if dist.enabled:  # absent with one process
         result["processes"] = dist.world_size
     # Wall time: the whole stage; pairs/s: the C(K,2) comparisons of every epoch over training time alone.

@@ -378,7 +378,7 @@ def run(params: Params, *, test: Path, world: Path | None, plots: Path | None, r
     rtp); None or a missing file skips the suite. `headline` and `reward_metrics` default to
     headline.json and reward.json beside `metrics`; `params_file` feeds the report's run information."""
     from rlhf.gold import load_judge
-    from rlhf.modeling import pick_device, setup_torch
+    from rlhf.modeling import length_tally, pick_device, setup_torch
     from rlhf.report import build_report, read_curves, read_overoptimization
 
     t0 = time.time()
@@ -393,6 +393,7 @@ def run(params: Params, *, test: Path, world: Path | None, plots: Path | None, r
     judge = build_judge(params.judge, gold=gold, world=world, seed=params.judge_seed, labels=params.labels,
                         reward_model=params.reward_model, batch_size=params.batch_size, device=device)
     ctx = Context(params, device)
+    lengths = length_tally()  # prompts and benchmark contexts too long for a model lose their start
 
     # 1. Every model answers the test prompts and takes every suite.
     runs, timing = evaluate_models(prompts, suites, gold, ctx)
@@ -404,6 +405,7 @@ def run(params: Params, *, test: Path, world: Path | None, plots: Path | None, r
     # 2. Win rates, judged once per pair by the one judge; 3. intervals come with every metric.
     result: dict[str, Any] = {"prompts": len(prompts), "max_new_tokens": params.max_new_tokens, "models": {n: r.metrics for n, r in runs.items()},
                               "win_rates": win_rates(judge, params.pairs, prompts, runs, params, skipped)}
+    result["lengths"] = lengths.report("evaluate")
     if skipped:
         result["skipped"] = skipped
     write_json(metrics, result)

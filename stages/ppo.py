@@ -267,11 +267,11 @@ class Data:
     """The stage's text inputs, tokenized: training prompts, held-out test prompts, corpus for ptx."""
 
     prompts: list[str]
-    """ppo prompts that fit the context with max_new_tokens to spare."""
+    """ppo prompts."""
     queries: list[list[int]]
-    """Their chat-template token ids (the rollout's queries)."""
+    """Their chat-template token ids (the rollout's queries), cut on the left to fit with max_new_tokens."""
     prompts_too_long: int
-    """ppo prompts left out because they do not fit."""
+    """ppo prompts cut on the left to fit the model's positions with max_new_tokens."""
     test_prompts: list[str]
     """Held-out prompts for the final greedy comparison of policy and SFT."""
     ptx_docs: list[list[int]]
@@ -357,15 +357,17 @@ def load_models(params: Params, sft: Path, reward: Path, device: torch.device):
 
 
 def load_data(params: Params, data: Path, tokenizer, max_pos: int) -> Data:
-    """Prompts that fit `max_pos` with the response cap, test prompts, and the corpus split into ptx and held-out."""
-    from rlhf.modeling import encode_prompt
+    """Prompts cut on the left to fit `max_pos` with the response cap (docs/models.md), test prompts, and the
+    corpus split into ptx and held-out."""
+    from rlhf.modeling import encode_prompt, fit_prompt, note_lengths, prompt_budget
 
     prompt_rows = read_jsonl(data / "ppo.jsonl", PROMPT_SCHEMA)
+    budget = prompt_budget({"max_position_embeddings": max_pos}, params.max_new_tokens)
     encoded = [(r["prompt"], encode_prompt(tokenizer, r["prompt"])) for r in prompt_rows]
-    kept = [(p, q) for p, q in encoded if len(q) + params.max_new_tokens <= max_pos]
+    kept = [(p, fit_prompt(q, budget)) for p, q in encoded]
+    note_lengths(max_pos, truncated=sum(len(q) > budget for _, q in encoded))
     if len(kept) < params.batch_size:
-        raise StageError(f"{data / 'ppo.jsonl'}: {len(kept)} prompts fit {max_pos} positions with "
-                         f"max_new_tokens={params.max_new_tokens}; need ppo.batch_size={params.batch_size}")
+        raise StageError(f"{data / 'ppo.jsonl'}: {len(kept)} prompts; need ppo.batch_size={params.batch_size}")
     test_prompts = [r["prompt"] for r in read_jsonl(data / "test.jsonl", PROMPT_SCHEMA)]
     if params.eval_prompts:
         test_prompts = test_prompts[: params.eval_prompts]
@@ -376,7 +378,7 @@ def load_data(params: Params, data: Path, tokenizer, max_pos: int) -> Data:
     ptx_docs = [docs[i] for i in order[n_held:]]  # ptx never trains on the held-out slice
     if params.ptx_coef > 0 and len(ptx_docs) < params.ptx_batch_size:
         raise StageError(f"{data / 'corpus.jsonl'}: {len(ptx_docs)} documents for ptx, fewer than ppo.ptx_batch_size")
-    return Data(prompts=[p for p, _ in kept], queries=[q for _, q in kept], prompts_too_long=len(encoded) - len(kept),
+    return Data(prompts=[p for p, _ in kept], queries=[q for _, q in kept], prompts_too_long=sum(len(q) > budget for _, q in encoded),
                 test_prompts=test_prompts, ptx_docs=ptx_docs, heldout_docs=[docs[i] for i in order[:n_held]])
 
 
@@ -385,7 +387,7 @@ def setup(params: Params, *, sft: Path, reward: Path, data: Path, world: Path | 
     """The run's state at step 0, or at the step of this run's last checkpoint when there is one."""
     from rlhf.dist import init_dist, launched_processes
     from rlhf.gold import load_judge
-    from rlhf.modeling import make_optimizer, pick_device, setup_torch
+    from rlhf.modeling import length_tally, make_optimizer, pick_device, position_limit, setup_torch
     from rlhf.training import Checkpointer, file_digest, fingerprint
 
     check_processes(params, launched_processes())  # before joining: a bad split fails at once on every rank
@@ -394,7 +396,8 @@ def setup(params: Params, *, sft: Path, reward: Path, data: Path, world: Path | 
     data = Path(data)
     # 1. Models and data.
     tokenizer, policy, ref, value, rm = load_models(params, sft, reward, device)
-    max_pos = int(getattr(policy.config, "max_position_embeddings", 10**9))
+    length_tally()  # prompts cut to fit the model: counted from here, reported in the metrics' `lengths`
+    max_pos = min(position_limit(policy) or 10**9, position_limit(rm) or 10**9)
     corpus = load_data(params, data, tokenizer, max_pos)
     judge = load_judge(world)
     # 2. Optimizers, KL controller (item 13), generators, checkpoint. Explicit generators (never the global
@@ -895,7 +898,7 @@ def run(params: Params, *, sft: Path, reward: Path, data: Path, world: Path | No
     `reuse_first_forward=False` turns off the shortcut of `reuses_first_forward` (tests compare both
     paths); `on_step(step, metrics)` is called at the end of every step (bench/ppo_vs_trl.py times it).
     """
-    from rlhf.modeling import save_model
+    from rlhf.modeling import open_length_tally, save_model, warn_rarely_ended
     from rlhf.training import open_live
 
     t0 = time.time()
@@ -926,7 +929,9 @@ def run(params: Params, *, sft: Path, reward: Path, data: Path, world: Path | No
     if params.rl_coef > 0:  # the SFT + ptx control trains no value model
         save_model(state.value.model, state.tokenizer, value_out)
     # 4. Metrics: the last rollouts (training prompts, sampled), then held-out evaluation only.
-    result = {**final_metrics(state), **evaluate_heldout(state)}
+    result = {**final_metrics(state), **evaluate_heldout(state), "lengths": open_length_tally().report("ppo")}
+    if state.history and "val/eos_share" in state.history[0]:  # the first rollout is SFT's own
+        warn_rarely_ended("ppo", state.history[0]["val/eos_share"], params.max_new_tokens, "ppo.max_new_tokens")
     if dist.enabled:  # absent with one process, whose metrics file stays as it always was
         result["processes"] = dist.world_size
     write_json(metrics, result)

@@ -9,7 +9,8 @@ From scratch: a byte-level BPE tokenizer and a small Llama-architecture decoder 
 corpus packed into fixed-length blocks (`<|bos|> doc <|eos|>` back to back). A slice of blocks is held
 out for validation loss. With `base_model` set, that model and tokenizer are loaded (safetensors only,
 remote code only if `trust_remote_code`), given a PAD token distinct from EOS and a chat template, and
-saved unchanged otherwise.
+saved unchanged otherwise: the corpus is then not trained on (no continued pretraining), which the stage
+says in one line. Any causal LM family works (docs/models.md lists the tested ones).
 """
 
 from __future__ import annotations
@@ -28,7 +29,9 @@ from rlhf.params import require, to_dict
 @dataclass(frozen=True)
 class Params:
     base_model: str
-    """Hugging Face id or local folder to start from; empty trains a model from scratch."""
+    """Hugging Face id or local folder to use as the base model as it is; empty trains a model from scratch.
+    Set, the corpus is not trained on (no continued pretraining: the other pretrain.* sizes and steps are
+    ignored), and the model's own position limit applies to every later stage (docs/models.md)."""
     trust_remote_code: bool
     """Allow a hub model's own Python code to run; off unless you trust its author."""
     vocab_size: int
@@ -130,8 +133,12 @@ def run(params: Params, *, corpus: Path, out: Path, metrics: Path, plots: Path, 
 
     t0 = time.time()
     if params.base_model:
+        from rlhf.progress import console
+
         remove_outputs(out, metrics)
         result = take_hf_model(params, Path(out))
+        console.print(f"[yellow]pretrain: took pretrain.base_model '{params.base_model}' as it is; the corpus "
+                      f"{corpus} is not trained on (no continued pretraining)", soft_wrap=True)
         write_metrics(metrics, result, settings=["source"])  # pretrain.base_model is a setting, not a measurement
         return result
 

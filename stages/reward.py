@@ -65,7 +65,8 @@ class Params:
     weight_decay: float
     """AdamW weight decay."""
     max_len: int
-    """Longest prompt+response in tokens; longer ones lose the end of the response (EOS is kept)."""
+    """Longest prompt+response in tokens (lowered to the model's position limit); a longer one loses the start
+    of its prompt, and a comparison with a response that alone does not fit is dropped (metrics: lengths)."""
     head_init_std: float
     """Std of the scalar head's initial weights: small, so the initial rewards are near 0."""
     val_fraction: float
@@ -191,17 +192,31 @@ def build_reward_model(sft: Path, tokenizer, head_init_std: float, seed: int):
     return model
 
 
+def encode_comparisons(params: Params, *, sft: Path, data: Path, tokenizer, train: list[dict[str, Any]],
+                       val: list[dict[str, Any]], per_step: int) -> tuple[list, list, list, list]:
+    """(train, train encodings, val, val encodings) that fit the model (docs/models.md): prompts cut on the
+    left; a comparison with a response that alone does not fit is dropped whole."""
+    from rlhf.rm import encode_pair
+    from rlhf.training import fitting_groups, training_max_len
+
+    max_len = training_max_len(params.max_len, sft)
+    enc = lambda gs: [[encode_pair(tokenizer, g["prompt"], r, max_len, drop=True) for r in g["responses"]] for g in gs]  # noqa: E731
+    (train, train_enc), (val, val_enc) = fitting_groups(train, enc(train)), fitting_groups(val, enc(val))
+    if len(train) < per_step or not val:
+        raise StageError(f"{data}: {len(train)} training and {len(val)} held-out comparisons fit {max_len} tokens; "
+                         f"need reward.batch_size={per_step} and one held out (raise reward.max_len or shorten responses)")
+    return train, train_enc, val, val_enc
+
+
 def train_reward_model(params: Params, *, sft: Path, data: Path, tokenizer, train: list[dict[str, Any]],
-                       val: list[dict[str, Any]], per_step: int, dist, device, plots: Path, checkpoints: Path | None):
+                       val: list[dict[str, Any]], train_enc: list, val_enc: list, per_step: int, dist, device,
+                       plots: Path, checkpoints: Path | None):
     """Items 1-3: SFT transformer + scalar head trained with the K-way loss (dropout off: the configs here
     have none; eval-mode forward). Returns (model, held-out encodings, last logged values, checkpointer,
     training seconds)."""
     from rlhf.modeling import make_optimizer
-    from rlhf.rm import encode_pair
     from rlhf.training import Checkpointer, cosine_lr, epoch_batches, file_digest, fingerprint, open_live, train_loop
 
-    enc = lambda gs: [[encode_pair(tokenizer, g["prompt"], r, params.max_len) for r in g["responses"]] for g in gs]  # noqa: E731
-    train_enc, val_enc = enc(train), enc(val)
     total_steps = params.epochs * (len(train) // per_step)
     model = build_reward_model(sft, tokenizer, params.head_init_std, params.seed).to(device)
     optimizer = make_optimizer(model.parameters(), params.lr, params.weight_decay, device)
@@ -242,7 +257,7 @@ def run(params: Params, *, sft: Path, data: Path, demos: Path, world: Path | Non
     from rlhf.dist import init_dist
     from rlhf.gold import load_judge
     from rlhf.io import remove_outputs
-    from rlhf.modeling import load_tokenizer, pick_device, save_model, setup_torch
+    from rlhf.modeling import length_tally, load_tokenizer, pick_device, save_model, setup_torch
     from rlhf.rm import REWARD_BIAS_KEY
 
     t0 = time.time()
@@ -256,9 +271,12 @@ def run(params: Params, *, sft: Path, data: Path, demos: Path, world: Path | Non
 
     # Comparison groups split by prompt into train / held-out (item 4), then items 1-3: model and training.
     train, val, per_step = split_groups(params, data)
+    lengths = length_tally()
+    train, train_enc, val, val_enc = encode_comparisons(params, sft=sft, data=data, tokenizer=tokenizer, train=train,
+                                                        val=val, per_step=per_step)
     model, val_enc, last, checkpointer, train_s = train_reward_model(
-        params, sft=sft, data=data, tokenizer=tokenizer, train=train, val=val, per_step=per_step, dist=dist,
-        device=device, plots=plots, checkpoints=checkpoints)
+        params, sft=sft, data=data, tokenizer=tokenizer, train=train, val=val, train_enc=train_enc, val_enc=val_enc,
+        per_step=per_step, dist=dist, device=device, plots=plots, checkpoints=checkpoints)
     if not dist.is_main:  # rank 0 evaluates, centers and writes
         return {"timing": {"wall_s": round(time.time() - t0, 1)}, "rank": dist.rank}
 
@@ -282,6 +300,7 @@ def run(params: Params, *, sft: Path, data: Path, demos: Path, world: Path | Non
         "heldout": heldout,
         "bias": {"method": BIAS_METHOD, "value": round(bias, 6), "demonstrations": n_demos,
                  "heldout_mean_reward_centered": round(sum(flat_val) / len(flat_val) + bias, 4)},
+        "lengths": lengths.report("reward"),
     }
     write_json(metrics, result)  # written last: its presence marks a finished run
     checkpointer.clear()  # only now, so a kill before this point still resumes
