@@ -97,7 +97,6 @@ def test_family_runs_every_stage_with_prompts_past_its_limit(family, tiny_run, t
     got = sample.run(tiny_params("sample", prompts=8), model=models / "sft", prompts=data / "rm.jsonl",
                      out=root / "candidates.jsonl", metrics=m / "sample.json")
     assert_counts(got)
-    print(family, "sample", got["lengths"])
     rank.run(tiny_params("rank"), candidates=root / "candidates.jsonl", world=tiny_run.world,
              labels=root / "labels.jsonl", out=root / "rankings.jsonl", metrics=m / "rank.json")
     got = reward.run(tiny_params("reward", checkpoint_every=0), sft=models / "sft", data=root / "rankings.jsonl",
