@@ -131,10 +131,8 @@ def run(params: Params, *, base: Path, data: Path, world: Path | None, out: Path
 
     # 1. Examples: prompt tokens masked out of the loss, EOS appended to every response; too long for the
     #    model: the prompt cut on the left, or the example dropped when its response alone does not fit.
-    lengths = length_tally()
-    max_len = training_max_len(params.max_len, model)
-    train_ex = fitting_examples(tokenizer, demos, max_len)
-    val_ex = fitting_examples(tokenizer, val_demos, max_len)
+    lengths, max_len = length_tally(), training_max_len(params.max_len, model)
+    train_ex, val_ex = fitting_examples(tokenizer, demos, max_len), fitting_examples(tokenizer, val_demos, max_len)
     if len(train_ex) < params.batch_size:
         raise StageError(f"{data / 'sft.jsonl'}: {len(train_ex)} demonstrations, fewer than sft.batch_size={params.batch_size}")
     p95 = response_p95(tokenizer, demos)
