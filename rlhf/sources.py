@@ -56,6 +56,14 @@ class Example:
         return len(self.ranking) >= 2
 
     @property
+    def opening(self) -> str:
+        """The conversation's first user turn (the prompt itself when it is a single question)."""
+        if self.turns == 1:
+            return self.prompt
+        head = self.prompt.split("\n\nAssistant:", 1)[0]
+        return head.rsplit("Human:", 1)[-1].strip()
+
+    @property
     def prefers(self) -> bool:
         """A comparison that orders two different texts (not identical answers, not all tied)."""
         tied = max((len(t) for t in self.ties), default=1)

@@ -9,10 +9,11 @@ Writes --out/prompts.jsonl {id, prompt, family}, demonstrations.jsonl {prompt, r
        comparisons), and metrics/ingest.json (records read, skipped by reason, written per file)
 Run    rlhf ingest --source data/hh_sample.jsonl --out data/raw   (examples/hh/dvc.yaml runs it)
 
-Every normalized prompt (rlhf/text.py) gets one role, drawn by a hash of its text: demonstration (its
-best answer is an SFT example), comparison (its ranking trains the reward model) or pool (the prompt
-alone; `prepare` splits the pool into ppo and test prompts). So no prompt is in two files, and a test
-prompt is never trained on. A chat record has no comparison: drawn for one, its prompt joins the pool.
+Every conversation gets one role, drawn by a hash of its normalized (rlhf/text.py) opening question, the
+first user turn: demonstration (its best answer is an SFT example), comparison (its ranking trains the
+reward model) or pool (the prompt alone; `prepare` splits the pool into ppo and test prompts). So no
+prompt is in two files, and a pool (test) question never opens a conversation trained on, even when many
+conversations open alike, as in HH-RLHF. A chat record has no comparison: drawn for one, it is pooled.
 The corpus (pretraining text, PPO-ptx's batches) is the demonstrations' and comparisons' best answers
 as "Human: … Assistant: …" transcripts, never a pool prompt. Malformed records are skipped and counted.
 """
@@ -58,9 +59,9 @@ class Params:
                 "demonstration_fraction + comparison_fraction must leave a prompt pool for ppo and test")
 
 
-def role(prompt: str, example: Example, params: Params) -> str:
-    """'demonstration', 'comparison' or 'pool', fixed by the normalized prompt (a chat record: no comparison)."""
-    u = prompt_unit(prompt, f"ingest-{params.seed}")
+def role(example: Example, params: Params) -> str:
+    """'demonstration', 'comparison' or 'pool', fixed by the normalized opening question (a chat record: no comparison)."""
+    u = prompt_unit(example.opening, f"ingest-{params.seed}")
     if u < params.demonstration_fraction:
         return "demonstration"
     if u < params.demonstration_fraction + params.comparison_fraction and example.is_comparison:
@@ -82,7 +83,7 @@ def split_examples(examples: list[Example], fmt: str, params: Params) -> tuple[d
     for i, ex in enumerate(examples):
         family = "multi-turn" if ex.turns > 1 else "single-turn"
         best = ex.responses[ex.ranking[0]] if ex.ranking else ex.responses[0]
-        r = role(ex.prompt, ex, params)
+        r = role(ex, params)
         if r == "pool":
             if normalize(ex.prompt) not in pooled:
                 pooled.add(normalize(ex.prompt))
