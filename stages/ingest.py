@@ -114,10 +114,11 @@ def run(params: Params, *, source: str, out: Path, metrics: Path) -> dict[str, A
     examples = to_examples(records, fmt, tally)
     tally.check("ingest.max_malformed_share")
     files, no_preference = split_examples(examples, fmt, params)
-    for name, key in (("demonstrations", "demonstration_fraction"), ("prompts", "demonstration_fraction")):
+    for name, fix in (("demonstrations", "raise ingest.demonstration_fraction"),
+                      ("prompts", "lower ingest.demonstration_fraction + ingest.comparison_fraction")):
         if not files[name]:
-            raise StageError(f"{source}: no prompt drew the {name} role among {len(examples)} usable records; "
-                             f"add data or change ingest.{key} / ingest.comparison_fraction")
+            raise StageError(f"{source}: no conversation drew the {name} role among {len(examples)} usable records; "
+                             f"add data or {fix}")
     with atomic_dir(out) as tmp:
         for name, rows in files.items():
             if rows:  # no rankings.jsonl without comparisons: `prepare` reads it only when present
