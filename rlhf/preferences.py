@@ -23,8 +23,9 @@ def load_groups(path: Path, data_format: str, *, max_malformed_share: float | No
 
 
 def read_groups(path: Path, data_format: str, *, max_malformed_share: float | None = None,
-                key: str = "reward.max_malformed_share") -> tuple[list[dict[str, Any]], dict[str, Any]]:
-    """(groups as `load_groups` returns them, {records, skipped, skipped_by_reason}) for the stage's metrics."""
+                key: str = "rlhf.sources.MAX_MALFORMED_SHARE") -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """(groups as `load_groups` returns them, {records, skipped, skipped_by_reason}) for the stage's metrics;
+    `key` names the limit in the error (the stage's params key, e.g. reward.max_malformed_share)."""
     from rlhf.rm import ranking_pairs, validate_ranking_record
     from rlhf.sources import MAX_MALFORMED_SHARE, Tally, to_examples
 

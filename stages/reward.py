@@ -139,11 +139,11 @@ def score_groups(model, encoded: list[list[list[int]]], pad_id: int, device, bat
 def split_groups(params: Params, data: Path) -> tuple[list[dict[str, Any]], list[dict[str, Any]], int, dict[str, Any]]:
     """(training groups, held-out groups, groups per optimizer step, records read and skipped per file)
     from --data and `extra_pairs`."""
-    groups, read = read_groups(data, params.data_format, max_malformed_share=params.max_malformed_share)
+    limit = {"max_malformed_share": params.max_malformed_share, "key": "reward.max_malformed_share"}
+    groups, read = read_groups(data, params.data_format, **limit)
     report = {"data": read}
     if params.extra_pairs:
-        extra, report["extra_pairs"] = read_groups(Path(params.extra_pairs), params.extra_format,
-                                                   max_malformed_share=params.max_malformed_share)
+        extra, report["extra_pairs"] = read_groups(Path(params.extra_pairs), params.extra_format, **limit)
         groups += extra
     train = [g for g in groups if not is_heldout(g["prompt"], params.val_fraction, params.seed)]
     val = [g for g in groups if is_heldout(g["prompt"], params.val_fraction, params.seed)]

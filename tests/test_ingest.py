@@ -232,7 +232,7 @@ def test_reward_reader_skips_and_counts_malformed_hh(tmp_path):
     assert read == {"records": 100, "skipped": 4, "skipped_by_reason": {"empty final assistant turn": 4}}
     assert len(groups) == 96
     with pytest.raises(StageError, match="4 of 100 records malformed .*reward.max_malformed_share=0.03"):
-        read_groups(tmp_path / "hh.jsonl", "hh", max_malformed_share=0.03)
+        read_groups(tmp_path / "hh.jsonl", "hh", max_malformed_share=0.03, key="reward.max_malformed_share")
 
 
 def test_the_shipped_sample_is_what_the_generator_writes():
