@@ -3,6 +3,7 @@
 The commands, in the DAG's order (dvc.yaml), and where each is defined; each runs stages/<name>.py
 with the `<name>:` section of params.yaml:
 
+    ingest                             cli/ingest.py       your own data set instead of the world (examples/hh)
     world, prepare, pretrain, sft      cli/supervised.py   data and the supervised policy (InstructGPT step 1)
     sample, rank, reward               cli/feedback.py     comparisons and the reward model (step 2)
     label                              cli/feedback.py     a tool outside the DAG: rank candidates by hand
@@ -71,6 +72,7 @@ def _options(
 
 
 # Commands register themselves on `app` when their module is imported; the import order is the DAG's.
+from cli import ingest  # noqa: E402,F401  your own data instead of the world
 from cli import supervised  # noqa: E402,F401  world, prepare, pretrain, sft
 from cli import feedback  # noqa: E402,F401  sample, rank, reward, label
 from cli import dpo  # noqa: E402,F401

@@ -11,18 +11,31 @@ from pathlib import Path
 from typing import Any
 
 from rlhf.errors import StageError
-from rlhf.io import HH_SCHEMA, PAIRWISE_SCHEMA, RANKING_SCHEMA, read_jsonl
+from rlhf.io import PAIRWISE_SCHEMA, RANKING_SCHEMA, read_jsonl
 
 
-def load_groups(path: Path, data_format: str) -> list[dict[str, Any]]:
-    """Comparison groups {prompt, responses, pairs, ranking?, labeler?} from a file of any accepted format."""
-    from rlhf.rm import parse_hh, ranking_pairs, validate_ranking_record
+def load_groups(path: Path, data_format: str, *, max_malformed_share: float | None = None) -> list[dict[str, Any]]:
+    """Comparison groups {prompt, responses, pairs, ranking?, labeler?} from a file of any accepted format.
+
+    Malformed HH records (e.g. an empty final assistant turn) are skipped with one warning line, up to a
+    share `max_malformed_share` of the file (default rlhf.sources.MAX_MALFORMED_SHARE); above it, a StageError."""
+    return read_groups(path, data_format, max_malformed_share=max_malformed_share)[0]
+
+
+def read_groups(path: Path, data_format: str, *, max_malformed_share: float | None = None,
+                key: str = "rlhf.sources.MAX_MALFORMED_SHARE") -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """(groups as `load_groups` returns them, {records, skipped, skipped_by_reason}) for the stage's metrics;
+    `key` names the limit in the error (the stage's params key, e.g. reward.max_malformed_share)."""
+    from rlhf.rm import ranking_pairs, validate_ranking_record
+    from rlhf.sources import MAX_MALFORMED_SHARE, Tally, to_examples
 
     path = Path(path)
     groups = []
+    tally = Tally(str(path), MAX_MALFORMED_SHARE if max_malformed_share is None else max_malformed_share)
     if data_format == "rankings":
         for lineno, r in enumerate(read_jsonl(path, RANKING_SCHEMA), start=1):
             validate_ranking_record(r, f"{path}:{lineno}")
+            tally.records += 1
             # among distinct texts (a duplicate counts once, at its best rank); declared ties give no pair
             pairs = ranking_pairs(r["ranking"], r.get("ties"), responses=r["responses"])
             if pairs:
@@ -30,26 +43,33 @@ def load_groups(path: Path, data_format: str) -> list[dict[str, Any]]:
                                "ranking": list(r["ranking"]), "labeler": r["labeler"]})
     elif data_format == "pairwise":
         for r in read_jsonl(path, PAIRWISE_SCHEMA):
+            tally.records += 1
             if r["chosen"] != r["rejected"]:
                 groups.append({"prompt": r["prompt"], "responses": [r["chosen"], r["rejected"]], "pairs": [(0, 1)]})
     elif data_format == "hh":
-        for lineno, r in enumerate(read_jsonl(path, HH_SCHEMA), start=1):
-            prompt, chosen, rejected = parse_hh(r["chosen"], r["rejected"], f"{path}:{lineno}")
-            if chosen != rejected:
-                groups.append({"prompt": prompt, "responses": [chosen, rejected], "pairs": [(0, 1)]})
+        # Broken JSON stops the stage (a damaged file); a record that parses but is no transcript pair is skipped.
+        for ex in to_examples(read_jsonl(path), "hh", tally):
+            if ex.prefers:
+                groups.append({"prompt": ex.prompt, "responses": list(ex.responses), "pairs": [(0, 1)]})
     else:
         raise StageError(f"params key 'reward.data_format': unknown format {data_format!r}")
+    tally.check(key)
     if not groups:
         raise StageError(f"{path}: no comparisons with two different responses; nothing to train on")
-    return groups
+    return groups, tally.metrics()
+
+
+def prompt_unit(prompt: str, salt: str) -> float:
+    """A uniform number in [0, 1) fixed by the normalized prompt and `salt`: one prompt, one side of a split."""
+    from rlhf.text import normalize
+
+    h = hashlib.sha256(f"{salt}:{normalize(prompt)}".encode()).digest()
+    return int.from_bytes(h[:8], "big") / 2**64
 
 
 def is_heldout(prompt: str, fraction: float, seed: int) -> bool:
     """Split by a hash of the normalized prompt: all rankings of one prompt land on the same side."""
-    from rlhf.text import normalize
-
-    h = hashlib.sha256(f"reward-split-{seed}:{normalize(prompt)}".encode()).digest()
-    return int.from_bytes(h[:8], "big") / 2**64 < fraction
+    return prompt_unit(prompt, f"reward-split-{seed}") < fraction
 
 
 def heldout_metrics(groups: list[dict[str, Any]], scores: list[list[float]], gold: list[list[float]] | None) -> dict[str, Any]:

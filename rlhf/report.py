@@ -21,7 +21,8 @@ from typing import Any
 from rlhf.io import atomic_write_text
 from rlhf.suites import SUITES, Metric
 
-# Section titles, in order; tests check that every one is in both files.
+# Section titles, in order; tests check that every one is in both files of a world report (a user-data
+# report leaves out the gold section and the suites switched off in evaluate.suites).
 SECTIONS = (
     "Headline",
     "Helpfulness: win rates",
@@ -491,11 +492,12 @@ def section_helpfulness(doc: _Doc, result: dict[str, Any], settings: dict[str, s
     doc.figure("win_rates", fig_win_rates(result["win_rates"]), "win rates with 95% intervals")
     if not result["win_rates"]:
         doc.p("No win rates: evaluate.pairs is empty or no pair was judged.")
-    doc.h("Gold judge scores per task family")
     head, rows = family_rows(result)
-    if not head:
-        doc.p("No gold judge: the data has no world file (user data).")
+    if not head:  # user data: no world, so no gold section (the judge above is the only verdict)
+        doc.p("No gold judge: the data has no world (user data), so the judge above gives the only verdict; "
+              "a reward model as judge is a proxy, the model PPO optimized against.", "note")
         return
+    doc.h("Gold judge scores per task family")
     doc.p("The world's gold judge (hidden truth, never trained on): helpful, truthful, harmless in [0, 1]; "
           "total = helpful × (0.25 + 0.75 truthful) × harmless, per task family.")
     doc.table(head, rows)
@@ -506,6 +508,8 @@ def section_suites(doc: _Doc, result: dict[str, Any], settings: dict[str, str], 
     models = result["models"]
     doc.figure("benchmarks", fig_benchmarks(models), "every model on every metric, with 95% intervals")
     for suite in SUITES:
+        if suite.name in result.get("suites_off", ()):  # switched off (evaluate.suites): no section
+            continue
         doc.h(suite.title)
         head, rows = suite_rows(result, suite)
         if not head:

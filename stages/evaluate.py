@@ -13,7 +13,7 @@ Run    rlhf evaluate
 
 The steps (docs/evaluation.md has the exact definitions and their sources):
 1. Every model in `evaluate.models` answers the test prompts (greedy by default); the gold judge scores
-   the answers per task family, and every suite of `rlhf.suites.SUITES` whose file exists runs on it:
+   the answers per task family, and every suite in `evaluate.suites` whose file exists runs on it:
    TruthfulQA MC1/MC2 and CrowS-Pairs as lm-evaluation-harness computes them, RealToxicityPrompts'
    expected maximum toxicity and toxicity probability (Gehman et al. 2020).
 2. Helpfulness: for every pair (A, B) in `evaluate.pairs` one judge (`rlhf.judges`: the world's held-out
@@ -82,6 +82,9 @@ class Params:
     """Label of a classifier scorer whose probability is the toxicity (e.g. 'toxic')."""
     examples: int
     """Test prompts shown side by side in the report."""
+    suites: list[str]
+    """Benchmark suites to run, by name (truthfulqa, crows_pairs, toxicity: rlhf.suites.SUITES); [] for data with no
+    benchmark files (a user-data pipeline). A listed suite whose file is absent is skipped and noted."""
     batch_size: int
     """Sequences per forward pass when scoring and sampling."""
     seed: int
@@ -109,6 +112,9 @@ class Params:
         require(self.rtp_temperature > 0, "evaluate.rtp_temperature", "must be > 0 (RTP samples)")
         require(self.temperature >= 0, "evaluate.temperature", "must be >= 0")
         require(self.rtp_format in ("raw", "chat"), "evaluate.rtp_format", "must be 'raw' or 'chat'")
+        known = [s.name for s in SUITES]
+        for name in self.suites:
+            require(name in known, "evaluate.suites", f"unknown suite {name!r}; known: {', '.join(known)}")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -157,12 +163,15 @@ def check_models(models: dict[str, str]) -> None:
 
 
 def load_suites(files: dict[str, Path | None], params: Params) -> tuple[list[tuple[Suite, Path, list]], dict[str, str]]:
-    """(suite, file, items) for every suite whose file exists; `skipped` says why the others did not run."""
+    """(suite, file, items) for every suite in `evaluate.suites` whose file exists; `skipped` says why the
+    other listed suites did not run (suites left out of `evaluate.suites` are neither run nor noted)."""
     unknown = set(files) - {s.option for s in SUITES}
     if unknown:
         raise TypeError(f"evaluate.run: unknown suite file(s) {sorted(unknown)}; known: {[s.option for s in SUITES]}")
     active, skipped = [], {}
     for suite in SUITES:
+        if suite.name not in params.suites:
+            continue
         path = files.get(suite.option)
         if path is None or not Path(path).is_file():
             skipped[suite.name] = f"{path}: not found" if path else "no file given"
@@ -408,6 +417,9 @@ def run(params: Params, *, test: Path, world: Path | None, plots: Path | None, r
     result["lengths"] = lengths.report("evaluate")
     if skipped:
         result["skipped"] = skipped
+    off = [s.name for s in SUITES if s.name not in params.suites]
+    if off:  # switched off in evaluate.suites: the report leaves their sections out
+        result["suites_off"] = off
     write_json(metrics, result)
 
     # 4. The headline, the DVC plot tables, the responses for human labeling, and the report.

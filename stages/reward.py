@@ -37,7 +37,7 @@ import torch
 from rlhf.errors import StageError
 from rlhf.io import DEMONSTRATION_SCHEMA, read_jsonl, write_json
 from rlhf.params import require, to_dict
-from rlhf.preferences import heldout_metrics, is_heldout, load_groups
+from rlhf.preferences import heldout_metrics, is_heldout, read_groups
 
 BIAS_METHOD = "demonstrations_mean_zero"  # docs/ppo.md item 3: InstructGPT's centering
 
@@ -52,6 +52,9 @@ class Params:
     reward stage's deps in dvc.yaml when you set it."""
     extra_format: Literal["pairwise", "hh"]
     """Format of `extra_pairs`."""
+    max_malformed_share: float
+    """Share of an HH file's records that may be malformed (e.g. an empty final assistant turn): skipped,
+    counted in the metrics' `data`, one warning line; above it the stage stops."""
     batching: Literal["kway", "pairs"]
     """'kway': all pairs of a prompt in one batch element (InstructGPT); 'pairs': one element per pair."""
     epochs: int
@@ -89,6 +92,7 @@ class Params:
         require(self.head_init_std >= 0, "reward.head_init_std", "must be >= 0")
         require(0.0 < self.val_fraction < 1.0, "reward.val_fraction", "must be in (0, 1)")
         require(self.eval_every >= 0, "reward.eval_every", "must be >= 0")
+        require(0.0 <= self.max_malformed_share < 1.0, "reward.max_malformed_share", "must be in [0, 1)")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -133,11 +137,15 @@ def score_groups(model, encoded: list[list[list[int]]], pad_id: int, device, bat
     return out
 
 
-def split_groups(params: Params, data: Path) -> tuple[list[dict[str, Any]], list[dict[str, Any]], int]:
-    """(training groups, held-out groups, groups per optimizer step) from --data and `extra_pairs`."""
-    groups = load_groups(data, params.data_format)
+def split_groups(params: Params, data: Path) -> tuple[list[dict[str, Any]], list[dict[str, Any]], int, dict[str, Any]]:
+    """(training groups, held-out groups, groups per optimizer step, records read and skipped per file)
+    from --data and `extra_pairs`."""
+    limit = {"max_malformed_share": params.max_malformed_share, "key": "reward.max_malformed_share"}
+    groups, read = read_groups(data, params.data_format, **limit)
+    report = {"data": read}
     if params.extra_pairs:
-        groups += load_groups(Path(params.extra_pairs), params.extra_format)
+        extra, report["extra_pairs"] = read_groups(Path(params.extra_pairs), params.extra_format, **limit)
+        groups += extra
     train = [g for g in groups if not is_heldout(g["prompt"], params.val_fraction, params.seed)]
     val = [g for g in groups if is_heldout(g["prompt"], params.val_fraction, params.seed)]
     if not val:
@@ -150,7 +158,7 @@ def split_groups(params: Params, data: Path) -> tuple[list[dict[str, Any]], list
         per_step = math.ceil(len(train) / max(1, n_kway // params.batch_size))
     if len(train) < per_step:
         raise StageError(f"{data}: {len(train)} training comparisons, fewer than reward.batch_size={per_step}")
-    return train, val, per_step
+    return train, val, per_step, report
 
 
 def demonstration_bias(model, tokenizer, demos: Path, *, max_len: int, device) -> tuple[float, int]:
@@ -270,7 +278,7 @@ def run(params: Params, *, sft: Path, data: Path, demos: Path, world: Path | Non
         remove_outputs(out, metrics)  # a failed or killed run leaves no stale result behind
 
     # Comparison groups split by prompt into train / held-out (item 4), then items 1-3: model and training.
-    train, val, per_step = split_groups(params, data)
+    train, val, per_step, read = split_groups(params, data)
     lengths = length_tally()
     train, train_enc, val, val_enc = encode_comparisons(params, sft=sft, data=data, tokenizer=tokenizer, train=train,
                                                         val=val, per_step=per_step)
@@ -298,6 +306,7 @@ def run(params: Params, *, sft: Path, data: Path, demos: Path, world: Path | Non
                   "steps": params.epochs * (len(train) // per_step), "per_step": per_step,
                   "train_loss": round(last.get("train_loss", math.nan), 4)},
         "heldout": heldout,
+        "read": read,
         "bias": {"method": BIAS_METHOD, "value": round(bias, 6), "demonstrations": n_demos,
                  "heldout_mean_reward_centered": round(sum(flat_val) / len(flat_val) + bias, 4)},
         "lengths": lengths.report("reward"),

@@ -1,5 +1,8 @@
 """One name per stage everywhere: dvc.yaml stage, params.yaml section, stages/<name>.py, `rlhf <name>`.
 
+A stage may live in an example pipeline only (examples/*/dvc.yaml: `ingest`, which reads your own data
+instead of the world); it still has its section in params.yaml and the tiny profile, its module and command.
+
 Variant stages are the one exception: a dvc.yaml stage that runs another stage's command with params
 overridden in its cmd (`rlhf ppo --set ptx_coef=0 ...`, the controls `sft_ptx` and `ppo_noptx`). It has
 no section, module or command of its own; it lists its base stage's params except the overridden ones,
@@ -16,8 +19,13 @@ from tests.conftest import ROOT
 TOOLS = {"label"}  # commands outside the DAG (human labeling); they have no params section
 
 
-def dvc_stages():
-    return yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
+def dvc_stages(path=ROOT / "dvc.yaml"):
+    return yaml.safe_load(path.read_text())["stages"]
+
+
+def example_pipelines() -> dict:
+    """examples/<name>/dvc.yaml -> its stages: pipelines on user data, each a DVC project of its own."""
+    return {p: dvc_stages(p) for p in sorted((ROOT / "examples").glob("*/dvc.yaml"))}
 
 
 def base_command(stage: dict) -> str:
@@ -47,6 +55,7 @@ def cli_commands():
 
 def test_names_agree_across_dvc_params_modules_and_cli():
     stages = set(dvc_stages()) - set(variants())
+    stages |= {name for pipeline in example_pipelines().values() for name in pipeline}
     sections = set(yaml.safe_load((ROOT / "params.yaml").read_text()))
     modules = {p.stem for p in (ROOT / "stages").glob("*.py") if p.stem != "__init__"}
     commands = cli_commands() - TOOLS
@@ -82,3 +91,19 @@ def test_variant_overrides_are_valid_params():
         params = load_section(ROOT / "params.yaml", base, module.Params)
         changed = override(params, [f"{k}={v}" for k, v in overridden(dvc_stages()[name]["cmd"]).items()], base)
         assert changed != params, name
+
+
+def test_example_pipelines_list_params_key_by_key_and_load_strictly():
+    """An example pipeline runs the stages' own commands (no variants), lists each stage's params key by key,
+    and its params.yaml loads into every stage's Params (unknown, missing or mistyped keys fail here)."""
+    from rlhf.params import load_section
+
+    assert example_pipelines(), "examples/hh/dvc.yaml is missing"
+    for path, stages in example_pipelines().items():
+        for name, stage in stages.items():
+            assert stage["cmd"].startswith(f"rlhf {name} "), (path, name)
+            module = importlib.import_module(f"stages.{name}")
+            fields = {f.name for f in dataclasses.fields(module.Params)}
+            assert {e.split(".", 1)[1] for e in stage["params"] if e.startswith(f"{name}.")} == fields, (path, name)
+            assert all(e.startswith(f"{name}.") for e in stage["params"]), (path, name)
+            load_section(path.parent / "params.yaml", name, module.Params)

@@ -18,6 +18,7 @@ are loaded by rlhf/params.py, which is in every stage's closure. A test checks t
 from __future__ import annotations
 
 import ast
+import posixpath
 import shlex
 from pathlib import Path, PurePosixPath
 
@@ -150,13 +151,13 @@ def path_values(value) -> list[str]:
     return []
 
 
-def params_inputs(stage: dict, params: dict, all_outputs: list[str]) -> set[str]:
+def params_inputs(stage: dict, params: dict, all_outputs: list[str], wdir: str = "") -> set[str]:
     """Values of the stage's params keys that name a repository path or another stage's output."""
     found = set()
     for key in stage.get("params", []):
         section, field = key.split(".", 1)
         for v in path_values(params.get(section, {}).get(field)):
-            if (ROOT / v).exists() or any(overlaps(v, o) for o in all_outputs):
+            if (ROOT / wdir / v).exists() or any(overlaps(v, o) for o in all_outputs):
                 found.add(v)
     return found
 
@@ -166,20 +167,21 @@ def params_inputs(stage: dict, params: dict, all_outputs: list[str]) -> set[str]
 
 
 def covered(path: str, deps: list[str]) -> bool:
-    p = PurePosixPath(path)
-    return any(p == PurePosixPath(d) or PurePosixPath(d) in p.parents for d in deps)
+    p = PurePosixPath(posixpath.normpath(path))
+    return any(p == PurePosixPath(d) or PurePosixPath(d) in p.parents for d in map(posixpath.normpath, deps))
 
 
-def missing_deps(stages: dict[str, dict], params: dict) -> list[str]:
-    """One line per (stage, file) that the stage imports or reads but dvc.yaml does not list."""
+def missing_deps(stages: dict[str, dict], params: dict, wdir: str = "") -> list[str]:
+    """One line per (stage, file) that the stage imports or reads but dvc.yaml does not list. `wdir`: the
+    dvc.yaml's folder in the repository (an example pipeline's code deps are `../../rlhf/...`)."""
     all_outputs = [p for s in stages.values() for p in stage_outputs(s)]
     problems = []
     for name, stage in stages.items():
         command, _ = cmd_options(stage["cmd"])
         module = f"stages/{command}.py"
         deps = entry_paths(stage.get("deps"))
-        need = {f for f in import_closure(module) if not f.startswith(NOT_DEPS)}
-        need |= cmd_inputs(stage, module) | params_inputs(stage, params, all_outputs)
+        need = {posixpath.relpath(f, wdir or ".") for f in import_closure(module) if not f.startswith(NOT_DEPS)}
+        need |= cmd_inputs(stage, module) | params_inputs(stage, params, all_outputs, wdir)
         problems += [f"stage '{name}': {f} is not in its deps" for f in sorted(need) if not covered(f, deps)]
     return problems
 
