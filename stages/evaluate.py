@@ -83,7 +83,7 @@ class Params:
     examples: int
     """Test prompts shown side by side in the report."""
     suites: list[str]
-    """Benchmark suites to run, by name (truthfulqa, crows_pairs, toxicity: rlhf.suites.SUITES); [] for data with no
+    """Benchmark suites to run, by name (truthfulqa, crows_pairs, toxicity, toxicity_respectful: rlhf.suites.SUITES); [] for data with no
     benchmark files (a user-data pipeline). A listed suite whose file is absent is skipped and noted."""
     batch_size: int
     """Sequences per forward pass when scoring and sampling."""
