@@ -125,7 +125,8 @@ def validate(name: str, params) -> None:
 
     for key in ("steps", "prompts_per_step", "micro_batch_size", "max_new_tokens", "corpus_max_len"):
         require(getattr(params, key) > 0, f"{name}.{key}", "must be > 0")
-    require(params.samples_per_prompt >= 2, f"{name}.samples_per_prompt", "must be >= 2 (the baseline is the other samples)")
+    require(params.samples_per_prompt >= 2, f"{name}.samples_per_prompt",
+            "must be >= 2 (the baseline is the other samples)")
     require(params.lr > 0 and params.adam_eps > 0, f"{name}.lr", "lr and adam_eps must be > 0")
     for key in ("adam_beta1", "adam_beta2"):
         require(0 <= getattr(params, key) < 1, f"{name}.{key}", "must be in [0, 1)")

@@ -139,7 +139,8 @@ def runs(tiny_rm, tmp_path_factory) -> dict[str, tuple[dict[str, Path], dict]]:
     for name in STAGES:
         paths = stage_paths(tmp_path_factory.mktemp(name), name)
         result = importlib.import_module(f"stages.{name}").run(
-            tiny_params(name), sft=tiny_rm.sft, reward=tiny_rm.reward, data=tiny_rm.prepared, world=tiny_rm.world, **paths)
+            tiny_params(name), sft=tiny_rm.sft, reward=tiny_rm.reward, data=tiny_rm.prepared, world=tiny_rm.world,
+            **paths)
         out[name] = (paths, result)
     return out
 
@@ -193,7 +194,8 @@ def test_stage_resumes_after_sigkill_with_identical_weights(name, runs, tiny_rm,
     assert done.returncode == 0, done.stdout + done.stderr
     assert "resumed from step" in " ".join(done.stdout.split())
     assert not ckpt.exists()
-    ours, ref = load_file(str(paths["out"] / "model.safetensors")), load_file(str(ref_paths["out"] / "model.safetensors"))
+    ours = load_file(str(paths["out"] / "model.safetensors"))
+    ref = load_file(str(ref_paths["out"] / "model.safetensors"))
     assert ours.keys() == ref.keys() and all(torch.equal(ours[k], ref[k]) for k in ref)
     strip = lambda p: {k: v for k, v in json.loads(p.read_text()).items() if k not in TIMING_KEYS}  # noqa: E731
     assert strip(paths["metrics"]) == strip(ref_paths["metrics"])
@@ -231,7 +233,8 @@ def launch(name: str, tiny_rm, params: Path, root: Path, processes: int) -> tupl
     cmd = [*prefix, name, "--params", str(params), "--sft", str(tiny_rm.sft), "--reward", str(tiny_rm.reward),
            "--data", str(tiny_rm.prepared), "--world", str(tiny_rm.world)]
     cmd += [x for k, v in paths.items() for x in (f"--{k}", str(v))]
-    res = subprocess.run(cmd, cwd=ROOT, env={**ENV, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=600)
+    res = subprocess.run(cmd, cwd=ROOT, env={**ENV, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
+                         timeout=600)
     assert res.returncode == 0, res.stdout + res.stderr
     return json.loads(paths["metrics"].read_text()), " ".join(res.stdout.split())
 
@@ -272,7 +275,8 @@ def _losses_worker(rank: int, world_size: int, port: int) -> None:
     B = P_ * k
     feats, tokens = torch.randn(B, R, F, generator=gen), torch.randint(0, V, (B, R), generator=gen)
     mask = (torch.arange(R) < torch.randint(1, R + 1, (B,), generator=gen)[:, None]).float()
-    rewards, old, ref = torch.randn(B, generator=gen), -torch.rand(B, R, generator=gen), -torch.rand(B, R, generator=gen)
+    rewards = torch.randn(B, generator=gen)
+    old, ref = -torch.rand(B, R, generator=gen), -torch.rand(B, R, generator=gen)
     # Whole groups per rank, as critic_free.group_indices shards prompts before repeating them k times.
     rows = [p * k + j for p in dist.shard(range(P_)) for j in range(k)]
 
