@@ -10,6 +10,8 @@ with the `<name>:` section of params.yaml:
     dpo                                cli/dpo.py          DPO on the rankings, no reward model (Rafailov et al. 2023)
     ppo                                cli/ppo.py          PPO-ptx against the reward model (step 3); its controls
                                                            sft_ptx and ppo_noptx run `rlhf ppo --set KEY=0`
+    rloo, grpo                         cli/critic_free.py  critic-free policy gradients against the reward model
+                                                           (Ahmadian et al. 2024; Shao et al. 2024)
     bestofn                            cli/bestofn.py      the reward model's best of n SFT samples (no training)
     evaluate                           cli/evaluate.py     base vs SFT vs policy, benchmarks, the report
     seeds                              cli/seeds.py        a tool outside the DAG: the pipeline over N seeds
@@ -77,6 +79,7 @@ from cli import supervised  # noqa: E402,F401  world, prepare, pretrain, sft
 from cli import feedback  # noqa: E402,F401  sample, rank, reward, label
 from cli import dpo  # noqa: E402,F401
 from cli import ppo  # noqa: E402,F401  ppo (and its controls sft_ptx, ppo_noptx: `rlhf ppo --set ...`)
+from cli import critic_free  # noqa: E402,F401  rloo, grpo
 from cli import bestofn  # noqa: E402,F401
 from cli import evaluate  # noqa: E402,F401
 from cli import seeds  # noqa: E402,F401  a tool outside the DAG: the pipeline over N training seeds

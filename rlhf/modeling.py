@@ -328,7 +328,8 @@ def check_model_dir(path: str | Path, what: str = "model") -> Path:
     path = Path(path)
     if not path.is_dir():
         # The pipeline's model folders (dvc.yaml outs) and the stage that writes each; a test checks dvc.yaml.
-        written_by = {"base": "pretrain", "sft": "sft", "reward": "reward", "dpo": "dpo", "policy": "ppo", "value": "ppo"}
+        written_by = {"base": "pretrain", "sft": "sft", "reward": "reward", "dpo": "dpo", "policy": "ppo", "value": "ppo",
+                      "rloo": "rloo", "grpo": "grpo"}
         # The controls: `rlhf ppo --set KEY=0` with outputs of their own, run by their dvc.yaml stage.
         controls = {"sft_ptx": "sft_ptx", "policy_noptx": "ppo_noptx", "value_noptx": "ppo_noptx"}
         in_models = path.parent.name == "models"

@@ -31,16 +31,17 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from rlhf import ppo as P
-from rlhf.errors import StageError
-from rlhf.io import CORPUS_SCHEMA, PROMPT_SCHEMA, read_jsonl, write_json
-from rlhf.params import require, to_dict
+from rlhf import rollout as RO
+from rlhf.io import write_json
+from rlhf.params import require
+from rlhf.rollout import PolicyState, Rollout, chunks, linear_anneal
 from rlhf.training import IGNORE_INDEX
 
 
@@ -139,44 +140,6 @@ class Params:
 # Helpers
 
 
-def encode_documents(tokenizer, texts: list[str], max_len: int) -> list[list[int]]:
-    """Corpus documents as `<|bos|> text <|eos|>` (the pretraining format), cut to max_len tokens."""
-    encoded = tokenizer(texts, add_special_tokens=False)["input_ids"]
-    return [([tokenizer.bos_token_id, *ids, tokenizer.eos_token_id])[:max_len] for ids in encoded]
-
-
-def lm_batch(docs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Right-padded ids, mask and labels (padding is IGNORE_INDEX) for the ptx loss."""
-    from rlhf.modeling import right_pad
-
-    ids, mask = right_pad(docs, pad_id)
-    return ids, mask, ids.masked_fill(mask == 0, IGNORE_INDEX)
-
-
-@torch.no_grad()
-def corpus_logprob(model, docs: list[list[int]], pad_id: int, device: torch.device, batch_size: int = 32) -> float:
-    """Mean per-token log-likelihood (nats) of documents: the "alignment tax" is SFT's minus the policy's."""
-    from rlhf.modeling import autocast, token_logprobs
-
-    total, count = 0.0, 0
-    for i in range(0, len(docs), batch_size):
-        ids, mask, _ = (t.to(device) for t in lm_batch(docs[i: i + batch_size], pad_id))
-        with autocast(device):
-            logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
-        lp = token_logprobs(logits[:, :-1], ids[:, 1:]) * mask[:, 1:]
-        total, count = total + float(lp.sum()), count + int(mask[:, 1:].sum())
-    return total / max(1, count)
-
-
-def chunks(n: int, size: int) -> list[slice]:
-    return [slice(i, min(n, i + size)) for i in range(0, n, size)]
-
-
-def linear_anneal(step: int, total: int, lr: float) -> float:
-    """lm-human-preferences anneals the PPO learning rate linearly to 0 over training."""
-    return lr * (1.0 - step / total)
-
-
 def check_processes(params: Params, processes: int) -> None:
     """Each rank rolls out and updates on an equal share of every batch: the batch sizes must split evenly.
 
@@ -203,120 +166,30 @@ def reuses_first_forward(local_batch: int, local_minibatch: int, micro_batch_siz
     return local_minibatch == local_batch and len(chunks(local_minibatch, micro_batch_size)) == 1
 
 
-def moving_average(values: list[float], window: int = 5) -> list[float]:
-    """Trailing mean over the last `window` values (shorter at the start)."""
-    out, acc = [], 0.0
-    for i, v in enumerate(values):
-        acc += v
-        if i >= window:
-            acc -= values[i - window]
-        out.append(acc / min(i + 1, window))
-    return out
-
-
-def write_overoptimization(history: list[dict[str, float]], directory: Path) -> Path | None:
-    """Gold and proxy (RM) score of the rollouts against √KL (Gao et al. 2022, item 23): PNG + CSV.
-
-    The gap opening between the two as √KL grows is the signature of over-optimizing the proxy.
-    """
-    from rlhf.io import atomic_path, atomic_write_text
-
-    rows = [h for h in history if "gold/score" in h]
-    lines = ["step,sqrt_kl,proxy_score,gold_score"]
-    lines += [f"{int(h['step'])},{h['objective/sqrt_kl']:.6f},{h['objective/rm_score']:.6f},{h['gold/score']:.6f}" for h in rows]
-    atomic_write_text(directory / "overoptimization.csv", "\n".join(lines) + "\n")
-    if not rows:
-        return None
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    # Raw points per rollout, and a line through their moving average in √KL order: rollouts are noisy and
-    # KL does not grow monotonically with the step, so a line in step order scribbles back and forth.
-    rows = sorted(rows, key=lambda h: h["objective/sqrt_kl"])
-    x = [h["objective/sqrt_kl"] for h in rows]
-    proxy = [h["objective/rm_score"] for h in rows]
-    gold = [h["gold/score"] for h in rows]
-    fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=110)
-    twin = ax.twinx()
-    for axis, y, color, marker, label in ((ax, proxy, "tab:blue", "o", "proxy: reward model"),
-                                          (twin, gold, "tab:red", "s", "gold judge")):
-        axis.scatter(x, y, s=9, color=color, alpha=0.35, marker=marker)
-        axis.plot(moving_average(x), moving_average(y), "-", color=color, label=label)
-    ax.set_xlabel("√KL(π ‖ π_SFT)  (KL in nats, summed over response tokens)")
-    ax.set_ylabel("reward-model score (proxy)", color="tab:blue")
-    twin.set_ylabel("gold judge score", color="tab:red")
-    ax.set_title("Over-optimization watch (Gao et al. 2022)")
-    handles = ax.get_legend_handles_labels()[0] + twin.get_legend_handles_labels()[0]
-    ax.legend(handles, [h.get_label() for h in handles], loc="lower right")
-    fig.tight_layout()
-    out = directory / "overoptimization.png"
-    with atomic_path(out) as tmp:
-        fig.savefig(tmp, format="png")
-    plt.close(fig)
-    return out
-
-
 # ----------------------------------------------------------------------------------------------
 # The state of a run: what every step reads and changes
 
 
-@dataclass
-class Data:
-    """The stage's text inputs, tokenized: training prompts, held-out test prompts, corpus for ptx."""
-
-    prompts: list[str]
-    """ppo prompts."""
-    queries: list[list[int]]
-    """Their chat-template token ids (the rollout's queries), cut on the left to fit with max_new_tokens."""
-    prompts_too_long: int
-    """ppo prompts cut on the left to fit the model's positions with max_new_tokens."""
-    test_prompts: list[str]
-    """Held-out prompts for the final greedy comparison of policy and SFT."""
-    ptx_docs: list[list[int]]
-    """Corpus documents for the ptx term (item 20)."""
-    heldout_docs: list[list[int]]
-    """Corpus documents kept out of ptx, for the alignment tax."""
-
-
-@dataclass
-class PPOState:
-    """Everything a PPO step reads and changes: models, optimizers, KL controller, generators, data.
+@dataclass(kw_only=True)
+class PPOState(PolicyState):
+    """Everything a PPO step reads and changes: rlhf.rollout.PolicyState's models, optimizer, generators and
+    data, plus the value model, its optimizer and the KL controller.
 
     A step (`ppo_step`) reads the params and data and changes the weights, the optimizers, `kl_ctl` and
     the two generators; `step` and `history` are where the loop stands. A checkpoint holds exactly the
-    changing part (`checkpoint_state`).
+    changing part (`stateful`, the generators, `step` and `history`).
     """
 
-    params: Params
-    dist: Any
-    """rlhf.dist.Dist: this process's rank among the data-parallel processes (one: a plain run)."""
-    device: torch.device
-    tokenizer: Any
-    policy: torch.nn.Module
-    """Trained: initialized from SFT."""
-    ref: torch.nn.Module
-    """Frozen SFT: the KL penalty's reference."""
     value: P.ValueModel
     """Trained: per-token values, initialized from the RM (item 19)."""
-    rm: torch.nn.Module
-    """Frozen reward model."""
-    policy_opt: torch.optim.Optimizer
     value_opt: torch.optim.Optimizer
     kl_ctl: P.FixedKLController
-    sample_gen: torch.Generator
-    """Rollout sampling (per rank, item 21)."""
-    shuffle_gen: torch.Generator
-    """Minibatch order (the same on every rank)."""
-    data: Data
-    judge: Any
-    """Gold judge (rlhf.gold), or None without a world file."""
-    checkpointer: Any
     reuse: bool
     """Whether epoch 0's first update forward also scores the rollout (`reuses_first_forward`)."""
-    step: int = 0
-    history: list[dict[str, float]] = field(default_factory=list)
+
+    def stateful(self) -> dict[str, Any]:
+        return {"policy": self.policy, "value": self.value, "policy_opt": self.policy_opt,
+                "value_opt": self.value_opt, "kl_ctl": self.kl_ctl}
 
     @property
     def local_batch(self) -> int:
@@ -337,216 +210,66 @@ class PPOState:
         return self.dist.all_sum if self.dist.enabled else None
 
 
-def load_models(params: Params, sft: Path, reward: Path, device: torch.device):
-    """Tokenizer, policy and reference from SFT, value function and RM from the RM (item 19); dropout off (item 9)."""
-    from rlhf.modeling import check_model_dir, load_causal_lm, load_reward_model, load_tokenizer, same_tokenizer
-
-    check_model_dir(sft, "SFT model")
-    check_model_dir(reward, "reward model")
-    tokenizer = load_tokenizer(sft)
-    if not same_tokenizer(tokenizer, load_tokenizer(reward)):
-        raise StageError(f"{reward}: the reward model's tokenizer differs from {sft}'s; train the RM from the same SFT model")
-    policy = load_causal_lm(sft).to(device)
-    ref = load_causal_lm(sft).to(device).requires_grad_(False)
-    value = P.ValueModel(load_reward_model(reward)).to(device)
-    rm = load_reward_model(reward).to(device).requires_grad_(False)
-    for m in (policy, ref, value, rm):
-        P.disable_dropout(m)
-        m.eval()  # eval mode while training too: no dropout, so recomputed log-probs match the rollout's
-    return tokenizer, policy, ref, value, rm
-
-
-def load_data(params: Params, data: Path, tokenizer, max_pos: int) -> Data:
-    """Prompts cut on the left to fit `max_pos` with the response cap (docs/models.md), test prompts, and the
-    corpus split into ptx and held-out."""
-    from rlhf.modeling import encode_prompt, fit_prompt, note_lengths, prompt_budget
-
-    prompt_rows = read_jsonl(data / "ppo.jsonl", PROMPT_SCHEMA)
-    budget = prompt_budget({"max_position_embeddings": max_pos}, params.max_new_tokens)
-    encoded = [(r["prompt"], encode_prompt(tokenizer, r["prompt"])) for r in prompt_rows]
-    kept = [(p, fit_prompt(q, budget)) for p, q in encoded]
-    note_lengths(max_pos, truncated=sum(len(q) > budget for _, q in encoded))
-    if len(kept) < params.batch_size:
-        raise StageError(f"{data / 'ppo.jsonl'}: {len(kept)} prompts; need ppo.batch_size={params.batch_size}")
-    test_prompts = [r["prompt"] for r in read_jsonl(data / "test.jsonl", PROMPT_SCHEMA)]
-    if params.eval_prompts:
-        test_prompts = test_prompts[: params.eval_prompts]
-    corpus_texts = [r["text"] for r in read_jsonl(data / "corpus.jsonl", CORPUS_SCHEMA)]
-    docs = encode_documents(tokenizer, corpus_texts, min(params.ptx_max_len, max_pos))
-    order = torch.randperm(len(docs), generator=torch.Generator().manual_seed(params.seed)).tolist()
-    n_held = min(params.heldout_corpus, len(docs) // 2)
-    ptx_docs = [docs[i] for i in order[n_held:]]  # ptx never trains on the held-out slice
-    if params.ptx_coef > 0 and len(ptx_docs) < params.ptx_batch_size:
-        raise StageError(f"{data / 'corpus.jsonl'}: {len(ptx_docs)} documents for ptx, fewer than ppo.ptx_batch_size")
-    return Data(prompts=[p for p, _ in kept], queries=[q for _, q in kept], prompts_too_long=sum(len(q) > budget for _, q in encoded),
-                test_prompts=test_prompts, ptx_docs=ptx_docs, heldout_docs=[docs[i] for i in order[:n_held]])
-
-
 def setup(params: Params, *, sft: Path, reward: Path, data: Path, world: Path | None, checkpoints: Path | None,
           reuse_first_forward: bool = True) -> PPOState:
     """The run's state at step 0, or at the step of this run's last checkpoint when there is one."""
-    from rlhf.dist import init_dist, launched_processes
-    from rlhf.gold import load_judge
-    from rlhf.modeling import length_tally, make_optimizer, pick_device, position_limit, setup_torch
-    from rlhf.training import Checkpointer, file_digest, fingerprint
+    from rlhf.dist import launched_processes
+    from rlhf.modeling import make_optimizer
 
     check_processes(params, launched_processes())  # before joining: a bad split fails at once on every rank
-    dist, device = init_dist(pick_device(params.device))
-    setup_torch(params.threads, device)
+    # 1-2. Models, data, the policy's optimizer, generators, checkpoint (rlhf.rollout); the value model's
+    #      optimizer and the KL controller (item 13).
     data = Path(data)
-    # 1. Models and data.
-    tokenizer, policy, ref, value, rm = load_models(params, sft, reward, device)
-    length_tally()  # prompts cut to fit the model: counted from here, reported in the metrics' `lengths`
-    max_pos = min(position_limit(policy) or 10**9, position_limit(rm) or 10**9)
-    corpus = load_data(params, data, tokenizer, max_pos)
-    judge = load_judge(world)
-    # 2. Optimizers, KL controller (item 13), generators, checkpoint. Explicit generators (never the global
-    #    RNG), saved in the checkpoint. Item 21: the sampling seed differs per data-parallel rank. The
-    #    minibatch shuffle is the same on every rank (each applies it to its own episodes), so all ranks run
-    #    the same number of minibatches in the same order.
-    checkpointer = Checkpointer(checkpoints, fingerprint(
-        to_dict(params), file_digest(sft), file_digest(reward), file_digest(data / "ppo.jsonl"),
-        file_digest(data / "corpus.jsonl"), file_digest(world) if world else None,
-    ))
-    betas = (params.adam_beta1, params.adam_beta2)  # item 24
+    files = RO.DataFiles(prompts=data / "ppo.jsonl", test=data / "test.jsonl", corpus=data / "corpus.jsonl")
+    fields = RO.base_state(params, sft=sft, reward=reward, files=files, world=world, checkpoints=checkpoints,
+                           need=("ppo.batch_size", params.batch_size), doc_len=params.ptx_max_len,
+                           with_value=True, shuffle=True,
+                           ptx_batch_size=params.ptx_batch_size if params.ptx_coef > 0 else 0)
     state = PPOState(
-        params=params, dist=dist, device=device, tokenizer=tokenizer, policy=policy, ref=ref, value=value, rm=rm,
-        policy_opt=make_optimizer(policy.parameters(), params.lr, 0.0, device, betas=betas, eps=params.adam_eps,
-                                  fused_on_cpu=True),
-        value_opt=make_optimizer(value.parameters(), params.value_lr, 0.0, device, betas=betas, eps=params.adam_eps,
-                                 fused_on_cpu=True),
-        kl_ctl=P.make_kl_controller(params.kl_coef, params.target_kl, params.kl_horizon),
-        sample_gen=torch.Generator(device=device).manual_seed(P.rank_seed(params.seed, dist.rank)),
-        shuffle_gen=torch.Generator().manual_seed(params.seed + 1),
-        data=corpus, judge=judge, checkpointer=checkpointer, reuse=False,
+        **fields,
+        value_opt=make_optimizer(fields["value"].parameters(), params.value_lr, 0.0, fields["device"],
+                                 betas=(params.adam_beta1, params.adam_beta2), eps=params.adam_eps, fused_on_cpu=True),
+        kl_ctl=P.make_kl_controller(params.kl_coef, params.target_kl, params.kl_horizon), reuse=False,
     )
     # One minibatch per PPO epoch, in one micro-batch: epoch 0's update forward comes before any optimizer
     # step, so it is the rollout's policy and value model on the rollout's tokens (what item 18 checks).
     state.reuse = reuse_first_forward and reuses_first_forward(state.local_batch, state.local_minibatch,
                                                                params.micro_batch_size)
     # 3. Resume from this run's last checkpoint, if any.
-    restore_checkpoint(state)
+    RO.restore_checkpoint(state)
     return state
-
-
-def checkpoint_state(state: PPOState, sample_gens: list[torch.Tensor]) -> dict[str, Any]:
-    """What a checkpoint holds: weights, optimizers, β, every rank's sampling stream, the shuffle, the history."""
-    out = {
-        "policy": state.policy.state_dict(), "value": state.value.state_dict(),
-        "policy_opt": state.policy_opt.state_dict(), "value_opt": state.value_opt.state_dict(),
-        "kl_ctl": state.kl_ctl.state_dict(), "sample_gen": sample_gens[0],
-        "shuffle_gen": state.shuffle_gen.get_state(), "step": state.step, "history": state.history,
-    }
-    if state.dist.enabled:
-        out["sample_gens"] = sample_gens
-    return out
-
-
-def save_checkpoint(state: PPOState) -> None:
-    """Weights, optimizers, β and the shuffle are the same on every rank; the sampling streams are not
-    (item 21), so rank 0 saves all of them (a collective: every rank takes part)."""
-    gens = state.dist.gather(state.sample_gen.get_state())
-    if state.dist.is_main:
-        state.checkpointer.save(checkpoint_state(state, gens))
-
-
-def restore_checkpoint(state: PPOState) -> None:
-    """Load this run's last checkpoint into `state` (nothing when there is none)."""
-    saved = state.checkpointer.load()
-    if saved is None:
-        return
-    dist = state.dist
-    state.policy.load_state_dict(saved["policy"])
-    state.value.load_state_dict(saved["value"])
-    state.policy_opt.load_state_dict(saved["policy_opt"])
-    state.value_opt.load_state_dict(saved["value_opt"])
-    state.kl_ctl.load_state_dict(saved["kl_ctl"])
-    # Each rank continues its own sampling stream (item 21): a one-process checkpoint holds one state
-    # under "sample_gen", a multi-process one every rank's under "sample_gens" too.
-    gens = saved.get("sample_gens", [saved["sample_gen"]])
-    if len(gens) != dist.world_size:
-        raise StageError(f"{state.checkpointer.path}: written by a {len(gens)}-process run, resumed with "
-                         f"{dist.world_size}; relaunch with {len(gens)} processes, or delete "
-                         f"{state.checkpointer.directory} to start over")
-    state.sample_gen.set_state(gens[dist.rank])
-    state.shuffle_gen.set_state(saved["shuffle_gen"])
-    state.step, state.history = saved["step"], list(saved["history"])
 
 
 # ----------------------------------------------------------------------------------------------
 # The steps of one PPO iteration: rollout -> score -> rewards and advantages -> update -> log
 
 
-@dataclass
-class Rollout:
-    """One rollout (this rank's share): B episodes, queries Q tokens (left-padded), responses R tokens."""
-
-    idx: list[int]
-    """Indices of the prompts (into Data.prompts)."""
-    ids: torch.Tensor
-    """(B, Q + R) query and response tokens."""
-    mask: torch.Tensor
-    """(B, Q + R) attention mask: the queries' padding and the response tokens after EOS are 0."""
-    responses: torch.Tensor
-    """(B, R) sampled tokens, PAD after the first EOS."""
-    r_mask: torch.Tensor
-    """(B, R) 1 up to and including the first EOS (item 10)."""
-    ended: torch.Tensor
-    """(B,) whether the response emitted EOS."""
-    context_len: int
-    """Q: the response starts at this position."""
-
-
 def rollout(state: PPOState, step: int) -> Rollout:
-    """Steps 1-2: sample one response per prompt of the step's batch, and truncate it at its first EOS."""
-    from rlhf.modeling import left_pad, sample_tokens
+    """Steps 1-2: one sampled response to each prompt of the step's batch (position derived from the step;
+    this rank's share of it), truncated at its first EOS (rlhf.rollout.sample_rollout)."""
     from rlhf.training import epoch_batches
 
-    params, device, tok = state.params, state.device, state.tokenizer
-    # 1. A batch of ppo prompts (position derived from the step; this rank's share of it), one sampled
-    #    response each, with the KV cache, queries left-padded (item 6), at temperature T (item 8).
-    idx = state.dist.shard(epoch_batches(len(state.data.queries), params.batch_size, step, params.seed))
-    batch_queries = [state.data.queries[i] for i in idx]
-    responses = sample_tokens(state.policy, batch_queries, pad_id=tok.pad_token_id, eos_id=tok.eos_token_id,
-                              max_new_tokens=params.max_new_tokens, temperature=params.temperature,
-                              generator=state.sample_gen, device=device)  # (B, R)
-    q_ids, q_mask = left_pad(batch_queries, tok.pad_token_id)  # (B, Q)
-    # 2. Truncate at the first EOS (item 10): the mask covers the response up to its EOS.
-    r_mask, ended = P.response_mask(responses, tok.eos_token_id)  # (B, R), (B,)
-    return Rollout(idx=idx, ids=torch.cat([q_ids, responses], 1).to(device),
-                   mask=torch.cat([q_mask, r_mask], 1).to(device), responses=responses.to(device),
-                   r_mask=r_mask.to(device), ended=ended.to(device), context_len=q_ids.shape[1])
+    params = state.params
+    return RO.sample_rollout(state, state.dist.shard(epoch_batches(len(state.data.queries), params.batch_size, step,
+                                                                   params.seed)))
 
 
 def policy_value_forward(state: PPOState, ids: torch.Tensor, mask: torch.Tensor, responses: torch.Tensor,
                          context_len: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The policy's response logits (b, R, V) at temperature T and log-probs (b, R), and the values (b, R)
     at the positions that predict each response token (lm-human-preferences)."""
-    logits = P.response_logits(state.policy, ids, mask, context_len, state.params.temperature)
-    return logits, P.logprobs_from_logits(logits, responses), state.value(ids, mask)[:, context_len - 1: -1]
+    logits, logprobs = RO.policy_forward(state, ids, mask, responses, context_len)
+    return logits, logprobs, state.value(ids, mask)[:, context_len - 1: -1]
 
 
 def score(state: PPOState, ro: Rollout, *, with_policy: bool) -> dict[str, torch.Tensor]:
-    """Step 3: reference log-probs and RM scores, and (`with_policy`) the old log-probs, entropy and
-    values, computed once per rollout under no_grad, in micro-batches. All (B, R), scores (B,)."""
-    from rlhf.modeling import autocast
-    from rlhf.rm import rewards_from_ids
+    """Step 3: reference log-probs and RM scores (rlhf.rollout.score), and (`with_policy`) the old log-probs,
+    entropy and values, computed once per rollout under no_grad, in micro-batches. All (B, R), scores (B,)."""
+    def forward(x, m, r, context_len):
+        logits, logprobs, values = policy_value_forward(state, x, m, r, context_len)
+        return {"logprobs": logprobs, "entropy": P.entropy_from_logits(logits), "values": values}
 
-    keys = ("ref_logprobs", "scores") + (("logprobs", "entropy", "values") if with_policy else ())
-    outs: dict[str, list[torch.Tensor]] = {k: [] for k in keys}
-    with torch.no_grad(), autocast(state.device):
-        for sl in chunks(ro.ids.shape[0], state.params.micro_batch_size):
-            x, m, r = ro.ids[sl], ro.mask[sl], ro.responses[sl]
-            if with_policy:
-                logits, logprobs, values = policy_value_forward(state, x, m, r, ro.context_len)
-                outs["logprobs"].append(logprobs)
-                outs["entropy"].append(P.entropy_from_logits(logits))
-                outs["values"].append(values)
-            ref_logits = P.response_logits(state.ref, x, m, ro.context_len, state.params.temperature)  # same T (item 8)
-            outs["ref_logprobs"].append(P.logprobs_from_logits(ref_logits, r))
-            # Item 1: the RM reads its scalar at the last real token (EOS); centered (item 3).
-            outs["scores"].append(rewards_from_ids(state.rm, x, m))
-    return {k: torch.cat(v).float() for k, v in outs.items()}
+    return RO.score(state, ro, forward if with_policy else None)
 
 
 def score_with_first_update_forward(state: PPOState, ro: Rollout, roll: dict[str, torch.Tensor],
@@ -602,8 +325,8 @@ def ptx_backward(state: PPOState, update_index: int) -> float:
 
     params, dist, docs = state.params, state.dist, state.data.ptx_docs
     ptx_idx = dist.shard(epoch_batches(len(docs), params.ptx_batch_size, update_index, params.seed + 2))
-    p_ids, p_mask, p_labels = (t.to(state.device) for t in lm_batch([docs[i] for i in ptx_idx],
-                                                                    state.tokenizer.pad_token_id))
+    p_ids, p_mask, p_labels = (t.to(state.device) for t in RO.lm_batch([docs[i] for i in ptx_idx],
+                                                                       state.tokenizer.pad_token_id))
     with autocast(state.device):
         ptx_loss = masked_lm_loss(state.policy(input_ids=p_ids, attention_mask=p_mask, use_cache=False).logits, p_labels)
     # A rank's token mean, weighted by its share of the global batch's tokens (as the PPO losses' `denom`):
@@ -690,26 +413,11 @@ def update(state: PPOState, step: int, ro: Rollout, roll: dict[str, torch.Tensor
 
 
 def rollout_means(state: PPOState, ro: Rollout, roll: dict[str, torch.Tensor], adv: Advantages) -> dict[str, float]:
-    """Step 6: rollout statistics, means over this rank's equal share of the batch, so their mean over ranks
-    (one all-reduce) is the global batch's mean. The gold judge beside the proxy (item 23)."""
-    from rlhf.modeling import decode_response
-
-    lengths = ro.r_mask.sum(1).float()
-    batch_means = {
-        "kl": float(adv.kl.sum(1).mean()),  # item 12: summed per-token log-ratio, batch mean
-        "entropy": float((roll["entropy"] * ro.r_mask).sum(1).mean()),
+    """Step 6: rollout statistics (rlhf.rollout.rollout_means) and PPO's per-token KL reward."""
+    return RO.rollout_means(state, ro, roll, adv.kl, adv.scores, extra={
         "non_score_reward": float(adv.non_score_reward.sum(1).mean()),
-        "scores": float(adv.scores.mean()),
-        "rm_score": float(adv.rm_scores.mean()),
         "rlhf_reward": float((adv.scores + adv.non_score_reward.sum(1)).mean()),
-        "response_length": float(lengths.mean()),
-        "eos_share": float(ro.ended.float().mean()),
-    }
-    if state.judge is not None:
-        texts = [decode_response(state.tokenizer, row)[0] for row in ro.responses.cpu().tolist()]
-        gold = [state.judge.score(state.data.prompts[i], t)["total"] for i, t in zip(ro.idx, texts, strict=True)]
-        batch_means["gold"] = sum(gold) / len(gold)
-    return state.dist.means(batch_means)
+    })
 
 
 def step_metrics(step: int, g: dict[str, float], means: dict[str, float], first: dict[str, float],
@@ -795,13 +503,6 @@ def ppo_step(state: PPOState, step: int) -> dict[str, float]:
     return step_metrics(step, g, means, first, beta_used)  # 8
 
 
-def log_step(live, m: dict[str, float]) -> None:
-    for k, v in m.items():
-        if k != "step" and not k.startswith("sanity/"):
-            live.log_metric(k, round(v, 6))
-    live.next_step()
-
-
 # ----------------------------------------------------------------------------------------------
 # Training loop, final evaluation, the stage
 
@@ -809,29 +510,7 @@ def log_step(live, m: dict[str, float]) -> None:
 def progress_info(m: dict[str, float]) -> str:
     if "objective/rm_score" not in m:  # the SFT + ptx control: no rollouts
         return f"ptx {m['loss/ptx']:.3f}"
-    gold = f" gold {m['gold/score']:.3f}" if "gold/score" in m else ""
-    return f"rm {m['objective/rm_score']:.2f}{gold} kl {m['objective/kl']:.2f}"
-
-
-def train(state: PPOState, live, on_step: Callable[[int, dict[str, float]], None] | None = None) -> None:
-    """Run the steps from `state.step` to `params.steps`, logging each and checkpointing every
-    `checkpoint_every`. `on_step(step, metrics)` is called at the end of every step (benchmarks time it)."""
-    from rlhf.progress import progress
-
-    params, dist = state.params, state.dist
-    with progress() as bar:
-        task = bar.add_task("ppo", total=params.steps, completed=state.step, info="", visible=dist.is_main)
-        for step in range(state.step, params.steps):
-            m = ppo_step(state, step)
-            state.history.append(m)  # global means: the same history on every rank
-            state.step = step + 1
-            if dist.is_main:
-                log_step(live, m)
-            if on_step is not None:
-                on_step(step, m)
-            bar.update(task, advance=1, info=progress_info(m))
-            if params.checkpoint_every and state.step % params.checkpoint_every == 0 and state.step < params.steps:
-                save_checkpoint(state)
+    return RO.rollout_info(m)
 
 
 def final_metrics(state: PPOState) -> dict[str, Any]:
@@ -845,49 +524,15 @@ def final_metrics(state: PPOState) -> dict[str, Any]:
         "episodes": params.steps * params.batch_size,
         "prompts": len(state.data.prompts),
         "prompts_too_long": state.data.prompts_too_long,
-        "final_rollout": {name: round(last[k], 4) for name, k in (
-            ("rm_score", "objective/rm_score"), ("scores", "objective/scores"), ("kl", "objective/kl"),
-            ("entropy", "objective/entropy"), ("response_length", "val/response_length"),
-            ("ended_with_eos", "val/eos_share"), ("kl_coef", "kl_coef"), ("gold", "gold/score")) if k in last},
+        "final_rollout": RO.final_rollout(last),
         # Items 12 and 18, checked on every step of this run.
         "sanity": {
-            "mean_kl_over_steps": round(sum(h["objective/kl"] for h in history) / len(history), 4),
-            "negative_kl_steps": sum(h["objective/kl"] < 0 for h in history),
+            **RO.kl_sanity(history),
             "first_minibatch_max_abs_ratio_minus_1": round(max(abs(h["sanity/first_ratio"] - 1) for h in history), 8),
             "first_minibatch_max_approxkl": round(max(h["sanity/first_approxkl"] for h in history), 10),
             "first_minibatch_max_clipfrac": round(max(h["sanity/first_clipfrac"] for h in history), 6),
         },
     }
-
-
-def evaluate_heldout(state: PPOState) -> dict[str, Any]:
-    """Held-out evaluation only, never trained on: the alignment tax on held-out corpus text (InstructGPT
-    sec. 3.5, item 20), and greedy answers to the test prompts by policy and SFT, scored by RM and gold."""
-    from rlhf.gold import summarize
-    from rlhf.modeling import generate_responses
-    from rlhf.rm import score_texts
-
-    params, device, tok, data = state.params, state.device, state.tokenizer, state.data
-    result: dict[str, Any] = {}
-    if data.heldout_docs:
-        lp_policy = corpus_logprob(state.policy, data.heldout_docs, tok.pad_token_id, device)
-        lp_sft = corpus_logprob(state.ref, data.heldout_docs, tok.pad_token_id, device)
-        result["corpus_logprob"] = {"policy": round(lp_policy, 4), "sft": round(lp_sft, 4),
-                                    "tax": round(lp_sft - lp_policy, 4), "documents": len(data.heldout_docs)}
-    if data.test_prompts:
-        max_pos = int(getattr(state.policy.config, "max_position_embeddings", 10**9))
-        result["test"] = {"prompts": len(data.test_prompts), "max_new_tokens": params.max_new_tokens}
-        for name, model in (("policy", state.policy), ("sft", state.ref)):
-            gen = generate_responses(model, tok, data.test_prompts, max_new_tokens=params.max_new_tokens,
-                                     temperature=0.0, batch_size=64, seed=0, device=device)
-            texts = [g["response"] for g in gen]
-            rm_test = score_texts(state.rm, tok, data.test_prompts, texts, max_len=max_pos, batch_size=64, device=device)
-            entry: dict[str, Any] = {"rm_score": round(sum(rm_test) / len(rm_test), 4),
-                                     "ended_with_eos": round(sum(g["ended"] for g in gen) / len(gen), 4)}
-            if state.judge is not None:
-                entry["gold"] = summarize(state.judge, data.test_prompts, texts)
-            result["test"][name] = entry
-    return result
 
 
 def run(params: Params, *, sft: Path, reward: Path, data: Path, world: Path | None, out: Path, value_out: Path,
@@ -899,7 +544,6 @@ def run(params: Params, *, sft: Path, reward: Path, data: Path, world: Path | No
     paths); `on_step(step, metrics)` is called at the end of every step (bench/ppo_vs_trl.py times it).
     """
     from rlhf.modeling import open_length_tally, save_model, warn_rarely_ended
-    from rlhf.training import open_live
 
     t0 = time.time()
     # 1. State: models, optimizers, KL controller, generators, data; resumed from a checkpoint if any.
@@ -908,28 +552,23 @@ def run(params: Params, *, sft: Path, reward: Path, data: Path, world: Path | No
     start, dist = state.step, state.dist
     # 2. Train. The dvclive folder is rebuilt from the checkpoint's history, so a resumed run never logs a
     #    step twice.
-    live = open_live(plots) if dist.is_main else None
-    if dist.is_main:
-        for h in state.history:
-            log_step(live, h)
+    live = RO.start_live(state, Path(plots))
     t_train = time.time()
-    train(state, live, on_step)
+    RO.train(state, ppo_step, live, "ppo", progress_info, on_step)
     t_train = time.time() - t_train
-    if not (dist.same_weights(state.policy) and dist.same_weights(state.value)):
-        raise StageError("ppo: the ranks' weights drifted apart during data-parallel training (a bug, not your "
-                         "input); rerun with one process and report it")
+    RO.check_same_weights(state, "ppo", state.policy, state.value)
     if not dist.is_main:  # rank 0 saves the models, runs the held-out evaluation and writes the metrics
         return {"rank": dist.rank, "timing": {"wall_s": round(time.time() - t0, 1), "train_s": round(t_train, 3),
                                               "resumed_from": start}}
     live.end()
-    write_overoptimization(state.history, Path(plots))
+    RO.write_overoptimization(state.history, Path(plots))
     t_eval = time.time()
     # 3. Outputs: the policy (HF causal LM + tokenizer) and the value model (HF sequence classifier).
     save_model(state.policy, state.tokenizer, out)
     if params.rl_coef > 0:  # the SFT + ptx control trains no value model
         save_model(state.value.model, state.tokenizer, value_out)
     # 4. Metrics: the last rollouts (training prompts, sampled), then held-out evaluation only.
-    result = {**final_metrics(state), **evaluate_heldout(state), "lengths": open_length_tally().report("ppo")}
+    result = {**final_metrics(state), **RO.evaluate_heldout(state), "lengths": open_length_tally().report("ppo")}
     if state.history and "val/eos_share" in state.history[0]:  # the first rollout is SFT's own
         warn_rarely_ended("ppo", state.history[0]["val/eos_share"], params.max_new_tokens, "ppo.max_new_tokens")
     if dist.enabled:  # absent with one process, whose metrics file stays as it always was

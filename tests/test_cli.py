@@ -77,7 +77,7 @@ def test_bad_params_exit_1_naming_the_key(tmp_path, bad, key):
     (["sft", "--warmup-steps", "5"], "dvc exp run -S sft.warmup_steps=5  or in params.yaml"),
     (["sft", "--params", "p.yaml", "--ptx-coef", "0"], "ppo.ptx_coef is a parameter of the ppo stage, not of sft; "
                                                        "change it with  dvc exp run -S ppo.ptx_coef=0  or in p.yaml"),
-    (["world", "--lr", "1"], "world has no parameter lr (dpo.lr, ppo.lr, "),  # lr of several other stages
+    (["world", "--lr", "1"], "world has no parameter lr (dpo.lr, grpo.lr, ppo.lr, "),  # lr of several other stages
     (["sft", "-S", "sft.lr=0.01"], "-S belongs to dvc exp run; run  dvc exp run -S sft.lr=0.01"),
 ])
 def test_params_key_given_as_a_flag_gets_the_dvc_fix(args, line):

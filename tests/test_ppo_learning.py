@@ -48,6 +48,7 @@ class TargetReward(torch.nn.Module):
 def bandit_state(steps: int):
     from rlhf.dist import Dist
     from rlhf.modeling import make_optimizer
+    from rlhf.rollout import Data
     from rlhf.training import Checkpointer
     from stages import ppo
 
@@ -64,8 +65,8 @@ def bandit_state(steps: int):
         value_opt=make_optimizer(value.parameters(), params.value_lr, 0.0, device, eps=params.adam_eps),
         kl_ctl=P.make_kl_controller(params.kl_coef, 0.0, 1), sample_gen=torch.Generator().manual_seed(0),
         shuffle_gen=torch.Generator().manual_seed(1),
-        data=ppo.Data(prompts=["p"] * 64, queries=[[0, 5]] * 64, prompts_too_long=0, test_prompts=[], ptx_docs=[],
-                      heldout_docs=[]),
+        data=Data(prompts=["p"] * 64, queries=[[0, 5]] * 64, prompts_too_long=0, test_prompts=[], ptx_docs=[],
+                  heldout_docs=[]),
         judge=None, checkpointer=Checkpointer(None, ""), reuse=True,
     )
 

@@ -239,7 +239,7 @@ def test_ppo_cli_help():
 
 
 def test_overoptimization_files(tmp_path):
-    from stages.ppo import moving_average, write_overoptimization
+    from rlhf.rollout import moving_average, write_overoptimization
 
     assert moving_average([1.0, 3.0, 5.0, 7.0], window=2) == [1.0, 2.0, 4.0, 6.0]
     history = [{"step": float(i), "objective/sqrt_kl": 0.1 * i, "objective/rm_score": 0.2 * i, "gold/score": 0.5}
