@@ -76,7 +76,7 @@ def test_dvc_repro_runs_the_user_data_pipeline(tmp_path):
     assert metrics["prepare"]["split_sizes"]["test"] > 0 and metrics["prepare"]["split_sizes"]["rm"] == 0
     ev = metrics["evaluate"]
     assert set(ev["win_rates"]) == {"policy_vs_sft", "sft_vs_base"}
-    assert ev["suites_off"] == ["truthfulqa", "crows_pairs", "toxicity"] and "skipped" not in ev
+    assert ev["suites_off"] == ["truthfulqa", "crows_pairs", "toxicity", "toxicity_respectful"] and "skipped" not in ev
     assert all("gold" not in m and "rm_score" in m for m in ev["models"].values())
     page = (work / "reports" / "report.html").read_text()
     assert "Gold judge scores per task family" not in page and "TruthfulQA" not in page
