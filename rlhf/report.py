@@ -445,7 +445,8 @@ class _Doc:
         cell = lambda v: (f'<td class="text">{html.escape(_fmt(v))}</td>' if len(_fmt(v)) > 40  # noqa: E731
                           else f"<td>{html.escape(_fmt(v))}</td>")
         body = "".join("<tr>" + "".join(cell(v) for v in r) + "</tr>" for r in rows)
-        self.html.append(f"<table><thead><tr>{cells}</tr></thead><tbody>{body}</tbody></table>")
+        # A table wider than the page (one column per model) scrolls inside its box; the page never does.
+        self.html.append(f'<div class="scroll"><table><thead><tr>{cells}</tr></thead><tbody>{body}</tbody></table></div>')
         md_cell = lambda v: _fmt(v).replace("|", "\\|").replace("\n", " ")  # noqa: E731
         self.md.append("| " + " | ".join(head) + " |\n|" + "---|" * len(head) + "\n"
                        + "".join("| " + " | ".join(md_cell(v) for v in r) + " |\n" for r in rows))
@@ -464,7 +465,7 @@ body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;max-width:11
 table{border-collapse:collapse;margin:0.8em 0;font-size:0.9em}
 th,td{border:1px solid #ccc;padding:4px 8px;text-align:left;vertical-align:top}
 th{background:#f3f3f3} td{white-space:nowrap} td.text{white-space:pre-wrap;max-width:340px}
-img{max-width:100%;margin:0.5em 0} .note{color:#666;font-size:0.9em}
+img{max-width:100%;margin:0.5em 0} .note{color:#666;font-size:0.9em} div.scroll{overflow-x:auto;max-width:100%}
 p.verdict{font-size:1.15em;font-weight:600;background:#eef5ee;border-left:4px solid #54a24b;padding:0.5em 0.8em}
 """
 

@@ -85,6 +85,9 @@ def test_report_has_every_section(evaluated):
     assert "ppo: no curves found" in page or "ppo training curves" in page
     for name in params.models:
         assert f"<th>{name}</th>" in page
+    # Every table sits in a box that scrolls sideways (one column per model), so a report of many models
+    # never makes the page wider than the window.
+    assert page.count("<table>") == page.count('<div class="scroll"><table>') and "div.scroll{overflow-x:auto" in page
     for ref in re.findall(r"\]\((figures/[^)]+)\)", md):
         assert (out / "reports" / ref).is_file()
     lines = [json.loads(x) for x in (out / "reports" / "responses.jsonl").read_text().splitlines()]
