@@ -15,7 +15,8 @@ Params = typer.Option(Path("params.yaml"), "--params", help=PARAMS_HELP)
 
 @app.command()
 def sample(
-    model: Path = typer.Option(Path("models/sft"), help="policy to sample from (the SFT model)"),
+    model: list[Path] = typer.Option([Path("models/sft")], help="policy to sample from (the SFT model); repeat it "
+                                     "to share each prompt's K slots among several models"),
     prompts: Path = typer.Option(Path("data/prepared/rm.jsonl"), help="prompts to rank, {'id', 'prompt'} per line"),
     out: Path = typer.Option(Path("data/samples/candidates.jsonl"), help="candidates JSONL to write"),
     metrics: Path = typer.Option(Path("metrics/sample.json"), help="metrics JSON"),
@@ -27,8 +28,9 @@ def sample(
 
     Example:  rlhf sample
     Example:  dvc exp run -S sample.k=6
+    Example:  rlhf sample --model models/sft --model models/policy_round1 --out data/samples/round2.jsonl
     """
-    run_stage("sample", params, model=model, prompts=prompts, out=out, metrics=metrics)
+    run_stage("sample", params, model=model if len(model) > 1 else model[0], prompts=prompts, out=out, metrics=metrics)
 
 
 @app.command()
@@ -63,6 +65,8 @@ def reward(
     plots: Path = typer.Option(Path("plots/reward"), help="dvclive folder for the training curves"),
     checkpoints: Path = typer.Option(Path("checkpoints/reward"), help="resumable checkpoints (removed on success)"),
     params: Path = Params,
+    set_: list[str] = typer.Option([], "--set", metavar="KEY=VALUE",
+                                   help="override one key of the reward: section for this run (dvc.yaml's rounds)"),
 ) -> None:
     """Train the reward model: all C(K,2) pairs of a prompt in one batch element (InstructGPT).
 
@@ -74,8 +78,9 @@ def reward(
 
     Example:  rlhf reward
     Example:  rlhf reward --data hh-rlhf/train.jsonl --params hh-params.yaml
+    Example:  rlhf reward --set extra_pairs=data/rankings/round2.jsonl --set extra_format=rankings
     """
-    run_stage("reward", params, sft=sft, data=data, demos=demos, world=world, out=out, metrics=metrics, plots=plots,
+    run_stage("reward", params, overrides=set_, sft=sft, data=data, demos=demos, world=world, out=out, metrics=metrics, plots=plots,
               checkpoints=checkpoints)
 
 

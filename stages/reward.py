@@ -50,8 +50,8 @@ class Params:
     extra_pairs: str
     """Optional extra comparisons file trained on together with --data ('' = none); add it to the
     reward stage's deps in dvc.yaml when you set it."""
-    extra_format: Literal["pairwise", "hh"]
-    """Format of `extra_pairs`."""
+    extra_format: Literal["pairwise", "hh", "rankings"]
+    """Format of `extra_pairs` ('rankings': e.g. a second round ranked on a policy's samples)."""
     max_malformed_share: float
     """Share of an HH file's records that may be malformed (e.g. an empty final assistant turn): skipped,
     counted in the metrics' `data`, one warning line; above it the stage stops."""

@@ -1,6 +1,6 @@
 """sample: K candidate responses per reward-model prompt from the SFT model, for labelers to rank.
 
-Reads  models/sft, data/prepared/rm.jsonl
+Reads  models/sft (or several models), data/prepared/rm.jsonl
 Writes data/samples/candidates.jsonl, metrics/sample.json
 Run    rlhf sample
 
@@ -11,8 +11,15 @@ batches that hold the K copies of each prompt side by side. Each response is cut
 when fewer than half did). A prompt too long for the model with max_new_tokens loses its start
 (metrics: lengths, docs/models.md).
 
+Several models (`rlhf sample --model models/sft --model models/policy_round1`) share the K slots of each
+prompt in the order given (K // n each, the remainder to the first). InstructGPT's comparisons came from
+several models, earlier PPO policies among them (Ouyang et al. 2022, sec. 3.2); a policy's own samples are
+where the reward model it was trained against goes wrong (docs/world.md, "A second round of rankings").
+
 Candidates format, one record per prompt (read back with `rlhf.rm.read_candidates`):
   {"prompt_id": str, "prompt": str, "responses": [K strings], "ended": [K bools]}
+  plus "models": [K model folder names] when more than one model was sampled (`rlhf label` then
+  shows them in a shuffled order, blinded, as it does for evaluation candidates).
 """
 
 from __future__ import annotations
@@ -52,35 +59,56 @@ class Params:
         require(self.batch_size > 0, "sample.batch_size", "must be > 0")
 
 
-def run(params: Params, *, model: Path, prompts: Path, out: Path, metrics: Path) -> dict[str, Any]:
-    from rlhf.modeling import (generate_responses, length_tally, load_causal_lm, load_tokenizer, pick_device,
-                               setup_torch, warn_rarely_ended)
+def slots(k: int, n_models: int) -> list[int]:
+    """How many of a prompt's K candidates each of `n_models` models writes: K // n each, the remainder to the
+    first (the policy being improved keeps the larger share)."""
+    share = [k // n_models] * n_models
+    share[0] += k - sum(share)
+    return share
+
+
+def sample_model(params: Params, model: Path, rows: list[dict[str, Any]], per_prompt: int, device, bar) -> list[dict[str, Any]]:
+    """`per_prompt` responses of one model to each prompt: each prompt repeated in a row, one batched,
+    KV-cached sampling pass over all of them."""
+    from rlhf.modeling import generate_responses, load_causal_lm, load_tokenizer
+
+    tokenizer = load_tokenizer(model)
+    lm = load_causal_lm(model).to(device).eval()
+    flat = [r["prompt"] for r in rows for _ in range(per_prompt)]
+    task = bar.add_task("sample", total=len(flat), info=f"K={per_prompt} {model.name}")
+    return generate_responses(lm, tokenizer, flat, max_new_tokens=params.max_new_tokens,
+                              temperature=params.temperature, batch_size=params.batch_size, seed=params.seed,
+                              device=device, on_batch=lambda n: bar.update(task, advance=n))
+
+
+def run(params: Params, *, model: Path | list[Path], prompts: Path, out: Path, metrics: Path) -> dict[str, Any]:
+    from rlhf.modeling import length_tally, pick_device, setup_torch, warn_rarely_ended
     from rlhf.progress import progress
 
     t0 = time.time()
+    models = [Path(m) for m in model] if isinstance(model, (list, tuple)) else [Path(model)]
+    require(len(models) <= params.k, "sample.k", f"must be at least the number of models sampled ({len(models)})")
     device = pick_device(params.device)
     setup_torch(params.threads, device)
     rows = read_jsonl(prompts, PROMPT_SCHEMA)
     if params.prompts:
         rows = rows[: params.prompts]
-    tokenizer = load_tokenizer(model)
-    lm = load_causal_lm(model).to(device).eval()
     lengths = length_tally()  # prompts too long for the model with max_new_tokens lose their start
 
-    # 1. Each prompt repeated K times in a row; one batched, KV-cached sampling pass over all of them.
-    flat = [r["prompt"] for r in rows for _ in range(params.k)]
+    # 1. Each model's share of the K slots, sampled in one pass per model.
+    share = slots(params.k, len(models))
     with progress() as bar:
-        task = bar.add_task("sample", total=len(flat), info=f"K={params.k}")
-        gen = generate_responses(lm, tokenizer, flat, max_new_tokens=params.max_new_tokens,
-                                 temperature=params.temperature, batch_size=params.batch_size, seed=params.seed,
-                                 device=device, on_batch=lambda n: bar.update(task, advance=n))
+        gens = [sample_model(params, m, rows, n, device, bar) for m, n in zip(models, share, strict=True)]
 
-    # 2. Regroup into one record per prompt.
-    records = []
+    # 2. Regroup into one record per prompt: the first model's responses first.
+    records, gen = [], [g for per_model in gens for g in per_model]
     for i, r in enumerate(rows):
-        chunk = gen[i * params.k: (i + 1) * params.k]
-        records.append({"prompt_id": r["id"], "prompt": r["prompt"],
-                        "responses": [g["response"] for g in chunk], "ended": [g["ended"] for g in chunk]})
+        chunk = [g for per_model, n in zip(gens, share, strict=True) for g in per_model[i * n: (i + 1) * n]]
+        rec = {"prompt_id": r["id"], "prompt": r["prompt"],
+               "responses": [g["response"] for g in chunk], "ended": [g["ended"] for g in chunk]}
+        if len(models) > 1:
+            rec["models"] = [m.name for m, n in zip(models, share, strict=True) for _ in range(n)]
+        records.append(rec)
     write_jsonl(out, records)
 
     # 3. What labelers will see: share that stopped, length, and how many of the K differ.
@@ -94,6 +122,8 @@ def run(params: Params, *, model: Path, prompts: Path, out: Path, metrics: Path)
         "all_identical_share": round(sum(d == 1 for d in distinct) / len(distinct), 4),
         "lengths": lengths.report("sample"),
     }
+    if len(models) > 1:
+        result["models"] = {m.name: k for m, k in zip(models, share, strict=True)}
     warn_rarely_ended("sample", result["ended_share"], params.max_new_tokens, "sample.max_new_tokens")
     write_json(metrics, result)
     result["timing"] = {"wall_s": round(time.time() - t0, 1)}

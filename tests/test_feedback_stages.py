@@ -211,3 +211,56 @@ def test_reward_rejects_a_bad_ranking(tiny_rm, tmp_path):
     with pytest.raises(StageError, match=r"bad.jsonl:1: ranking has \d entries but there are \d responses"):
         reward.run(tiny_params("reward"), sft=tiny_rm.sft, data=bad, demos=tiny_rm.prepared / "sft.jsonl",
                    world=None, out=tmp_path / "rm", metrics=tmp_path / "m.json", plots=tmp_path / "p", checkpoints=None)
+
+
+def test_sample_slots_share_k_among_models():
+    from stages.sample import slots
+
+    assert slots(8, 1) == [8]
+    assert slots(8, 2) == [4, 4]
+    assert slots(7, 2) == [4, 3]  # the remainder goes to the first model
+    assert slots(9, 4) == [3, 2, 2, 2]
+
+
+def test_sample_from_two_models_then_rank_and_train_on_both_rounds(tiny_rm, tmp_path):
+    """A second round: candidates from SFT and another model side by side, ranked, then trained on together
+    with the first round's rankings (reward.extra_format: rankings)."""
+    from stages import rank, reward, sample
+
+    p = tiny_params("sample", prompts=4)
+    mixed, alone = tmp_path / "mixed.jsonl", tmp_path / "alone.jsonl"
+    m = sample.run(p, model=[tiny_rm.sft, tiny_rm.base], prompts=tiny_rm.prepared / "rm.jsonl", out=mixed,
+                   metrics=tmp_path / "m.json")
+    first, second = sample.slots(p.k, 2)
+    assert m["models"] == {tiny_rm.sft.name: first, tiny_rm.base.name: second}
+    # each model's slots are what that model alone writes with that many samples per prompt
+    sample.run(tiny_params("sample", prompts=4, k=first), model=tiny_rm.sft, prompts=tiny_rm.prepared / "rm.jsonl",
+               out=alone, metrics=tmp_path / "m1.json")
+    for rec, solo in zip(read(mixed), read(alone), strict=True):
+        assert rec["models"] == [tiny_rm.sft.name] * first + [tiny_rm.base.name] * second
+        assert rec["responses"][:first] == solo["responses"]
+        assert len(rec["responses"]) == len(rec["ended"]) == p.k
+    round2 = tmp_path / "round2.jsonl"
+    rank.run(tiny_params("rank"), candidates=mixed, world=tiny_rm.world, labels=tmp_path / "none.jsonl", out=round2,
+             metrics=tmp_path / "rank.json")
+    assert len(read(round2)) >= 4
+    both = reward.run(tiny_params("reward", extra_pairs=str(round2), extra_format="rankings"), sft=tiny_rm.sft,
+                      data=tiny_rm.rankings, demos=tiny_rm.prepared / "sft.jsonl", world=None, out=tmp_path / "rm",
+                      metrics=tmp_path / "r.json", plots=tmp_path / "plots", checkpoints=None)
+    one = json.loads((tiny_rm.metrics / "reward.json").read_text())
+    assert both["read"]["extra_pairs"]["records"] == len(read(round2))
+    assert both["train"]["comparisons"] > one["train"]["comparisons"]
+
+
+def test_reward_set_overrides_one_key(tmp_path):
+    from typer.testing import CliRunner
+
+    from cli.main import app
+
+    outs = ["--out", str(tmp_path / "rm"), "--metrics", str(tmp_path / "m.json"), "--plots", str(tmp_path / "p"),
+            "--checkpoints", str(tmp_path / "c")]
+    bad = CliRunner().invoke(app, ["reward", "--set", "no_such_key=1", "--data", str(tmp_path / "x.jsonl"), *outs])
+    assert bad.exit_code == 1
+    assert "'no_such_key=1'" in bad.output and "extra_format" in bad.output  # names the key and the valid ones
+    good = CliRunner().invoke(app, ["reward", "--set", "extra_format=rankings", "--data", str(tmp_path / "x.jsonl"), *outs])
+    assert good.exit_code == 1 and "x.jsonl" in good.output  # the override passed; the missing data file stops it
