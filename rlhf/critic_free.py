@@ -171,7 +171,7 @@ def group_indices(state: RO.PolicyState, step: int) -> list[int]:
 def update(algo: Algorithm, state: RO.PolicyState, step: int, ro: RO.Rollout, roll: dict[str, torch.Tensor],
            adv: torch.Tensor) -> dict[str, float]:
     """`algo.epochs` optimizer steps, each on the whole rollout in micro-batches; mean loss statistics."""
-    from rlhf.modeling import autocast
+    from rlhf.devices import autocast
     from rlhf.training import check_finite
 
     params, dist = state.params, state.dist
@@ -242,7 +242,8 @@ def run(algo: Algorithm, params, *, sft: Path, reward: Path, files: RO.DataFiles
         on_step: Callable[[int, dict[str, float]], None] | None = None) -> dict[str, Any]:
     """Train the policy with `algo`, save it, evaluate on held-out data, write metrics (rank 0)."""
     from rlhf.io import write_json
-    from rlhf.modeling import open_length_tally, save_model
+    from rlhf.lengths import open_length_tally
+    from rlhf.models import save_model
 
     t0 = time.time()
     state = setup(algo, params, sft=sft, reward=reward, files=files, world=world, checkpoints=checkpoints)

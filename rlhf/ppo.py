@@ -19,8 +19,8 @@ from typing import Any
 
 import torch
 
+from rlhf.batching import position_ids
 from rlhf.errors import StageError
-from rlhf.modeling import position_ids
 
 
 # ----------------------------------------------------------------------------------------------

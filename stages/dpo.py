@@ -97,8 +97,8 @@ Example = tuple[list[int], list[int]]  # (token ids, labels with the prompt mask
 
 def load_dpo_groups(path: Path, data_format: str) -> list[dict[str, Any]]:
     """{prompt, responses, ranking, pairs} groups; responses distinct, ranking = 0..K-1 (best first)."""
-    from rlhf.rm import distinct_ranking, ranking_pairs
     from rlhf.preferences import load_groups
+    from rlhf.rm import distinct_ranking, ranking_pairs
 
     out = []
     for g in load_groups(path, data_format):  # pairwise / HH records come as [chosen, rejected]
@@ -119,8 +119,8 @@ def encode_groups(tokenizer, groups: list[dict[str, Any]], max_len: int) -> tupl
 
 def batch_logprobs(model, examples: list[Example], pad_id: int, device) -> torch.Tensor:
     """(N,) log π(response | prompt) of each example, summed over response tokens (with grad if enabled)."""
+    from rlhf.devices import autocast
     from rlhf.dpo import sequence_logprobs
-    from rlhf.modeling import autocast
     from rlhf.training import collate
 
     ids, mask, labels = (t.to(device) for t in collate(examples, pad_id))
@@ -146,7 +146,7 @@ def reference_logprobs(sft: Path, encoded: list[list[Example]], pad_id: int, dev
     Kept in `cache` (the checkpoint folder, written atomically) so a resumed run does not recompute it.
     """
     from rlhf.io import atomic_path
-    from rlhf.modeling import load_causal_lm
+    from rlhf.models import load_causal_lm
 
     if cache is not None and cache.is_file():
         state = torch.load(cache, map_location="cpu", weights_only=True)
@@ -194,7 +194,9 @@ def implicit(policy: list[torch.Tensor], ref: list[torch.Tensor], beta: float) -
 def sampled_kl(policy, ref, tokenizer, prompts: list[str], *, max_new_tokens: int, seed: int, device) -> dict[str, float]:
     """KL(π ‖ π_ref) on the test prompts: answers sampled from π at temperature 1, the mean of
     Σ_t log π/π_ref over their tokens (an unbiased estimate; the x axis of Gao et al. 2022)."""
-    from rlhf.modeling import encode_prompt, fit_queries, sample_tokens
+    from rlhf.lengths import fit_queries
+    from rlhf.sampling import sample_tokens
+    from rlhf.tokenization import encode_prompt
     from rlhf.training import IGNORE_INDEX
 
     gen = torch.Generator(device=device.type if device.type != "cuda" else device).manual_seed(seed)
@@ -282,8 +284,9 @@ def train_policy(state: DPOState, *, sft: Path, plots: Path, checkpoints: Path |
     """Step 4: the policy starts as SFT; each step's loss over whole prompts of the global batch.
 
     Returns (policy, the last logged values, the checkpointer, the step resumed from, training seconds)."""
+    from rlhf.devices import make_optimizer
     from rlhf.dpo import dpo_loss
-    from rlhf.modeling import load_causal_lm, make_optimizer
+    from rlhf.models import load_causal_lm
     from rlhf.training import Checkpointer, cosine_lr, epoch_batches, open_live, train_loop
 
     s, p, dist, device = state, state.params, state.dist, state.device
@@ -348,7 +351,7 @@ def preference_report(state: DPOState, model, judge, last: dict[str, float]) -> 
 def test_report(state: DPOState, model, judge, *, sft: Path, prompts: list[str]) -> dict[str, Any]:
     """Step 6, on test prompts (never trained on): KL from SFT of sampled answers, gold of greedy answers."""
     from rlhf.gold import gold_compare
-    from rlhf.modeling import load_causal_lm
+    from rlhf.models import load_causal_lm
 
     p = state.params
     if p.eval_prompts:
@@ -365,9 +368,11 @@ def test_report(state: DPOState, model, judge, *, sft: Path, prompts: list[str])
 
 def run(params: Params, *, sft: Path, data: Path, test: Path, world: Path | None, out: Path, metrics: Path,
         plots: Path, checkpoints: Path | None) -> dict[str, Any]:
+    from rlhf.devices import pick_device, setup_torch
     from rlhf.dist import init_dist
     from rlhf.gold import load_judge
-    from rlhf.modeling import length_tally, load_tokenizer, pick_device, save_model, setup_torch
+    from rlhf.lengths import length_tally
+    from rlhf.models import load_tokenizer, save_model
 
     t0 = time.time()
     dist, device = init_dist(pick_device(params.device))

@@ -107,7 +107,8 @@ def as_pair_groups(groups: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def batch_loss(model, encoded: list[list[list[int]]], groups: list[dict[str, Any]], pad_id: int, device) -> torch.Tensor:
     """The K-way loss of a batch of groups: one forward pass per response, pairs share the scalars."""
-    from rlhf.modeling import autocast, left_pad
+    from rlhf.batching import left_pad
+    from rlhf.devices import autocast
     from rlhf.rm import flat_pairs, kway_ranking_loss, rewards_from_ids
 
     seqs = [s for enc in encoded for s in enc]
@@ -121,7 +122,8 @@ def batch_loss(model, encoded: list[list[list[int]]], groups: list[dict[str, Any
 @torch.no_grad()
 def score_groups(model, encoded: list[list[list[int]]], pad_id: int, device, batch_size: int) -> list[list[float]]:
     """Raw rewards of every response of every group, grouped like `encoded`."""
-    from rlhf.modeling import autocast, left_pad
+    from rlhf.batching import left_pad
+    from rlhf.devices import autocast
     from rlhf.rm import rewards_from_ids
 
     flat = [s for enc in encoded for s in enc]
@@ -176,7 +178,7 @@ def build_reward_model(sft: Path, tokenizer, head_init_std: float, seed: int):
     import transformers
     from transformers import AutoModelForSequenceClassification
 
-    from rlhf.modeling import check_model_dir
+    from rlhf.models import check_model_dir
 
     check_model_dir(sft, "SFT model")
     verbosity = transformers.logging.get_verbosity()
@@ -222,7 +224,7 @@ def train_reward_model(params: Params, *, sft: Path, data: Path, tokenizer, trai
     """Items 1-3: SFT transformer + scalar head trained with the K-way loss (dropout off: the configs here
     have none; eval-mode forward). Returns (model, held-out encodings, last logged values, checkpointer,
     training seconds)."""
-    from rlhf.modeling import make_optimizer
+    from rlhf.devices import make_optimizer
     from rlhf.training import Checkpointer, cosine_lr, epoch_batches, file_digest, fingerprint, open_live, train_loop
 
     total_steps = params.epochs * (len(train) // per_step)
@@ -262,10 +264,12 @@ def train_reward_model(params: Params, *, sft: Path, data: Path, tokenizer, trai
 
 def run(params: Params, *, sft: Path, data: Path, demos: Path, world: Path | None, out: Path, metrics: Path,
         plots: Path, checkpoints: Path | None) -> dict[str, Any]:
+    from rlhf.devices import pick_device, setup_torch
     from rlhf.dist import init_dist
     from rlhf.gold import load_judge
     from rlhf.io import remove_outputs
-    from rlhf.modeling import length_tally, load_tokenizer, pick_device, save_model, setup_torch
+    from rlhf.lengths import length_tally
+    from rlhf.models import load_tokenizer, save_model
     from rlhf.rm import REWARD_BIAS_KEY
 
     t0 = time.time()

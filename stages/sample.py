@@ -53,9 +53,11 @@ class Params:
 
 
 def run(params: Params, *, model: Path, prompts: Path, out: Path, metrics: Path) -> dict[str, Any]:
-    from rlhf.modeling import (generate_responses, length_tally, load_causal_lm, load_tokenizer, pick_device,
-                               setup_torch, warn_rarely_ended)
+    from rlhf.devices import pick_device, setup_torch
+    from rlhf.lengths import length_tally, warn_rarely_ended
+    from rlhf.models import load_causal_lm, load_tokenizer
     from rlhf.progress import progress
+    from rlhf.sampling import generate_responses
 
     t0 = time.time()
     device = pick_device(params.device)

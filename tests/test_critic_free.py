@@ -317,8 +317,8 @@ def test_both_raise_reward_on_a_bandit():
     from types import SimpleNamespace
 
     from rlhf import critic_free as CF
+    from rlhf.devices import make_optimizer
     from rlhf.dist import Dist
-    from rlhf.modeling import make_optimizer
     from rlhf.rollout import Data, PolicyState
     from rlhf.training import Checkpointer
     from stages import grpo, rloo

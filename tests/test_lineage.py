@@ -225,9 +225,9 @@ def test_the_check_fails_on_a_missing_dep():
     """The checker itself: dropping a library file, a data input, or a params path is reported by name."""
     stages = dvc_stages()
     params = yaml.safe_load((ROOT / "params.yaml").read_text(encoding="utf-8"))
-    name = next(n for n, s in stages.items() if "rlhf/modeling.py" in entry_paths(s.get("deps")))
-    broken = {**stages, name: {**stages[name], "deps": [d for d in stages[name]["deps"] if d != "rlhf/modeling.py"]}}
-    assert f"stage '{name}': rlhf/modeling.py is not in its deps" in missing_deps(broken, params)
+    name = next(n for n, s in stages.items() if "rlhf/models.py" in entry_paths(s.get("deps")))
+    broken = {**stages, name: {**stages[name], "deps": [d for d in stages[name]["deps"] if d != "rlhf/models.py"]}}
+    assert f"stage '{name}': rlhf/models.py is not in its deps" in missing_deps(broken, params)
 
     sft = stages["sft"]
     broken = {"sft": {**sft, "deps": [d for d in sft["deps"] if d != "data/prepared/sft_val.jsonl"]}}

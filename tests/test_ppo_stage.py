@@ -40,7 +40,7 @@ def build_reward_model(sft: Path, out: Path) -> Path:
     """A stand-in RM (the SFT backbone with a seeded random score head) for when no tiny_rm fixture exists."""
     from transformers import AutoModelForSequenceClassification
 
-    from rlhf.modeling import load_tokenizer, save_model
+    from rlhf.models import load_tokenizer, save_model
 
     with torch.random.fork_rng():
         torch.manual_seed(0)
