@@ -354,7 +354,7 @@ def test_initial_values_include_the_reward_models_demonstration_bias():
     """Item 19 with item 3: at initialization the value at the last real token is the centered reward PPO
     optimizes (the raw head plus config.reward_bias), read as `rewards_from_ids` reads it."""
     from rlhf.batching import left_pad
-    from rlhf.rm import REWARD_BIAS_KEY, rewards_from_ids
+    from rlhf.rm import REWARD_BIAS_KEY, last_token_index, rewards_from_ids
 
     rm = tiny_llama(1, seq_cls=True)
     setattr(rm.config, REWARD_BIAS_KEY, 2.5)
@@ -364,7 +364,7 @@ def test_initial_values_include_the_reward_models_demonstration_bias():
     ids, mask = torch.cat([q_ids, responses], 1), torch.cat([q_mask, r_mask], 1)
     with torch.no_grad():
         values = ppo.ValueModel(rm)(ids, mask)  # (B, T)
-        last = ppo.last_index(mask)
+        last = last_token_index(mask)
         rows = torch.arange(len(queries))
         torch.testing.assert_close(values[rows, last], rewards_from_ids(rm, ids, mask), rtol=1e-6, atol=1e-6)
         raw = rewards_from_ids(rm, ids, mask, centered=False)
