@@ -72,6 +72,15 @@ def is_heldout(prompt: str, fraction: float, seed: int) -> bool:
     return prompt_unit(prompt, f"reward-split-{seed}") < fraction
 
 
+def split_heldout(groups: list[dict[str, Any]], fraction: float, seed: int) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """(training, held-out) comparison groups, each in the order given, split by prompt (`is_heldout`).
+
+    The one held-out split of the preference stages: reward and dpo hold out the same prompts with the
+    same `val_fraction` and seed, so their held-out accuracies are measured on the same comparisons."""
+    heldout = [is_heldout(g["prompt"], fraction, seed) for g in groups]
+    return [g for g, h in zip(groups, heldout) if not h], [g for g, h in zip(groups, heldout) if h]
+
+
 def heldout_metrics(groups: list[dict[str, Any]], scores: list[list[float]], gold: list[list[float]] | None) -> dict[str, Any]:
     """Pairwise accuracy against the labels (and the gold judge), Spearman with gold, labelers vs gold."""
     from rlhf.agreement import pairs_gold_agreement, rate, score_agreement, spearman

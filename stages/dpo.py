@@ -251,13 +251,13 @@ class DPOState:
 def split_groups(params: Params, data: Path, tokenizer, sft: Path) -> tuple[list, list, list, list]:
     """Steps 1-2: (training, held-out) groups, split by prompt as the reward stage splits them, and their
     encodings, without the comparisons that cannot fit the model (docs/models.md)."""
-    from rlhf.preferences import is_heldout
+    from rlhf.preferences import split_heldout
     from rlhf.training import training_max_len
 
-    groups = load_dpo_groups(data, params.data_format)
+    train, val = split_heldout(load_dpo_groups(data, params.data_format), params.val_fraction, params.seed)
     max_len = training_max_len(params.max_len, sft)
-    train, train_enc = encode_groups(tokenizer, [g for g in groups if not is_heldout(g["prompt"], params.val_fraction, params.seed)], max_len)
-    val, val_enc = encode_groups(tokenizer, [g for g in groups if is_heldout(g["prompt"], params.val_fraction, params.seed)], max_len)
+    train, train_enc = encode_groups(tokenizer, train, max_len)
+    val, val_enc = encode_groups(tokenizer, val, max_len)
     if not val:
         raise StageError(f"{data}: dpo.val_fraction={params.val_fraction} held out no prompt; raise it or add data")
     if len(train) < params.batch_size:
@@ -368,15 +368,13 @@ def test_report(state: DPOState, model, judge, *, sft: Path, prompts: list[str])
 
 def run(params: Params, *, sft: Path, data: Path, test: Path, world: Path | None, out: Path, metrics: Path,
         plots: Path, checkpoints: Path | None) -> dict[str, Any]:
-    from rlhf.devices import pick_device, setup_torch
-    from rlhf.dist import init_dist
+    from rlhf.dist import start_stage
     from rlhf.gold import load_judge
     from rlhf.lengths import length_tally
     from rlhf.models import load_tokenizer, save_model
 
     t0 = time.time()
-    dist, device = init_dist(pick_device(params.device))
-    setup_torch(params.threads, device)
+    dist, device = start_stage(params)
     tokenizer = load_tokenizer(sft)
     test_rows = read_jsonl(test, PROMPT_SCHEMA)
     judge = load_judge(world) if dist.is_main else None  # a broken world file fails now, not after training

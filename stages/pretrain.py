@@ -129,7 +129,7 @@ def take_hf_model(params: Params, out: Path) -> dict[str, Any]:
 
 
 def run(params: Params, *, corpus: Path, out: Path, metrics: Path, plots: Path, checkpoints: Path | None) -> dict[str, Any]:
-    from rlhf.devices import autocast, make_optimizer, pick_device, setup_torch
+    from rlhf.devices import autocast, make_optimizer
     from rlhf.models import build_llama, param_count, save_model
     from rlhf.training import Checkpointer, cosine_lr, epoch_batches, file_digest, fingerprint, masked_lm_loss, open_live, train_loop
 
@@ -144,10 +144,9 @@ def run(params: Params, *, corpus: Path, out: Path, metrics: Path, plots: Path, 
         write_metrics(metrics, result, settings=["source"])  # pretrain.base_model is a setting, not a measurement
         return result
 
-    from rlhf.dist import init_dist
+    from rlhf.dist import start_stage
 
-    dist, device = init_dist(pick_device(params.device))
-    setup_torch(params.threads, device)
+    dist, device = start_stage(params)
     texts = [r["text"] for r in read_jsonl(corpus, CORPUS_SCHEMA)]
     if dist.is_main:
         # Like `dvc repro`, which deletes a stage's outs first: a killed or failed run leaves no stale

@@ -37,7 +37,7 @@ import torch
 from rlhf.errors import StageError
 from rlhf.io import DEMONSTRATION_SCHEMA, read_jsonl, write_json
 from rlhf.params import require, to_dict
-from rlhf.preferences import heldout_metrics, is_heldout, read_groups
+from rlhf.preferences import heldout_metrics, read_groups, split_heldout
 
 BIAS_METHOD = "demonstrations_mean_zero"  # docs/ppo.md item 3: InstructGPT's centering
 
@@ -148,8 +148,7 @@ def split_groups(params: Params, data: Path) -> tuple[list[dict[str, Any]], list
     if params.extra_pairs:
         extra, report["extra_pairs"] = read_groups(Path(params.extra_pairs), params.extra_format, **limit)
         groups += extra
-    train = [g for g in groups if not is_heldout(g["prompt"], params.val_fraction, params.seed)]
-    val = [g for g in groups if is_heldout(g["prompt"], params.val_fraction, params.seed)]
+    train, val = split_heldout(groups, params.val_fraction, params.seed)
     if not val:
         raise StageError(f"{data}: reward.val_fraction={params.val_fraction} held out no prompt; raise it or add data")
     # 'pairs' (the naive variant) takes as many pairs per step as 'kway' covers, so both make the same
@@ -264,8 +263,7 @@ def train_reward_model(params: Params, *, sft: Path, data: Path, tokenizer, trai
 
 def run(params: Params, *, sft: Path, data: Path, demos: Path, world: Path | None, out: Path, metrics: Path,
         plots: Path, checkpoints: Path | None) -> dict[str, Any]:
-    from rlhf.devices import pick_device, setup_torch
-    from rlhf.dist import init_dist
+    from rlhf.dist import start_stage
     from rlhf.gold import load_judge
     from rlhf.io import remove_outputs
     from rlhf.lengths import length_tally
@@ -275,8 +273,7 @@ def run(params: Params, *, sft: Path, data: Path, demos: Path, world: Path | Non
     t0 = time.time()
     # Data parallel under `accelerate launch` / `torchrun`: each rank takes whole K-way groups of the
     # same global batch (rlhf.dist), so a prompt's C(K,2) pairs never straddle processes.
-    dist, device = init_dist(pick_device(params.device))
-    setup_torch(params.threads, device)
+    dist, device = start_stage(params)
     tokenizer = load_tokenizer(sft)
     if dist.is_main:
         remove_outputs(out, metrics)  # a failed or killed run leaves no stale result behind

@@ -106,7 +106,7 @@ def check_response_budget(p95: int, max_new_tokens: int) -> None:
 
 def run(params: Params, *, base: Path, data: Path, world: Path | None, out: Path, metrics: Path, plots: Path,
         checkpoints: Path | None) -> dict[str, Any]:
-    from rlhf.devices import autocast, make_optimizer, pick_device, setup_torch
+    from rlhf.devices import autocast, make_optimizer
     from rlhf.gold import load_judge
     from rlhf.lengths import length_tally
     from rlhf.models import load_causal_lm, load_tokenizer, save_model
@@ -114,10 +114,9 @@ def run(params: Params, *, base: Path, data: Path, world: Path | None, out: Path
                                train_loop, training_max_len)
 
     t0 = time.time()
-    from rlhf.dist import init_dist
+    from rlhf.dist import start_stage
 
-    dist, device = init_dist(pick_device(params.device))
-    setup_torch(params.threads, device)
+    dist, device = start_stage(params)
     data = Path(data)
     tokenizer = load_tokenizer(base)
     model = load_causal_lm(base).to(device)
