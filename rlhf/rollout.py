@@ -176,7 +176,7 @@ def load_models(sft: Path, reward: Path, device: torch.device, *, with_value: bo
 
 @dataclass(frozen=True)
 class DataFiles:
-    """The files a stage reads its text from (each stage names them, so its dvc.yaml deps can be checked)."""
+    """The files a policy-gradient stage reads its text from."""
 
     prompts: Path
     """Training prompts (data/prepared/ppo.jsonl)."""
@@ -184,6 +184,13 @@ class DataFiles:
     """Held-out test prompts (data/prepared/test.jsonl)."""
     corpus: Path
     """Pretraining-style documents (data/prepared/corpus.jsonl): ptx and the alignment tax."""
+
+    @classmethod
+    def under(cls, data: Path) -> DataFiles:
+        """The files of the prepared data folder `data` that ppo, rloo and grpo read (tests/test_lineage.py
+        follows this call, so their dvc.yaml deps list these three files, not the whole folder)."""
+        data = Path(data)
+        return cls(prompts=data / "ppo.jsonl", test=data / "test.jsonl", corpus=data / "corpus.jsonl")
 
 
 def load_data(params, files: DataFiles, tokenizer, max_pos: int, *, need: tuple[str, int], doc_len: int,
@@ -261,15 +268,14 @@ def base_state(params, *, sft: Path, reward: Path, files: DataFiles, world: Path
                need: tuple[str, int], doc_len: int, with_value: bool, shuffle: bool,
                ptx_batch_size: int = 0) -> dict[str, Any]:
     """The shared fields of a state at step 0 (`PolicyState`'s, plus `value` when `with_value`)."""
-    from rlhf.devices import make_optimizer, pick_device, setup_torch
-    from rlhf.dist import init_dist
+    from rlhf.devices import make_optimizer
+    from rlhf.dist import start_stage
     from rlhf.gold import load_judge
     from rlhf.lengths import length_tally, position_limit
     from rlhf.params import to_dict
     from rlhf.training import Checkpointer, file_digest, fingerprint
 
-    dist, device = init_dist(pick_device(params.device))
-    setup_torch(params.threads, device)
+    dist, device = start_stage(params)
     # 1. Models and data.
     tokenizer, policy, ref, value, rm = load_models(sft, reward, device, with_value=with_value)
     length_tally()  # prompts cut to fit the model: counted from here, reported in the metrics' `lengths`

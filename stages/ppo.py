@@ -219,9 +219,8 @@ def setup(params: Params, *, sft: Path, reward: Path, data: Path, world: Path | 
     check_processes(params, launched_processes())  # before joining: a bad split fails at once on every rank
     # 1-2. Models, data, the policy's optimizer, generators, checkpoint (rlhf.rollout); the value model's
     #      optimizer and the KL controller (item 13).
-    data = Path(data)
-    files = RO.DataFiles(prompts=data / "ppo.jsonl", test=data / "test.jsonl", corpus=data / "corpus.jsonl")
-    fields = RO.base_state(params, sft=sft, reward=reward, files=files, world=world, checkpoints=checkpoints,
+    fields = RO.base_state(params, sft=sft, reward=reward, files=RO.DataFiles.under(data), world=world,
+                           checkpoints=checkpoints,
                            need=("ppo.batch_size", params.batch_size), doc_len=params.ptx_max_len,
                            with_value=True, shuffle=True,
                            ptx_batch_size=params.ptx_batch_size if params.ptx_coef > 0 else 0)
