@@ -409,11 +409,9 @@ def run(params: Params, *, sft: Path, data: Path, test: Path, world: Path | None
 def summary(m: dict[str, Any]) -> str:
     if "heldout" not in m:
         return f"rank {m['rank']} done ({m['timing']['wall_s']} s)"
-    h = m["heldout"]
-    text = f"{m['train']['steps']} steps; held-out accuracy {h['accuracy_labels']:.1%} vs labels"
-    if h.get("accuracy_gold") is not None:
-        text += f", {h['accuracy_gold']:.1%} vs gold"
-    text += f"; test KL {m['test']['kl']}"
+    from rlhf.preferences import heldout_summary
+
+    text = heldout_summary(m) + f"; test KL {m['test']['kl']}"
     if "sft" in m["test"]:
         g = m["test"]
         text += f"; gold on {g['prompts']} test prompts: sft {g['sft']['gold']['total']:.3f} -> dpo {g['dpo']['gold']['total']:.3f}"

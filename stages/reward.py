@@ -37,7 +37,7 @@ import torch
 from rlhf.errors import StageError
 from rlhf.io import DEMONSTRATION_SCHEMA, read_jsonl, write_json
 from rlhf.params import require, to_dict
-from rlhf.preferences import heldout_metrics, read_groups, split_heldout
+from rlhf.preferences import heldout_metrics, heldout_summary, read_groups, split_heldout
 
 BIAS_METHOD = "demonstrations_mean_zero"  # docs/ppo.md item 3: InstructGPT's centering
 
@@ -321,8 +321,6 @@ def run(params: Params, *, sft: Path, data: Path, demos: Path, world: Path | Non
 def summary(m: dict[str, Any]) -> str:
     if "heldout" not in m:
         return f"rank {m['rank']} done ({m['timing']['wall_s']} s)"
-    h = m["heldout"]
-    text = f"{m['train']['steps']} steps; held-out accuracy {h['accuracy_labels']:.1%} vs labels"
-    if h.get("accuracy_gold") is not None:
-        text += f", {h['accuracy_gold']:.1%} vs gold (labels vs gold {h.get('labels_gold_agreement', float('nan')):.1%})"
+    agreement = m["heldout"].get("labels_gold_agreement", float("nan"))
+    text = heldout_summary(m, f" (labels vs gold {agreement:.1%})")
     return text + f"; demonstration bias {m['bias']['value']:+.3f} ({m['timing']['wall_s']} s)"
