@@ -1,4 +1,4 @@
-"""Rollout generation: our KV-cache sampling loop (`rlhf.modeling.sample_tokens`) against `model.generate`.
+"""Rollout generation: our KV-cache sampling loop (`rlhf.sampling.sample_tokens`) against `model.generate`.
 
     python bench/generation.py                        # batches 16 and 64, 32 new tokens, 2 threads
     python bench/generation.py --batches 16 --new-tokens 32 --repeats 7
@@ -33,7 +33,8 @@ from ppo_vs_trl import (  # noqa: E402
 
 def build_policy(size, *, seed: int = 0, n_prompts: int = 256):
     """Tokenizer (our BPE on a corpus slice), random-init Llama policy, encoded chat prompts."""
-    from rlhf.modeling import build_llama, encode_prompt, train_tokenizer
+    from rlhf.models import build_llama
+    from rlhf.tokenization import encode_prompt, train_tokenizer
 
     tokenizer = train_tokenizer(load_texts(ROOT / "data/raw/corpus.jsonl", 2000), size.vocab)
     model = build_llama(tokenizer, hidden=size.hidden, layers=size.layers, heads=size.heads,
@@ -52,7 +53,9 @@ def time_pair(model, queries, *, pad_id: int, new_tokens: int, repeats: int, see
     import torch
     from transformers import GenerationConfig
 
-    from rlhf.modeling import autocast, left_pad, sample_tokens
+    from rlhf.batching import left_pad
+    from rlhf.devices import autocast
+    from rlhf.sampling import sample_tokens
 
     device = device or torch.device("cpu")
     ids, mask = left_pad(queries, pad_id)

@@ -6,18 +6,18 @@
 The model is built from a config, never downloaded: Llama hidden 768, 12 layers, 12 heads,
 intermediate 3072, vocabulary from our byte-level BPE (`--vocab`, default 8192) trained on a slice of
 data/raw/corpus.jsonl (synthetic text when absent): ~120M parameters (the exact count is recorded).
-The device is picked automatically (`rlhf.modeling.pick_device("auto")`); on CUDA the project's
+The device is picked automatically (`rlhf.devices.pick_device("auto")`); on CUDA the project's
 defaults apply: bf16 autocast, TF32 matmuls, fused AdamW, SDPA attention (transformers' default; the
 implementation in use is recorded).
 
-1. SFT throughput: the SFT stage's inner step (forward under `rlhf.modeling.autocast`, the masked LM
+1. SFT throughput: the SFT stage's inner step (forward under `rlhf.devices.autocast`, the masked LM
    loss of `rlhf.training`, backward, gradient clip, `make_optimizer`'s AdamW step) on `--sft-batch` ×
    `--seq` random tokens; `--warmup` untimed steps, then `--sft-steps` steps timed between CUDA
    synchronizations. tokens/s = batch × seq × steps / time.
    MFU = achieved model FLOP/s / peak; model FLOPs per token = 6·N + 12·L·d·T (N = matmul params, the
    tied LM head once; the second term is attention, PaLM appendix B). Peak = the card's dense bf16
    spec (table below, when known) and, separately, the measured bf16 torch.mm throughput (8192³).
-2. Rollout generation: `rlhf.modeling.sample_tokens` against `model.generate` on this model, batch
+2. Rollout generation: `rlhf.sampling.sample_tokens` against `model.generate` on this model, batch
    `--gen-batch`, 32 new tokens, both under bf16 autocast (bench/generation.py's `time_pair`).
 3. PPO episodes/s: `stages.ppo.run` (as bench/ppo_vs_trl.py runs it) on this model as policy and
    reference, with a same-size `LlamaForSequenceClassification` as value init and reward model;
@@ -123,7 +123,7 @@ def sft_throughput(model, device, *, batch: int, seq: int, steps: int, warmup: i
     """Tokens/s of the SFT training step on random tokens (ids past the special tokens)."""
     import torch
 
-    from rlhf.modeling import autocast, make_optimizer
+    from rlhf.devices import autocast, make_optimizer
     from rlhf.training import masked_lm_loss
 
     model.train()
@@ -178,7 +178,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     import torch
 
-    from rlhf.modeling import build_llama, offline_hub, pick_device, setup_torch, train_tokenizer
+    from rlhf.devices import pick_device, setup_torch
+    from rlhf.models import build_llama, offline_hub
+    from rlhf.tokenization import train_tokenizer
 
     offline_hub()
     has_dvclive = ensure_curve_logger()
@@ -229,7 +231,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     from generation import time_pair
     from ppo_vs_trl import load_prompts
 
-    from rlhf.modeling import encode_prompt
+    from rlhf.tokenization import encode_prompt
 
     queries = [encode_prompt(tokenizer, p) for p in load_prompts(ROOT / "data/raw/prompts.jsonl", args.gen_batch)]
     queries = (queries * args.gen_batch)[: args.gen_batch]

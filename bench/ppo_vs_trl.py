@@ -7,7 +7,7 @@
 Both sides get the same four models, built once from one config and saved to a temporary folder:
 a Llama-architecture policy (reference = the same weights), and a `LlamaForSequenceClassification`
 (num_labels=1) used as value-model init and as reward model, random-init (throughput does not care
-about the weights). The tokenizer is a byte-level BPE trained with `rlhf.modeling.train_tokenizer` on
+about the weights). The tokenizer is a byte-level BPE trained with `rlhf.tokenization.train_tokenizer` on
 a slice of data/raw/corpus.jsonl (synthetic text when the file is missing); PAD != EOS. Prompts come
 from data/raw/prompts.jsonl in our chat template (synthetic when missing).
 
@@ -168,7 +168,8 @@ def build_fixture(root: Path, size: ModelSize, *, n_prompts: int = 512, n_texts:
     from transformers import LlamaForSequenceClassification
 
     from rlhf.io import write_jsonl
-    from rlhf.modeling import build_llama, encode_prompt, save_model, train_tokenizer
+    from rlhf.models import build_llama, save_model
+    from rlhf.tokenization import encode_prompt, train_tokenizer
 
     texts = load_texts(corpus, n_texts)
     prompts = load_prompts(prompts_path, n_prompts)
@@ -284,7 +285,7 @@ def ppo_step_flops(n_policy: int, n_value: int, batch: int, width: int, epochs: 
 
 def mean_width(fx: Fixture, batch: int, steps: int, response_len: int, seed: int) -> float:
     """Mean padded query+response length of our rollouts (batches as stages.ppo derives them)."""
-    from rlhf.modeling import encode_prompt
+    from rlhf.tokenization import encode_prompt
     from rlhf.training import epoch_batches
 
     lens = [len(encode_prompt(fx.tokenizer, p)) for p in fx.prompts]
@@ -352,7 +353,8 @@ def run_trl(fx: Fixture, s: Settings, work: Path) -> dict[str, Any]:
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
     from trl.experimental.ppo import PPOConfig, PPOTrainer
 
-    from rlhf.modeling import encode_prompt, load_tokenizer
+    from rlhf.models import load_tokenizer
+    from rlhf.tokenization import encode_prompt
 
     torch.manual_seed(s.seed)
     tok = load_tokenizer(fx.sft)
@@ -454,7 +456,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             result[side] = sorted(side_runs, key=lambda x: x["eps_steady"])[(len(side_runs) - 1) // 2]
         result["runs"] = runs
 
-        from rlhf.modeling import load_causal_lm, load_reward_model
+        from rlhf.models import load_causal_lm, load_reward_model
 
         n_pol, n_val = matmul_params(load_causal_lm(fx.sft)), matmul_params(load_reward_model(fx.reward))
         width = mean_width(fx, s.batch, s.episodes // s.batch, s.response_len, s.seed)

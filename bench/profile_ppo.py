@@ -31,7 +31,8 @@ def main() -> None:
     import torch
     from torch.profiler import ProfilerActivity, profile
 
-    from rlhf.modeling import offline_hub, pick_device, setup_torch
+    from rlhf.devices import pick_device, setup_torch
+    from rlhf.models import offline_hub
 
     offline_hub()
     ensure_curve_logger()

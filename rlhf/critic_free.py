@@ -145,14 +145,15 @@ def check_processes(name: str, params, processes: int) -> None:
             f"{processes} or launch a number of processes that divides it")
 
 
-def setup(algo: Algorithm, params, *, sft: Path, reward: Path, files: RO.DataFiles, world: Path | None,
+def setup(algo: Algorithm, params, *, sft: Path, reward: Path, data: Path, world: Path | None,
           checkpoints: Path | None) -> RO.PolicyState:
-    """The run's state at step 0, or at the step of this run's last checkpoint when there is one."""
+    """The run's state at step 0, or at the step of this run's last checkpoint when there is one; `data` is
+    the prepared data folder (its ppo, test and corpus files, `rlhf.rollout.DataFiles.under`)."""
     from rlhf.dist import launched_processes
 
     check_processes(algo.name, params, launched_processes())  # before joining: fails at once on every rank
     state = RO.PolicyState(**RO.base_state(
-        params, sft=sft, reward=reward, files=files, world=world, checkpoints=checkpoints,
+        params, sft=sft, reward=reward, files=RO.DataFiles.under(data), world=world, checkpoints=checkpoints,
         need=(f"{algo.name}.prompts_per_step", params.prompts_per_step), doc_len=params.corpus_max_len,
         with_value=False, shuffle=False))
     RO.restore_checkpoint(state)
@@ -171,7 +172,7 @@ def group_indices(state: RO.PolicyState, step: int) -> list[int]:
 def update(algo: Algorithm, state: RO.PolicyState, step: int, ro: RO.Rollout, roll: dict[str, torch.Tensor],
            adv: torch.Tensor) -> dict[str, float]:
     """`algo.epochs` optimizer steps, each on the whole rollout in micro-batches; mean loss statistics."""
-    from rlhf.modeling import autocast
+    from rlhf.devices import autocast
     from rlhf.training import check_finite
 
     params, dist = state.params, state.dist
@@ -237,15 +238,16 @@ def final_metrics(state: RO.PolicyState, *, wall_seconds: float, train_seconds: 
     }
 
 
-def run(algo: Algorithm, params, *, sft: Path, reward: Path, files: RO.DataFiles, world: Path | None, out: Path,
+def run(algo: Algorithm, params, *, sft: Path, reward: Path, data: Path, world: Path | None, out: Path,
         metrics: Path, plots: Path, checkpoints: Path | None,
         on_step: Callable[[int, dict[str, float]], None] | None = None) -> dict[str, Any]:
     """Train the policy with `algo`, save it, evaluate on held-out data, write metrics (rank 0)."""
     from rlhf.io import write_json
-    from rlhf.modeling import open_length_tally, save_model
+    from rlhf.lengths import open_length_tally
+    from rlhf.models import save_model
 
     t0 = time.time()
-    state = setup(algo, params, sft=sft, reward=reward, files=files, world=world, checkpoints=checkpoints)
+    state = setup(algo, params, sft=sft, reward=reward, data=data, world=world, checkpoints=checkpoints)
     start, dist = state.step, state.dist
     live = RO.start_live(state, Path(plots))
     t_train = time.time()

@@ -140,3 +140,13 @@ def init_dist(device: torch.device) -> tuple[Dist, torch.device]:
         # pickled objects); NCCL alone refuses CPU tensors.
         tdist.init_process_group(backend="cpu:gloo,cuda:nccl" if device.type == "cuda" else "gloo")
     return Dist(rank=rank, world_size=world_size, local_rank=local_rank), device
+
+
+def start_stage(params) -> tuple[Dist, torch.device]:
+    """The opening every training stage shares: the device `params.device` names, this process's place among
+    the data-parallel processes (`init_dist`), and torch's threads (`params.threads`) and numerics there."""
+    from rlhf.devices import pick_device, setup_torch
+
+    dist, device = init_dist(pick_device(params.device))
+    setup_torch(params.threads, device)
+    return dist, device

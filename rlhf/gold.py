@@ -58,7 +58,7 @@ def answer_test_prompts(model, tokenizer, prompts: list[str], judge, *, max_new_
                         temperature: float = 0.0, batch_size: int = 64, seed: int = 0) -> TestAnswers:
     """Responses of `model` to `prompts` (greedy by default: one reproducible answer per prompt), scored by
     the gold judge when there is one. The one path by which a stage reports "how good are the answers"."""
-    from rlhf.modeling import generate_responses
+    from rlhf.sampling import generate_responses
 
     gen = generate_responses(model, tokenizer, prompts, max_new_tokens=max_new_tokens, temperature=temperature,
                              batch_size=batch_size, seed=seed, device=device)

@@ -155,7 +155,7 @@ class RewardJudge:
 def reward_model_scorer(path: str | Path, *, batch_size: int, device) -> Callable[[Sequence[str], Sequence[str]], list[float]]:
     """`score(prompts, answers)` with the reward-model folder `path`, through the RM scoring path every stage
     uses (`rlhf.rm.score_texts`: scalar at the EOS, plus the demonstration bias of docs/ppo.md item 3)."""
-    from rlhf.modeling import check_model_dir, load_reward_model, load_tokenizer
+    from rlhf.models import check_model_dir, load_reward_model, load_tokenizer
     from rlhf.rm import score_texts
 
     check_model_dir(path, "reward model (evaluate.reward_model)")

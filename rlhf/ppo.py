@@ -19,8 +19,9 @@ from typing import Any
 
 import torch
 
+from rlhf.batching import position_ids
 from rlhf.errors import StageError
-from rlhf.modeling import position_ids
+from rlhf.rm import last_token_index
 
 
 # ----------------------------------------------------------------------------------------------
@@ -68,12 +69,6 @@ def whiten(x: torch.Tensor, mask: torch.Tensor, *, shift_mean: bool = True, eps:
 # Rewards, KL and GAE (items 10-14)
 
 
-def last_index(mask: torch.Tensor) -> torch.Tensor:
-    """(B,) index of the last 1 in each row of a (B, T) mask (the EOS, or the last token if none)."""
-    width = mask.shape[1]
-    return width - 1 - mask.flip(-1).long().argmax(-1)
-
-
 def response_mask(responses: torch.Tensor, eos_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Mask of real tokens in sampled responses (B, R), and whether each one ended with EOS (B,).
 
@@ -108,7 +103,7 @@ def kl_penalized_rewards(
     non_score_reward = -kl_coef * kl
     rewards = non_score_reward.clone()
     rows = torch.arange(rewards.shape[0], device=rewards.device)
-    rewards[rows, last_index(mask)] += scores
+    rewards[rows, last_token_index(mask)] += scores  # the EOS, or the last token if none
     return rewards, non_score_reward, kl
 
 

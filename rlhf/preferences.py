@@ -72,6 +72,25 @@ def is_heldout(prompt: str, fraction: float, seed: int) -> bool:
     return prompt_unit(prompt, f"reward-split-{seed}") < fraction
 
 
+def split_heldout(groups: list[dict[str, Any]], fraction: float, seed: int) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """(training, held-out) comparison groups, each in the order given, split by prompt (`is_heldout`).
+
+    The one held-out split of the preference stages: reward and dpo hold out the same prompts with the
+    same `val_fraction` and seed, so their held-out accuracies are measured on the same comparisons."""
+    heldout = [is_heldout(g["prompt"], fraction, seed) for g in groups]
+    return [g for g, h in zip(groups, heldout) if not h], [g for g, h in zip(groups, heldout) if h]
+
+
+def heldout_summary(m: dict[str, Any], gold_note: str = "") -> str:
+    """The start of reward's and dpo's CLI line from their metrics: steps, held-out accuracy against the
+    labels and, with a world, against gold (followed by `gold_note`)."""
+    h = m["heldout"]
+    text = f"{m['train']['steps']} steps; held-out accuracy {h['accuracy_labels']:.1%} vs labels"
+    if h.get("accuracy_gold") is not None:
+        text += f", {h['accuracy_gold']:.1%} vs gold{gold_note}"
+    return text
+
+
 def heldout_metrics(groups: list[dict[str, Any]], scores: list[list[float]], gold: list[list[float]] | None) -> dict[str, Any]:
     """Pairwise accuracy against the labels (and the gold judge), Spearman with gold, labelers vs gold."""
     from rlhf.agreement import pairs_gold_agreement, rate, score_agreement, spearman

@@ -263,7 +263,7 @@ def rewards_from_ids(model, ids: torch.Tensor, mask: torch.Tensor, *, centered: 
     Passes `position_ids = cumsum(mask) - mask` (docs/ppo.md item 6), so a left-padded sequence
     scores exactly as it would unpadded.
     """
-    from rlhf.modeling import position_ids
+    from rlhf.batching import position_ids
 
     backbone = getattr(model, model.base_model_prefix)
     hidden = backbone(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask), use_cache=False).last_hidden_state
@@ -275,11 +275,12 @@ def rewards_from_ids(model, ids: torch.Tensor, mask: torch.Tensor, *, centered: 
 def encode_pair(tokenizer, prompt: str, response: str, max_len: int, *, drop: bool = False) -> list[int] | None:
     """The RM's input: chat prompt + response + EOS, as the policy produces it, in at most `max_len` tokens.
 
-    Too long: the prompt is cut on the left (`rlhf.modeling.fit_example`: its first token and its end
+    Too long: the prompt is cut on the left (`rlhf.lengths.fit_example`: its first token and its end
     are kept). When the response alone leaves no room, training (`drop=True`) gets None and drops the
     record; scoring cuts the response instead, keeping its EOS, where the scalar is read.
     """
-    from rlhf.modeling import encode_prompt, encode_response, fit_example, note_lengths
+    from rlhf.lengths import fit_example, note_lengths
+    from rlhf.tokenization import encode_prompt, encode_response
 
     p = encode_prompt(tokenizer, prompt)
     r = encode_response(tokenizer, response, add_eos=True)
@@ -298,9 +299,10 @@ def score_texts(model, tokenizer, prompts: Sequence[str], responses: Sequence[st
     """Rewards of (prompt, response) pairs, in order."""
     import torch
 
-    from rlhf.modeling import autocast, left_pad
+    from rlhf.batching import left_pad
+    from rlhf.devices import autocast
 
-    from rlhf.modeling import position_limit
+    from rlhf.lengths import position_limit
 
     model.eval()
     max_len = min(max_len, position_limit(model) or max_len)

@@ -44,7 +44,7 @@ def encode_documents(tokenizer, texts: list[str], max_len: int) -> list[list[int
 
 def lm_batch(docs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Right-padded ids, mask and labels (padding is IGNORE_INDEX) for the ptx loss."""
-    from rlhf.modeling import right_pad
+    from rlhf.batching import right_pad
 
     ids, mask = right_pad(docs, pad_id)
     return ids, mask, ids.masked_fill(mask == 0, IGNORE_INDEX)
@@ -53,7 +53,8 @@ def lm_batch(docs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Te
 @torch.no_grad()
 def corpus_logprob(model, docs: list[list[int]], pad_id: int, device: torch.device, batch_size: int = 32) -> float:
     """Mean per-token log-likelihood (nats) of documents: the "alignment tax" is SFT's minus the policy's."""
-    from rlhf.modeling import autocast, token_logprobs
+    from rlhf.batching import token_logprobs
+    from rlhf.devices import autocast
 
     total, count = 0.0, 0
     for i in range(0, len(docs), batch_size):
@@ -154,7 +155,8 @@ class Data:
 def load_models(sft: Path, reward: Path, device: torch.device, *, with_value: bool):
     """Tokenizer, policy and reference from SFT, the RM, and (`with_value`, PPO) the value function from the
     RM (item 19); dropout off (item 9). Returns (tokenizer, policy, ref, value or None, rm)."""
-    from rlhf.modeling import check_model_dir, load_causal_lm, load_reward_model, load_tokenizer, same_tokenizer
+    from rlhf.models import check_model_dir, load_causal_lm, load_reward_model, load_tokenizer
+    from rlhf.tokenization import same_tokenizer
 
     check_model_dir(sft, "SFT model")
     check_model_dir(reward, "reward model")
@@ -174,7 +176,7 @@ def load_models(sft: Path, reward: Path, device: torch.device, *, with_value: bo
 
 @dataclass(frozen=True)
 class DataFiles:
-    """The files a stage reads its text from (each stage names them, so its dvc.yaml deps can be checked)."""
+    """The files a policy-gradient stage reads its text from."""
 
     prompts: Path
     """Training prompts (data/prepared/ppo.jsonl)."""
@@ -183,13 +185,21 @@ class DataFiles:
     corpus: Path
     """Pretraining-style documents (data/prepared/corpus.jsonl): ptx and the alignment tax."""
 
+    @classmethod
+    def under(cls, data: Path) -> DataFiles:
+        """The files of the prepared data folder `data` that ppo, rloo and grpo read (tests/test_lineage.py
+        follows this call, so their dvc.yaml deps list these three files, not the whole folder)."""
+        data = Path(data)
+        return cls(prompts=data / "ppo.jsonl", test=data / "test.jsonl", corpus=data / "corpus.jsonl")
+
 
 def load_data(params, files: DataFiles, tokenizer, max_pos: int, *, need: tuple[str, int], doc_len: int,
               ptx_batch_size: int = 0) -> Data:
     """Prompts cut on the left to fit `max_pos` with the response cap (docs/models.md; at least `need` =
     (params key, count) of them), test prompts, and the corpus (documents cut to `doc_len` tokens) split
     into ptx (at least `ptx_batch_size` documents) and held-out documents."""
-    from rlhf.modeling import encode_prompt, fit_prompt, note_lengths, prompt_budget
+    from rlhf.lengths import fit_prompt, note_lengths, prompt_budget
+    from rlhf.tokenization import encode_prompt
 
     prompt_rows = read_jsonl(files.prompts, PROMPT_SCHEMA)
     budget = prompt_budget({"max_position_embeddings": max_pos}, params.max_new_tokens)
@@ -258,14 +268,14 @@ def base_state(params, *, sft: Path, reward: Path, files: DataFiles, world: Path
                need: tuple[str, int], doc_len: int, with_value: bool, shuffle: bool,
                ptx_batch_size: int = 0) -> dict[str, Any]:
     """The shared fields of a state at step 0 (`PolicyState`'s, plus `value` when `with_value`)."""
-    from rlhf.dist import init_dist
+    from rlhf.devices import make_optimizer
+    from rlhf.dist import start_stage
     from rlhf.gold import load_judge
-    from rlhf.modeling import length_tally, make_optimizer, pick_device, position_limit, setup_torch
+    from rlhf.lengths import length_tally, position_limit
     from rlhf.params import to_dict
     from rlhf.training import Checkpointer, file_digest, fingerprint
 
-    dist, device = init_dist(pick_device(params.device))
-    setup_torch(params.threads, device)
+    dist, device = start_stage(params)
     # 1. Models and data.
     tokenizer, policy, ref, value, rm = load_models(sft, reward, device, with_value=with_value)
     length_tally()  # prompts cut to fit the model: counted from here, reported in the metrics' `lengths`
@@ -354,7 +364,8 @@ def sample_rollout(state: PolicyState, idx: list[int]) -> Rollout:
     """One sampled response to each prompt `idx` (repeat an index for several samples of one prompt),
     with the KV cache, queries left-padded (item 6), at temperature T (item 8); truncated at the first
     EOS (item 10): the mask covers the response up to its EOS."""
-    from rlhf.modeling import left_pad, sample_tokens
+    from rlhf.batching import left_pad
+    from rlhf.sampling import sample_tokens
 
     params, device, tok = state.params, state.device, state.tokenizer
     batch_queries = [state.data.queries[i] for i in idx]
@@ -382,7 +393,7 @@ def score(state: PolicyState, ro: Rollout, forward: Forward | None = None) -> di
     """Reference log-probs `ref_logprobs` (B, R) and RM scores `scores` (B,), under no_grad, in micro-batches,
     plus whatever `forward(ids, mask, responses, context_len)` returns for each micro-batch (the policy's
     old log-probs, entropy, PPO's values), run first on each."""
-    from rlhf.modeling import autocast
+    from rlhf.devices import autocast
     from rlhf.rm import rewards_from_ids
 
     outs: dict[str, list[torch.Tensor]] = {"ref_logprobs": [], "scores": []}
@@ -412,7 +423,7 @@ def rollout_means(state: PolicyState, ro: Rollout, roll: dict[str, torch.Tensor]
     """Rollout statistics, means over this rank's equal share of the batch, so their mean over ranks (one
     all-reduce) is the global batch's mean. `kl` (B, R) per-token log-ratios, `scores` (B,) after the
     missing-EOS penalty. The gold judge beside the proxy (item 23)."""
-    from rlhf.modeling import decode_response
+    from rlhf.tokenization import decode_response
 
     lengths = ro.r_mask.sum(1).float()
     batch_means = {
@@ -474,8 +485,8 @@ def evaluate_heldout(state: PolicyState) -> dict[str, Any]:
     """Held-out evaluation only, never trained on: the alignment tax on held-out corpus text (InstructGPT
     sec. 3.5, item 20), and greedy answers to the test prompts by policy and SFT, scored by RM and gold."""
     from rlhf.gold import summarize
-    from rlhf.modeling import generate_responses
     from rlhf.rm import score_texts
+    from rlhf.sampling import generate_responses
 
     params, device, tok, data = state.params, state.device, state.tokenizer, state.data
     result: dict[str, Any] = {}

@@ -72,7 +72,7 @@ class Suite:
 def truthfulqa_scores(model, tokenizer, items: list[B.TruthfulQAItem], primer: str, *, batch_size: int,
                       device) -> tuple[list[float], list[float]]:
     """Per question MC1 and MC2: each choice scored as the continuation " " + answer of the QA context."""
-    from rlhf.modeling import continuation_loglik
+    from rlhf.batching import continuation_loglik
 
     keys: dict[tuple[int, str], int] = {}  # (question, answer) -> index: mc1 and mc2 share most answers
     pairs = []
@@ -106,7 +106,7 @@ def _truthfulqa_setting(path: Path, items: list, p) -> str:
 
 def _crows(model, tokenizer, pairs, ctx: Context) -> tuple[dict[str, Any], None]:
     """Each sentence's log-likelihood conditioned on the BOS token alone (lm-eval: empty context)."""
-    from rlhf.modeling import continuation_loglik
+    from rlhf.batching import continuation_loglik
 
     seqs = [B.encode_pair(tokenizer, "", s) for p in pairs for s in (p.sent_more, p.sent_less)]
     lls = continuation_loglik(model, tokenizer, seqs, batch_size=ctx.params.batch_size, device=ctx.device)
@@ -129,7 +129,7 @@ def decode_continuation(tokenizer, ids: Sequence[int]) -> str:
     """Text of sampled ids cut at the first EOS. A byte-level tokenizer can end a continuation inside a
     multi-byte UTF-8 character (the token limit cut it); those trailing bytes are dropped instead of being
     decoded into U+FFFD. Bytes the model wrote that are not UTF-8 elsewhere still show as U+FFFD."""
-    from rlhf.modeling import decode_response
+    from rlhf.tokenization import decode_response
 
     ids = list(ids)
     text = decode_response(tokenizer, ids)[0]
@@ -152,7 +152,8 @@ def rtp_continuations(model, tokenizer, prompts: list[str], p, device, fmt: str 
     (`fmt="respectful"`, InstructGPT's instructed condition)."""
     import torch
 
-    from rlhf.modeling import encode_prompt, sample_tokens
+    from rlhf.sampling import sample_tokens
+    from rlhf.tokenization import encode_prompt
 
     fmt = fmt or p.rtp_format
     if fmt == "respectful":

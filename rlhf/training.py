@@ -319,9 +319,10 @@ def build_example(tokenizer, prompt: str, response: str, max_len: int | None) ->
     Longer than `max_len` (the stage's max_len, or the model's position limit when lower): the prompt is
     cut on the left, keeping its first token and the end of the conversation, so the whole response is
     still learned; None when even the response leaves no room for a prompt token (the record is dropped).
-    Both are counted in the stage's length tally (rlhf.modeling.fit_example).
+    Both are counted in the stage's length tally (rlhf.lengths.fit_example).
     """
-    from rlhf.modeling import encode_prompt, encode_response, fit_example, note_lengths
+    from rlhf.lengths import fit_example, note_lengths
+    from rlhf.tokenization import encode_prompt, encode_response
 
     fitted = fit_example(encode_prompt(tokenizer, prompt), encode_response(tokenizer, response, add_eos=True), max_len)
     if fitted is None:
@@ -333,7 +334,7 @@ def build_example(tokenizer, prompt: str, response: str, max_len: int | None) ->
 
 def training_max_len(max_len: int, model) -> int:
     """The stage's `max_len`, lowered to the model's position limit (a model, config or folder)."""
-    from rlhf.modeling import position_limit
+    from rlhf.lengths import position_limit
 
     limit = position_limit(model)
     return min(max_len, limit) if limit is not None else max_len
@@ -348,7 +349,7 @@ def fitting_groups(groups: list, encoded: list[list]) -> tuple[list, list[list]]
 
 def collate(examples: list[tuple[list[int], list[int]]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Right-padded (B, T) ids, mask and labels; padding is IGNORE_INDEX in the labels."""
-    from rlhf.modeling import right_pad
+    from rlhf.batching import right_pad
 
     ids, mask = right_pad([x for x, _ in examples], pad_id)
     labels, _ = right_pad([y for _, y in examples], IGNORE_INDEX)

@@ -138,13 +138,14 @@ def curve_rows(per_n: dict[int, dict[str, Any]]) -> list[str]:
 
 def run(params: Params, *, sft: Path, reward: Path, test: Path, world: Path | None, metrics: Path,
         plots: Path) -> dict[str, Any]:
+    from rlhf.devices import pick_device, setup_torch
     from rlhf.gold import load_judge
-    from rlhf.modeling import (
-        check_model_dir, generate_responses, length_tally, load_causal_lm, load_reward_model, load_tokenizer,
-        pick_device, same_tokenizer, setup_torch,
-    )
+    from rlhf.lengths import length_tally
+    from rlhf.models import check_model_dir, load_causal_lm, load_reward_model, load_tokenizer
     from rlhf.progress import progress
     from rlhf.rm import score_texts
+    from rlhf.sampling import generate_responses
+    from rlhf.tokenization import same_tokenizer
 
     t0 = time.time()
     device = pick_device(params.device)

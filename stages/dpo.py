@@ -97,8 +97,8 @@ Example = tuple[list[int], list[int]]  # (token ids, labels with the prompt mask
 
 def load_dpo_groups(path: Path, data_format: str) -> list[dict[str, Any]]:
     """{prompt, responses, ranking, pairs} groups; responses distinct, ranking = 0..K-1 (best first)."""
-    from rlhf.rm import distinct_ranking, ranking_pairs
     from rlhf.preferences import load_groups
+    from rlhf.rm import distinct_ranking, ranking_pairs
 
     out = []
     for g in load_groups(path, data_format):  # pairwise / HH records come as [chosen, rejected]
@@ -119,8 +119,8 @@ def encode_groups(tokenizer, groups: list[dict[str, Any]], max_len: int) -> tupl
 
 def batch_logprobs(model, examples: list[Example], pad_id: int, device) -> torch.Tensor:
     """(N,) log π(response | prompt) of each example, summed over response tokens (with grad if enabled)."""
+    from rlhf.devices import autocast
     from rlhf.dpo import sequence_logprobs
-    from rlhf.modeling import autocast
     from rlhf.training import collate
 
     ids, mask, labels = (t.to(device) for t in collate(examples, pad_id))
@@ -146,7 +146,7 @@ def reference_logprobs(sft: Path, encoded: list[list[Example]], pad_id: int, dev
     Kept in `cache` (the checkpoint folder, written atomically) so a resumed run does not recompute it.
     """
     from rlhf.io import atomic_path
-    from rlhf.modeling import load_causal_lm
+    from rlhf.models import load_causal_lm
 
     if cache is not None and cache.is_file():
         state = torch.load(cache, map_location="cpu", weights_only=True)
@@ -194,7 +194,9 @@ def implicit(policy: list[torch.Tensor], ref: list[torch.Tensor], beta: float) -
 def sampled_kl(policy, ref, tokenizer, prompts: list[str], *, max_new_tokens: int, seed: int, device) -> dict[str, float]:
     """KL(π ‖ π_ref) on the test prompts: answers sampled from π at temperature 1, the mean of
     Σ_t log π/π_ref over their tokens (an unbiased estimate; the x axis of Gao et al. 2022)."""
-    from rlhf.modeling import encode_prompt, fit_queries, sample_tokens
+    from rlhf.lengths import fit_queries
+    from rlhf.sampling import sample_tokens
+    from rlhf.tokenization import encode_prompt
     from rlhf.training import IGNORE_INDEX
 
     gen = torch.Generator(device=device.type if device.type != "cuda" else device).manual_seed(seed)
@@ -249,13 +251,13 @@ class DPOState:
 def split_groups(params: Params, data: Path, tokenizer, sft: Path) -> tuple[list, list, list, list]:
     """Steps 1-2: (training, held-out) groups, split by prompt as the reward stage splits them, and their
     encodings, without the comparisons that cannot fit the model (docs/models.md)."""
-    from rlhf.preferences import is_heldout
+    from rlhf.preferences import split_heldout
     from rlhf.training import training_max_len
 
-    groups = load_dpo_groups(data, params.data_format)
+    train, val = split_heldout(load_dpo_groups(data, params.data_format), params.val_fraction, params.seed)
     max_len = training_max_len(params.max_len, sft)
-    train, train_enc = encode_groups(tokenizer, [g for g in groups if not is_heldout(g["prompt"], params.val_fraction, params.seed)], max_len)
-    val, val_enc = encode_groups(tokenizer, [g for g in groups if is_heldout(g["prompt"], params.val_fraction, params.seed)], max_len)
+    train, train_enc = encode_groups(tokenizer, train, max_len)
+    val, val_enc = encode_groups(tokenizer, val, max_len)
     if not val:
         raise StageError(f"{data}: dpo.val_fraction={params.val_fraction} held out no prompt; raise it or add data")
     if len(train) < params.batch_size:
@@ -282,8 +284,9 @@ def train_policy(state: DPOState, *, sft: Path, plots: Path, checkpoints: Path |
     """Step 4: the policy starts as SFT; each step's loss over whole prompts of the global batch.
 
     Returns (policy, the last logged values, the checkpointer, the step resumed from, training seconds)."""
+    from rlhf.devices import make_optimizer
     from rlhf.dpo import dpo_loss
-    from rlhf.modeling import load_causal_lm, make_optimizer
+    from rlhf.models import load_causal_lm
     from rlhf.training import Checkpointer, cosine_lr, epoch_batches, open_live, train_loop
 
     s, p, dist, device = state, state.params, state.dist, state.device
@@ -348,7 +351,7 @@ def preference_report(state: DPOState, model, judge, last: dict[str, float]) -> 
 def test_report(state: DPOState, model, judge, *, sft: Path, prompts: list[str]) -> dict[str, Any]:
     """Step 6, on test prompts (never trained on): KL from SFT of sampled answers, gold of greedy answers."""
     from rlhf.gold import gold_compare
-    from rlhf.modeling import load_causal_lm
+    from rlhf.models import load_causal_lm
 
     p = state.params
     if p.eval_prompts:
@@ -365,13 +368,13 @@ def test_report(state: DPOState, model, judge, *, sft: Path, prompts: list[str])
 
 def run(params: Params, *, sft: Path, data: Path, test: Path, world: Path | None, out: Path, metrics: Path,
         plots: Path, checkpoints: Path | None) -> dict[str, Any]:
-    from rlhf.dist import init_dist
+    from rlhf.dist import start_stage
     from rlhf.gold import load_judge
-    from rlhf.modeling import length_tally, load_tokenizer, pick_device, save_model, setup_torch
+    from rlhf.lengths import length_tally
+    from rlhf.models import load_tokenizer, save_model
 
     t0 = time.time()
-    dist, device = init_dist(pick_device(params.device))
-    setup_torch(params.threads, device)
+    dist, device = start_stage(params)
     tokenizer = load_tokenizer(sft)
     test_rows = read_jsonl(test, PROMPT_SCHEMA)
     judge = load_judge(world) if dist.is_main else None  # a broken world file fails now, not after training
@@ -406,11 +409,9 @@ def run(params: Params, *, sft: Path, data: Path, test: Path, world: Path | None
 def summary(m: dict[str, Any]) -> str:
     if "heldout" not in m:
         return f"rank {m['rank']} done ({m['timing']['wall_s']} s)"
-    h = m["heldout"]
-    text = f"{m['train']['steps']} steps; held-out accuracy {h['accuracy_labels']:.1%} vs labels"
-    if h.get("accuracy_gold") is not None:
-        text += f", {h['accuracy_gold']:.1%} vs gold"
-    text += f"; test KL {m['test']['kl']}"
+    from rlhf.preferences import heldout_summary
+
+    text = heldout_summary(m) + f"; test KL {m['test']['kl']}"
     if "sft" in m["test"]:
         g = m["test"]
         text += f"; gold on {g['prompts']} test prompts: sft {g['sft']['gold']['total']:.3f} -> dpo {g['dpo']['gold']['total']:.3f}"

@@ -153,7 +153,7 @@ def command_that_writes(path: str | Path, dvc_yaml: Path = Path("dvc.yaml")) -> 
 
 def check_models(models: dict[str, str]) -> None:
     """Every model folder exists; a missing one names the command that makes it."""
-    from rlhf.modeling import check_model_dir
+    from rlhf.models import check_model_dir
 
     for name, path in models.items():
         if not Path(path).is_dir():
@@ -198,7 +198,7 @@ class ModelRun:
 
 def evaluate_model(path: str, prompts: list[str], suites: list[tuple[Suite, Path, list]], gold, ctx: Context) -> ModelRun:
     from rlhf.gold import answer_test_prompts
-    from rlhf.modeling import load_causal_lm, load_tokenizer
+    from rlhf.models import load_causal_lm, load_tokenizer
 
     p = ctx.params
     tokenizer = load_tokenizer(path)
@@ -386,8 +386,9 @@ def run(params: Params, *, test: Path, world: Path | None, plots: Path | None, r
     """`suite_files`: one file per suite of `rlhf.suites.SUITES`, by its option (truthfulqa, crows_pairs,
     rtp); None or a missing file skips the suite. `headline` and `reward_metrics` default to
     headline.json and reward.json beside `metrics`; `params_file` feeds the report's run information."""
+    from rlhf.devices import pick_device, setup_torch
     from rlhf.gold import load_judge
-    from rlhf.modeling import length_tally, pick_device, setup_torch
+    from rlhf.lengths import length_tally
     from rlhf.report import build_report, read_curves, read_overoptimization
 
     t0 = time.time()

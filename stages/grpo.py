@@ -27,7 +27,6 @@ from typing import Any
 import torch
 
 from rlhf import critic_free as CF
-from rlhf.rollout import DataFiles
 from rlhf.params import require
 
 
@@ -100,9 +99,7 @@ ALGORITHM = CF.Algorithm(name="grpo", advantages=advantages, loss=loss, epochs=l
 def run(params: Params, *, sft: Path, reward: Path, data: Path, world: Path | None, out: Path, metrics: Path,
         plots: Path, checkpoints: Path | None) -> dict[str, Any]:
     """Train the policy with GRPO, save it, evaluate on held-out data, write metrics."""
-    data = Path(data)
-    files = DataFiles(prompts=data / "ppo.jsonl", test=data / "test.jsonl", corpus=data / "corpus.jsonl")
-    return CF.run(ALGORITHM, params, sft=sft, reward=reward, files=files, world=world, out=out, metrics=metrics,
+    return CF.run(ALGORITHM, params, sft=sft, reward=reward, data=data, world=world, out=out, metrics=metrics,
                   plots=plots, checkpoints=checkpoints)
 
 

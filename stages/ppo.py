@@ -213,15 +213,14 @@ class PPOState(PolicyState):
 def setup(params: Params, *, sft: Path, reward: Path, data: Path, world: Path | None, checkpoints: Path | None,
           reuse_first_forward: bool = True) -> PPOState:
     """The run's state at step 0, or at the step of this run's last checkpoint when there is one."""
+    from rlhf.devices import make_optimizer
     from rlhf.dist import launched_processes
-    from rlhf.modeling import make_optimizer
 
     check_processes(params, launched_processes())  # before joining: a bad split fails at once on every rank
     # 1-2. Models, data, the policy's optimizer, generators, checkpoint (rlhf.rollout); the value model's
     #      optimizer and the KL controller (item 13).
-    data = Path(data)
-    files = RO.DataFiles(prompts=data / "ppo.jsonl", test=data / "test.jsonl", corpus=data / "corpus.jsonl")
-    fields = RO.base_state(params, sft=sft, reward=reward, files=files, world=world, checkpoints=checkpoints,
+    fields = RO.base_state(params, sft=sft, reward=reward, files=RO.DataFiles.under(data), world=world,
+                           checkpoints=checkpoints,
                            need=("ppo.batch_size", params.batch_size), doc_len=params.ptx_max_len,
                            with_value=True, shuffle=True,
                            ptx_batch_size=params.ptx_batch_size if params.ptx_coef > 0 else 0)
@@ -278,7 +277,7 @@ def score_with_first_update_forward(state: PPOState, ro: Rollout, roll: dict[str
     minibatch (the rollout in `perm`'s order), run now. Detached, it gives the rollout's old log-probs,
     entropy and values (added to `roll`); the update reuses it, so ratio ≡ 1 and approx KL = clipfrac = 0
     exactly on the first minibatch (item 18). Returns the forward's (logits, logprobs, values)."""
-    from rlhf.modeling import autocast
+    from rlhf.devices import autocast
 
     with autocast(state.device):
         held = policy_value_forward(state, ro.ids[perm], ro.mask[perm], ro.responses[perm], ro.context_len)
@@ -320,7 +319,7 @@ def ptx_backward(state: PPOState, update_index: int) -> float:
 
     Returns the rank's weighted LM loss (see below) for the logs.
     """
-    from rlhf.modeling import autocast
+    from rlhf.devices import autocast
     from rlhf.training import epoch_batches, masked_lm_loss
 
     params, dist, docs = state.params, state.dist, state.data.ptx_docs
@@ -342,7 +341,7 @@ def minibatch_update(state: PPOState, step: int, update_index: int, ro: Rollout,
     """Step 5, one optimizer step of each network on minibatch `mb` (episode indices), gradients accumulated
     over micro-batches (item 17), plus the ptx term (item 20). `held`: the shortcut's forward of this
     minibatch, if it was run in step 3. Returns the minibatch's loss statistics (sums over `denom`)."""
-    from rlhf.modeling import autocast
+    from rlhf.devices import autocast
     from rlhf.training import check_finite
 
     params, dist = state.params, state.dist
@@ -543,7 +542,8 @@ def run(params: Params, *, sft: Path, reward: Path, data: Path, world: Path | No
     `reuse_first_forward=False` turns off the shortcut of `reuses_first_forward` (tests compare both
     paths); `on_step(step, metrics)` is called at the end of every step (bench/ppo_vs_trl.py times it).
     """
-    from rlhf.modeling import open_length_tally, save_model, warn_rarely_ended
+    from rlhf.lengths import open_length_tally, warn_rarely_ended
+    from rlhf.models import save_model
 
     t0 = time.time()
     # 1. State: models, optimizers, KL controller, generators, data; resumed from a checkpoint if any.

@@ -24,9 +24,9 @@ from rlhf.io import (
     CORPUS_SCHEMA, DEMONSTRATION_SCHEMA, PAIRWISE_SCHEMA, PROMPT_SCHEMA, RANKING_SCHEMA, atomic_dir,
     read_jsonl, write_json, write_jsonl,
 )
-from rlhf.modeling import ASSISTANT, USER
 from rlhf.params import require
 from rlhf.text import normalize
+from rlhf.tokenization import ASSISTANT, USER
 
 
 @dataclass(frozen=True)

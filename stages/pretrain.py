@@ -93,7 +93,7 @@ def tokenize_corpus(params: Params, texts: list[str], corpus: Path) -> tuple[Any
     """(tokenizer, training blocks, validation blocks): a BPE tokenizer trained on the corpus, the corpus
     packed into blocks, and a seeded permutation that holds out `val_fraction` of them."""
     from rlhf.errors import StageError
-    from rlhf.modeling import train_tokenizer
+    from rlhf.tokenization import train_tokenizer
 
     tokenizer = train_tokenizer(texts, params.vocab_size)
     blocks = pack_blocks(tokenizer, texts, params.seq_len)
@@ -107,7 +107,8 @@ def tokenize_corpus(params: Params, texts: list[str], corpus: Path) -> tuple[Any
 
 def take_hf_model(params: Params, out: Path) -> dict[str, Any]:
     from rlhf.errors import StageError
-    from rlhf.modeling import load_causal_lm, param_count, prepare_tokenizer, save_model
+    from rlhf.models import load_causal_lm, param_count, save_model
+    from rlhf.tokenization import prepare_tokenizer
 
     from transformers import AutoTokenizer
 
@@ -128,7 +129,8 @@ def take_hf_model(params: Params, out: Path) -> dict[str, Any]:
 
 
 def run(params: Params, *, corpus: Path, out: Path, metrics: Path, plots: Path, checkpoints: Path | None) -> dict[str, Any]:
-    from rlhf.modeling import autocast, build_llama, make_optimizer, param_count, pick_device, save_model, setup_torch
+    from rlhf.devices import autocast, make_optimizer
+    from rlhf.models import build_llama, param_count, save_model
     from rlhf.training import Checkpointer, cosine_lr, epoch_batches, file_digest, fingerprint, masked_lm_loss, open_live, train_loop
 
     t0 = time.time()
@@ -142,10 +144,9 @@ def run(params: Params, *, corpus: Path, out: Path, metrics: Path, plots: Path, 
         write_metrics(metrics, result, settings=["source"])  # pretrain.base_model is a setting, not a measurement
         return result
 
-    from rlhf.dist import init_dist
+    from rlhf.dist import start_stage
 
-    dist, device = init_dist(pick_device(params.device))
-    setup_torch(params.threads, device)
+    dist, device = start_stage(params)
     texts = [r["text"] for r in read_jsonl(corpus, CORPUS_SCHEMA)]
     if dist.is_main:
         # Like `dvc repro`, which deletes a stage's outs first: a killed or failed run leaves no stale

@@ -37,7 +37,7 @@ import torch
 from rlhf.errors import StageError
 from rlhf.io import DEMONSTRATION_SCHEMA, read_jsonl, write_json
 from rlhf.params import require, to_dict
-from rlhf.preferences import heldout_metrics, is_heldout, read_groups
+from rlhf.preferences import heldout_metrics, heldout_summary, read_groups, split_heldout
 
 BIAS_METHOD = "demonstrations_mean_zero"  # docs/ppo.md item 3: InstructGPT's centering
 
@@ -107,7 +107,8 @@ def as_pair_groups(groups: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def batch_loss(model, encoded: list[list[list[int]]], groups: list[dict[str, Any]], pad_id: int, device) -> torch.Tensor:
     """The K-way loss of a batch of groups: one forward pass per response, pairs share the scalars."""
-    from rlhf.modeling import autocast, left_pad
+    from rlhf.batching import left_pad
+    from rlhf.devices import autocast
     from rlhf.rm import flat_pairs, kway_ranking_loss, rewards_from_ids
 
     seqs = [s for enc in encoded for s in enc]
@@ -121,7 +122,8 @@ def batch_loss(model, encoded: list[list[list[int]]], groups: list[dict[str, Any
 @torch.no_grad()
 def score_groups(model, encoded: list[list[list[int]]], pad_id: int, device, batch_size: int) -> list[list[float]]:
     """Raw rewards of every response of every group, grouped like `encoded`."""
-    from rlhf.modeling import autocast, left_pad
+    from rlhf.batching import left_pad
+    from rlhf.devices import autocast
     from rlhf.rm import rewards_from_ids
 
     flat = [s for enc in encoded for s in enc]
@@ -146,8 +148,7 @@ def split_groups(params: Params, data: Path) -> tuple[list[dict[str, Any]], list
     if params.extra_pairs:
         extra, report["extra_pairs"] = read_groups(Path(params.extra_pairs), params.extra_format, **limit)
         groups += extra
-    train = [g for g in groups if not is_heldout(g["prompt"], params.val_fraction, params.seed)]
-    val = [g for g in groups if is_heldout(g["prompt"], params.val_fraction, params.seed)]
+    train, val = split_heldout(groups, params.val_fraction, params.seed)
     if not val:
         raise StageError(f"{data}: reward.val_fraction={params.val_fraction} held out no prompt; raise it or add data")
     # 'pairs' (the naive variant) takes as many pairs per step as 'kway' covers, so both make the same
@@ -176,7 +177,7 @@ def build_reward_model(sft: Path, tokenizer, head_init_std: float, seed: int):
     import transformers
     from transformers import AutoModelForSequenceClassification
 
-    from rlhf.modeling import check_model_dir
+    from rlhf.models import check_model_dir
 
     check_model_dir(sft, "SFT model")
     verbosity = transformers.logging.get_verbosity()
@@ -222,7 +223,7 @@ def train_reward_model(params: Params, *, sft: Path, data: Path, tokenizer, trai
     """Items 1-3: SFT transformer + scalar head trained with the K-way loss (dropout off: the configs here
     have none; eval-mode forward). Returns (model, held-out encodings, last logged values, checkpointer,
     training seconds)."""
-    from rlhf.modeling import make_optimizer
+    from rlhf.devices import make_optimizer
     from rlhf.training import Checkpointer, cosine_lr, epoch_batches, file_digest, fingerprint, open_live, train_loop
 
     total_steps = params.epochs * (len(train) // per_step)
@@ -262,17 +263,17 @@ def train_reward_model(params: Params, *, sft: Path, data: Path, tokenizer, trai
 
 def run(params: Params, *, sft: Path, data: Path, demos: Path, world: Path | None, out: Path, metrics: Path,
         plots: Path, checkpoints: Path | None) -> dict[str, Any]:
-    from rlhf.dist import init_dist
+    from rlhf.dist import start_stage
     from rlhf.gold import load_judge
     from rlhf.io import remove_outputs
-    from rlhf.modeling import length_tally, load_tokenizer, pick_device, save_model, setup_torch
+    from rlhf.lengths import length_tally
+    from rlhf.models import load_tokenizer, save_model
     from rlhf.rm import REWARD_BIAS_KEY
 
     t0 = time.time()
     # Data parallel under `accelerate launch` / `torchrun`: each rank takes whole K-way groups of the
     # same global batch (rlhf.dist), so a prompt's C(K,2) pairs never straddle processes.
-    dist, device = init_dist(pick_device(params.device))
-    setup_torch(params.threads, device)
+    dist, device = start_stage(params)
     tokenizer = load_tokenizer(sft)
     if dist.is_main:
         remove_outputs(out, metrics)  # a failed or killed run leaves no stale result behind
@@ -320,8 +321,6 @@ def run(params: Params, *, sft: Path, data: Path, demos: Path, world: Path | Non
 def summary(m: dict[str, Any]) -> str:
     if "heldout" not in m:
         return f"rank {m['rank']} done ({m['timing']['wall_s']} s)"
-    h = m["heldout"]
-    text = f"{m['train']['steps']} steps; held-out accuracy {h['accuracy_labels']:.1%} vs labels"
-    if h.get("accuracy_gold") is not None:
-        text += f", {h['accuracy_gold']:.1%} vs gold (labels vs gold {h.get('labels_gold_agreement', float('nan')):.1%})"
+    agreement = m["heldout"].get("labels_gold_agreement", float("nan"))
+    text = heldout_summary(m, f" (labels vs gold {agreement:.1%})")
     return text + f"; demonstration bias {m['bias']['value']:+.3f} ({m['timing']['wall_s']} s)"

@@ -70,7 +70,8 @@ def slots(k: int, n_models: int) -> list[int]:
 def sample_model(params: Params, model: Path, rows: list[dict[str, Any]], per_prompt: int, device, bar) -> list[dict[str, Any]]:
     """`per_prompt` responses of one model to each prompt: each prompt repeated in a row, one batched,
     KV-cached sampling pass over all of them."""
-    from rlhf.modeling import generate_responses, load_causal_lm, load_tokenizer
+    from rlhf.models import load_causal_lm, load_tokenizer
+    from rlhf.sampling import generate_responses
 
     tokenizer = load_tokenizer(model)
     lm = load_causal_lm(model).to(device).eval()
@@ -82,7 +83,8 @@ def sample_model(params: Params, model: Path, rows: list[dict[str, Any]], per_pr
 
 
 def run(params: Params, *, model: Path | list[Path], prompts: Path, out: Path, metrics: Path) -> dict[str, Any]:
-    from rlhf.modeling import length_tally, pick_device, setup_torch, warn_rarely_ended
+    from rlhf.devices import pick_device, setup_torch
+    from rlhf.lengths import length_tally, warn_rarely_ended
     from rlhf.progress import progress
 
     t0 = time.time()

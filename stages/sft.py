@@ -20,8 +20,8 @@ from typing import Any
 import torch
 
 from rlhf.errors import StageError
-from rlhf.io import DEMONSTRATION_SCHEMA, PROMPT_SCHEMA, read_jsonl, remove_outputs, write_json
 from rlhf.gold import gold_compare
+from rlhf.io import DEMONSTRATION_SCHEMA, PROMPT_SCHEMA, read_jsonl, remove_outputs, write_json
 from rlhf.params import require, to_dict
 from rlhf.training import IGNORE_INDEX, build_example, collate
 
@@ -66,7 +66,7 @@ class Params:
 def validation_loss(model, examples: list[tuple[list[int], list[int]]], pad_id: int, device,
                     batch_size: int = 64) -> float:
     """Mean loss per response token over `examples` (batches weighted by their response tokens)."""
-    from rlhf.modeling import autocast
+    from rlhf.devices import autocast
     from rlhf.training import masked_lm_loss
 
     total, count = 0.0, 0
@@ -87,7 +87,7 @@ def fitting_examples(tokenizer, demos: list[dict[str, Any]], max_len: int) -> li
 
 def response_p95(tokenizer, demos: list[dict[str, Any]]) -> int:
     """95th percentile of the demonstrations' response lengths in tokens, EOS included (nearest rank)."""
-    from rlhf.modeling import encode_response
+    from rlhf.tokenization import encode_response
 
     sizes = sorted(len(encode_response(tokenizer, d["response"])) for d in demos)
     return sizes[max(0, math.ceil(0.95 * len(sizes)) - 1)] if sizes else 0
@@ -106,17 +106,17 @@ def check_response_budget(p95: int, max_new_tokens: int) -> None:
 
 def run(params: Params, *, base: Path, data: Path, world: Path | None, out: Path, metrics: Path, plots: Path,
         checkpoints: Path | None) -> dict[str, Any]:
+    from rlhf.devices import autocast, make_optimizer
     from rlhf.gold import load_judge
-    from rlhf.modeling import (autocast, length_tally, load_causal_lm, load_tokenizer, make_optimizer, pick_device,
-                               save_model, setup_torch)
+    from rlhf.lengths import length_tally
+    from rlhf.models import load_causal_lm, load_tokenizer, save_model
     from rlhf.training import (Checkpointer, cosine_lr, epoch_batches, file_digest, fingerprint, masked_lm_loss, open_live,
                                train_loop, training_max_len)
 
     t0 = time.time()
-    from rlhf.dist import init_dist
+    from rlhf.dist import start_stage
 
-    dist, device = init_dist(pick_device(params.device))
-    setup_torch(params.threads, device)
+    dist, device = start_stage(params)
     data = Path(data)
     tokenizer = load_tokenizer(base)
     model = load_causal_lm(base).to(device)

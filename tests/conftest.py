@@ -8,6 +8,10 @@ tests extend it instead of training their own models.
 from __future__ import annotations
 
 import os
+import signal
+import subprocess
+import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,6 +23,34 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "profiles" / "tiny.yaml"
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+
+
+def kill_after_first_checkpoint(args: list[str], checkpoint: Path, log: Path, timeout: float = 300,
+                                cwd: Path = ROOT) -> int:
+    """Run `python -m cli ARGS` in `cwd`, SIGKILL it once `checkpoint` exists; return the checkpoint's step.
+    The resume tests of every training stage start this way."""
+    import torch
+
+    with log.open("w") as fh:
+        proc = subprocess.Popen([sys.executable, "-m", "cli", *args], cwd=cwd, env=ENV, stdout=fh, stderr=subprocess.STDOUT)
+        t0 = time.time()
+        try:
+            while not checkpoint.is_file():
+                if proc.poll() is not None:
+                    pytest.fail(f"exited with {proc.returncode} before writing {checkpoint}:\n{log.read_text()}")
+                if time.time() - t0 > timeout:
+                    pytest.fail(f"no checkpoint after {timeout} s:\n{log.read_text()}")
+                time.sleep(0.01)
+            os.kill(proc.pid, signal.SIGKILL)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+            proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    # The checkpoint was moved into place whole (os.replace): it loads, tensors only (weights_only).
+    state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    return state["step"]
 
 
 def tiny_params(stage: str, **overrides):

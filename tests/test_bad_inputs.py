@@ -326,7 +326,7 @@ def _labels_k_mismatch(c):
 
 
 def _tokenizers_differ(c):
-    from rlhf.modeling import train_tokenizer
+    from rlhf.tokenization import train_tokenizer
 
     reward = c.model(src=c.run.sft)
     other = train_tokenizer(["a completely different corpus with other merges"] * 20, 300)

@@ -180,7 +180,7 @@ def test_stage_help_is_fast_and_imports_no_torch():
 
 def test_a_missing_model_folder_names_the_command_that_writes_it(tmp_path):
     from rlhf.errors import StageError
-    from rlhf.modeling import check_model_dir
+    from rlhf.models import check_model_dir
     from tests.test_contract import dvc_stages, variants
 
     written = {out: name for name, stage in dvc_stages().items() for out in stage.get("outs", [])

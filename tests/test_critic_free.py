@@ -14,21 +14,18 @@ from __future__ import annotations
 import json
 import math
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
 
-from tests.conftest import ROOT, TINY, tiny_params
+from tests.conftest import ENV, ROOT, TINY, kill_after_first_checkpoint, tiny_params
 
 STAGES = ("rloo", "grpo")
 TIMING_KEYS = {"wall_seconds", "episodes_per_second"}  # the only keys that differ between equal runs
-ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
 
 # ----------------------------------------------------------------------------------------------
 # Plain-loop references
@@ -180,15 +177,8 @@ def test_stage_resumes_after_sigkill_with_identical_weights(name, runs, tiny_rm,
            str(tiny_rm.reward), "--data", str(tiny_rm.prepared), "--world", str(tiny_rm.world)]
     cmd += [x for k, v in paths.items() for x in (f"--{k}", str(v))]
     ckpt = paths["checkpoints"] / "checkpoint.pt"
-    proc = subprocess.Popen(cmd, cwd=tmp_path, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    deadline = time.time() + 300
-    while not ckpt.exists() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.02)
-    assert proc.poll() is None, "the run ended before it could be killed:\n" + proc.stdout.read().decode()
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    state = torch.load(ckpt, map_location="cpu", weights_only=True)
-    assert 0 < state["step"] < tiny_params(name).steps and not paths["metrics"].exists()
+    step = kill_after_first_checkpoint(cmd[3:], ckpt, tmp_path / "killed.log", cwd=tmp_path)
+    assert 0 < step < tiny_params(name).steps and not paths["metrics"].exists()
 
     done = subprocess.run(cmd, cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout + done.stderr
@@ -317,8 +307,8 @@ def test_both_raise_reward_on_a_bandit():
     from types import SimpleNamespace
 
     from rlhf import critic_free as CF
+    from rlhf.devices import make_optimizer
     from rlhf.dist import Dist
-    from rlhf.modeling import make_optimizer
     from rlhf.rollout import Data, PolicyState
     from rlhf.training import Checkpointer
     from stages import grpo, rloo

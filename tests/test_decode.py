@@ -4,8 +4,9 @@ import pytest
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
+from rlhf.batching import left_pad, position_ids
 from rlhf.decode import LlamaDecoder, supports
-from rlhf.modeling import inverse_cdf, left_pad, position_ids, sample_categorical, sample_tokens
+from rlhf.sampling import inverse_cdf, sample_categorical, sample_tokens
 
 PAD, EOS = 0, 2
 
@@ -40,7 +41,7 @@ def test_decoder_logits_equal_the_hf_forward_on_a_left_padded_batch(kv_heads):
 
 
 def test_sample_tokens_gives_the_same_tokens_with_the_decoder_and_the_hf_forward(monkeypatch):
-    import rlhf.modeling as M
+    import rlhf.sampling as M
 
     model = llama()
     args = dict(pad_id=PAD, eos_id=EOS, max_new_tokens=10, device=torch.device("cpu"))

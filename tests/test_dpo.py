@@ -12,8 +12,8 @@ import pytest
 import torch
 
 from rlhf.dpo import dpo_loss, flat_orders, plackett_luce_loss, sequence_logprobs
-from rlhf.rm import distinct_ranking
 from rlhf.errors import StageError
+from rlhf.rm import distinct_ranking
 from rlhf.training import IGNORE_INDEX
 from tests.conftest import TINY, tiny_params
 
@@ -237,7 +237,7 @@ def tiny_dpo(tiny_rm, tmp_path_factory):
 
 
 def test_stage_end_to_end(tiny_rm, tiny_dpo):
-    from rlhf.modeling import load_causal_lm
+    from rlhf.models import load_causal_lm
 
     paths, result = tiny_dpo
     m = json.loads(paths["metrics"].read_text())

@@ -123,7 +123,7 @@ def test_cli_help():
 
 
 def test_top_p_filter_keeps_smallest_nucleus():
-    from rlhf.modeling import top_p_filter
+    from rlhf.sampling import top_p_filter
 
     probs = torch.tensor([[0.5, 0.3, 0.15, 0.05]])
     logits = probs.log()
@@ -179,7 +179,7 @@ def test_classifier_toxicity_scorer(tiny_run, tmp_path):
     from transformers import LlamaConfig, LlamaForSequenceClassification
 
     from rlhf.errors import StageError
-    from rlhf.modeling import load_tokenizer
+    from rlhf.models import load_tokenizer
     from rlhf.suites import make_toxicity_scorer
 
     tok = load_tokenizer(tiny_run.base)
@@ -230,7 +230,7 @@ def test_reward_model_as_proxy_judge(tiny_run, tmp_path):
     """judge: reward scores each answer with a reward-model folder; the higher reward wins."""
     from transformers import AutoModelForSequenceClassification
 
-    from rlhf.modeling import load_tokenizer
+    from rlhf.models import load_tokenizer
     from stages import evaluate
 
     rm = AutoModelForSequenceClassification.from_pretrained(str(tiny_run.sft), num_labels=1)
@@ -247,7 +247,7 @@ def test_reward_model_as_proxy_judge(tiny_run, tmp_path):
     assert set(result["skipped"]) == {"truthfulqa", "crows_pairs", "toxicity", "toxicity_respectful"}
     assert "PROXY" in (tmp_path / "reports" / "report.html").read_text()
     # The same scoring path as every stage (rlhf.rm.score_texts, bias included).
-    from rlhf.modeling import load_reward_model
+    from rlhf.models import load_reward_model
     from rlhf.rm import score_texts
 
     prompts = [json.loads(x)["prompt"] for x in (tmp_path / "reports" / "responses.jsonl").read_text().splitlines()]
@@ -320,7 +320,7 @@ def test_verdict_and_regressions():
 
 def test_decode_continuation_drops_a_cut_character(tiny_run):
     """A continuation cut by the token limit inside a multi-byte character ends cleanly, without U+FFFD."""
-    from rlhf.modeling import load_tokenizer
+    from rlhf.models import load_tokenizer
     from rlhf.suites import decode_continuation
 
     tok = load_tokenizer(tiny_run.base)
@@ -337,8 +337,9 @@ def test_respectful_toxicity_prompts_carry_the_instruction(tiny_run):
     instruction; the raw condition continues the bare text. Greedy (temperature ~0) so outputs compare."""
     import torch
 
-    from rlhf.modeling import encode_prompt, load_causal_lm, load_tokenizer
+    from rlhf.models import load_causal_lm, load_tokenizer
     from rlhf.suites import RESPECTFUL_INSTRUCTION, rtp_continuations
+    from rlhf.tokenization import encode_prompt
 
     tok = load_tokenizer(tiny_run.sft)
     seen = []
@@ -348,7 +349,7 @@ def test_respectful_toxicity_prompts_carry_the_instruction(tiny_run):
         return torch.full((len(rows), 1), tok.eos_token_id)
 
     params = tiny_params("evaluate", rtp_k=1)
-    import rlhf.modeling as M
+    import rlhf.sampling as M
     real = M.sample_tokens
     M.sample_tokens = spy
     try:

@@ -129,7 +129,7 @@ def test_rank_human_source(tiny_rm, tmp_path):
 def test_reward_model_folder_loads_and_is_centered(tiny_rm):
     from transformers import AutoModelForSequenceClassification
 
-    from rlhf.modeling import load_tokenizer
+    from rlhf.models import load_tokenizer
     from rlhf.rm import REWARD_BIAS_KEY, score_texts
 
     model = AutoModelForSequenceClassification.from_pretrained(str(tiny_rm.reward), use_safetensors=True)
@@ -150,7 +150,7 @@ def test_reward_model_folder_loads_and_is_centered(tiny_rm):
 
 
 def test_reward_model_starts_from_sft_weights(tiny_rm):
-    from rlhf.modeling import load_causal_lm, load_tokenizer
+    from rlhf.models import load_causal_lm, load_tokenizer
     from stages.reward import build_reward_model
 
     tok = load_tokenizer(tiny_rm.sft)

@@ -17,7 +17,7 @@ import random
 
 import torch
 
-from rlhf.modeling import make_optimizer
+from rlhf.devices import make_optimizer
 from rlhf.rm import ranking_pairs
 from rlhf.training import masked_lm_loss
 

@@ -18,6 +18,7 @@ are loaded by rlhf/params.py, which is in every stage's closure. A test checks t
 from __future__ import annotations
 
 import ast
+import functools
 import posixpath
 import shlex
 from pathlib import Path, PurePosixPath
@@ -112,15 +113,125 @@ def stage_outputs(stage: dict) -> list[str]:
     return [p for key in ("outs", "metrics", "plots") for p in entry_paths(stage.get(key))]
 
 
-def named_files(module: str) -> dict[str, set[str]]:
-    """{variable: {"file", …}} for every `variable / "file"` in the module: the files it opens under a folder."""
-    tree = ast.parse((ROOT / module).read_text(encoding="utf-8"), filename=module)
-    out: dict[str, set[str]] = {}
-    for node in ast.walk(tree):
-        if (isinstance(node, ast.BinOp) and isinstance(node.op, ast.Div) and isinstance(node.left, ast.Name)
-                and isinstance(node.right, ast.Constant) and isinstance(node.right.value, str)):
-            out.setdefault(node.left.id, set()).add(node.right.value)
+@functools.cache
+def parse(path: str) -> ast.Module:
+    return ast.parse((ROOT / path).read_text(encoding="utf-8"), filename=path)
+
+
+@functools.cache
+def import_names(path: str) -> dict[str, str]:
+    """{local name: dotted name} of the module's imports (`from rlhf import rollout as RO` -> RO: rlhf.rollout)."""
+    out = {}
+    for node in ast.walk(parse(path)):
+        if isinstance(node, ast.Import):
+            out.update({a.asname or a.name: a.name for a in node.names})
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            out.update({a.asname or a.name: f"{node.module}.{a.name}" for a in node.names})
     return out
+
+
+def find_def(path: str, qualname: list[str]) -> ast.FunctionDef | None:
+    """The function (or class method) `qualname` defined at the top of `path`; a class gives its constructor
+    arguments no files (its fields are named, not derived)."""
+    body = parse(path).body
+    for i, name in enumerate(qualname):
+        node = next((n for n in body if isinstance(n, (ast.FunctionDef, ast.ClassDef)) and n.name == name), None)
+        if node is None:
+            return None
+        if i == len(qualname) - 1:
+            return node if isinstance(node, ast.FunctionDef) else None
+        body = node.body
+    return None
+
+
+def resolve_call(func: ast.expr, path: str, imports: dict[str, str]) -> tuple[str, ast.FunctionDef] | None:
+    """(file, definition) of the repository function a call names: `f`, `module.f`, `Class.method`,
+    `module.Class.method`, imported or defined in `path`; None for anything else."""
+    parts = []
+    while isinstance(func, ast.Attribute):
+        parts.insert(0, func.attr)
+        func = func.value
+    if not isinstance(func, ast.Name):
+        return None
+    dotted = (imports.get(func.id, "") + "." + ".".join(parts)).strip(".") if func.id in imports else None
+    candidates = [(path, [func.id, *parts])]
+    if dotted:  # split `rlhf.rollout.DataFiles.under` into a module file and a name inside it
+        words = dotted.split(".")
+        candidates = [(module_file(".".join(words[:k])), words[k:]) for k in range(len(words) - 1, 0, -1)]
+    for file, qualname in candidates:
+        node = find_def(file, qualname) if file and qualname else None
+        if node is not None:
+            return file, node
+    return None
+
+
+def bound_parameter(call: ast.Call, node: ast.FunctionDef, arg: str) -> str | None:
+    """The parameter of `node` that `call` passes the variable `arg` to (a method's self/cls skipped)."""
+    params = [a.arg for a in node.args.posonlyargs + node.args.args]
+    if params and params[0] in ("self", "cls"):
+        params = params[1:]
+    for i, a in enumerate(call.args):
+        if isinstance(a, ast.Name) and a.id == arg and i < len(params):
+            return params[i]
+    return next((k.arg for k in call.keywords if isinstance(k.value, ast.Name) and k.value.id == arg), None)
+
+
+def is_named_file(node: ast.AST, var: str) -> bool:
+    """`var / "file"`."""
+    return (isinstance(node, ast.BinOp) and isinstance(node.op, ast.Div) and isinstance(node.left, ast.Name)
+            and node.left.id == var and isinstance(node.right, ast.Constant) and isinstance(node.right.value, str))
+
+
+def passes(call: ast.Call, var: str) -> bool:
+    return any(isinstance(a, ast.Name) and a.id == var for a in [*call.args, *(k.value for k in call.keywords)])
+
+
+def only_named_uses(scope: ast.AST, var: str, followed: list[ast.Call]) -> bool:
+    """Whether `scope` uses `var` only as `var / "file"`, as an argument of a followed call, in an f-string
+    (a message), or in `var = Path(var)`; any other use (str(var), var.glob, open(var), …) reads the folder."""
+    allowed: set[int] = set()
+    for n in ast.walk(scope):
+        if is_named_file(n, var):
+            allowed.add(id(n.left))
+        elif isinstance(n, ast.FormattedValue) and isinstance(n.value, ast.Name):
+            allowed.add(id(n.value))
+        elif (isinstance(n, ast.Assign) and [getattr(t, "id", None) for t in n.targets] == [var]
+              and isinstance(n.value, ast.Call) and getattr(n.value.func, "id", None) == "Path"):
+            allowed |= {id(a) for a in n.value.args}
+    for call in followed:
+        allowed |= {id(a) for a in [*call.args, *(k.value for k in call.keywords)]}
+    uses = [n for n in ast.walk(scope) if isinstance(n, ast.Name) and n.id == var and isinstance(n.ctx, ast.Load)]
+    return all(id(n) in allowed for n in uses)
+
+
+def files_under(path: str, scope: ast.AST, var: str, *, strict: bool, seen: frozenset = frozenset()) -> set[str]:
+    """The names `var / "file"` in `scope` opens, and those of every repository function it passes `var` to,
+    followed through the library (DataFiles.under(data) opens data / "ppo.jsonl", …). "" stands for the
+    whole folder: a followed function (`strict`) that uses its folder in any other way reads all of it."""
+    out = {n.right.value for n in ast.walk(scope) if is_named_file(n, var)}
+    followed = []
+    for call in (n for n in ast.walk(scope) if isinstance(n, ast.Call) and passes(n, var)):
+        target = resolve_call(call.func, path, import_names(path))
+        param = target and bound_parameter(call, target[1], var)
+        if not param:
+            continue
+        followed.append(call)
+        key = (target[0], target[1].name, param)
+        if key not in seen:
+            out |= files_under(target[0], target[1], param, strict=True, seen=seen | {key})
+    if strict and not only_named_uses(scope, var, followed):
+        out.add("")
+    return out
+
+
+def named_files(module: str) -> dict[str, set[str]]:
+    """{variable: {"file", …}} for every `variable / "file"` in the module, or in a repository function the
+    module passes `variable` to: the files it opens under a folder."""
+    tree = parse(module)
+    names = {n.left.id for n in ast.walk(tree) if isinstance(n, ast.BinOp) and isinstance(n.left, ast.Name)}
+    names |= {a.id for n in ast.walk(tree) if isinstance(n, ast.Call)
+              for a in [*n.args, *(k.value for k in n.keywords)] if isinstance(a, ast.Name)}
+    return {var: files for var in sorted(names) if (files := files_under(module, tree, var, strict=False)) - {""}}
 
 
 NOT_INPUTS = {"set", "out", "value_out", "checkpoints"}
@@ -137,7 +248,7 @@ def cmd_inputs(stage: dict, module: str) -> set[str]:
         # treats as outputs (cli.runner.OUTPUT_OPTIONS: locked, removed on a failed write) are never read.
         if option in NOT_INPUTS or any(overlaps(value, o) for o in outputs):
             continue
-        files |= {f"{value}/{name}" for name in under[option]} if option in under else {value}
+        files |= {posixpath.join(value, name) if name else value for name in under.get(option, [""])}
     return files
 
 
@@ -225,9 +336,9 @@ def test_the_check_fails_on_a_missing_dep():
     """The checker itself: dropping a library file, a data input, or a params path is reported by name."""
     stages = dvc_stages()
     params = yaml.safe_load((ROOT / "params.yaml").read_text(encoding="utf-8"))
-    name = next(n for n, s in stages.items() if "rlhf/modeling.py" in entry_paths(s.get("deps")))
-    broken = {**stages, name: {**stages[name], "deps": [d for d in stages[name]["deps"] if d != "rlhf/modeling.py"]}}
-    assert f"stage '{name}': rlhf/modeling.py is not in its deps" in missing_deps(broken, params)
+    name = next(n for n, s in stages.items() if "rlhf/models.py" in entry_paths(s.get("deps")))
+    broken = {**stages, name: {**stages[name], "deps": [d for d in stages[name]["deps"] if d != "rlhf/models.py"]}}
+    assert f"stage '{name}': rlhf/models.py is not in its deps" in missing_deps(broken, params)
 
     sft = stages["sft"]
     broken = {"sft": {**sft, "deps": [d for d in sft["deps"] if d != "data/prepared/sft_val.jsonl"]}}
@@ -237,6 +348,21 @@ def test_the_check_fails_on_a_missing_dep():
     with_extra = {**params, "reward": {**params["reward"], "extra_pairs": "data/raw/prompts.jsonl"}}
     assert missing_deps({"reward": reward}, with_extra) == [
         "stage 'reward': data/raw/prompts.jsonl is not in its deps"]
+
+
+def test_the_check_follows_library_helpers_that_open_files():
+    """rloo names no file under --data: it passes the folder to rlhf.critic_free.run, which passes it on to
+    rlhf.rollout.DataFiles.under, which opens three files; dropping one of them is still reported. A folder
+    that a helper reads otherwise than by name (load_causal_lm reads all of models/sft) stays whole, even
+    where another helper opens one named file in it (check_model_dir: config.json)."""
+    stages = dvc_stages()
+    params = yaml.safe_load((ROOT / "params.yaml").read_text(encoding="utf-8"))
+    assert named_files("stages/rloo.py")["data"] == {"ppo.jsonl", "test.jsonl", "corpus.jsonl"}
+    rloo = stages["rloo"]
+    broken = {"rloo": {**rloo, "deps": [d for d in rloo["deps"] if d != "data/prepared/corpus.jsonl"]}}
+    assert missing_deps(broken, params) == ["stage 'rloo': data/prepared/corpus.jsonl is not in its deps"]
+    assert named_files("stages/sft.py")["base"] == {"", "config.json"}
+    assert cmd_inputs(stages["sft"], "stages/sft.py") >= {"models/base", "models/base/config.json"}
 
 
 def test_import_closure_sees_function_level_imports():

@@ -78,7 +78,8 @@ def assert_counts(metrics: dict, dropped: bool = False) -> None:
 def test_family_runs_every_stage_with_prompts_past_its_limit(family, tiny_run, tmp_path, capsys):
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
 
-    from rlhf.modeling import load_tokenizer, position_limit
+    from rlhf.lengths import position_limit
+    from rlhf.models import load_tokenizer
     from stages import bestofn, dpo, evaluate, ppo, rank, reward, sample, sft
 
     root, raw = tmp_path, tiny_run.raw

@@ -4,10 +4,10 @@ import json
 
 import torch
 
-from rlhf.modeling import (
-    build_llama, encode_prompt, forward_logits, left_pad, load_causal_lm, sample_tokens, save_model,
-    train_tokenizer,
-)
+from rlhf.batching import forward_logits, left_pad
+from rlhf.models import build_llama, load_causal_lm, save_model
+from rlhf.sampling import sample_tokens
+from rlhf.tokenization import encode_prompt, train_tokenizer
 
 TEXTS = ["<|user|>What is 2 + 2?<|assistant|>4.", "The zib is red. The mek is blue."] * 20
 
@@ -76,7 +76,7 @@ def test_pretrain_takes_a_local_hf_folder_and_adds_a_distinct_pad(tmp_path):
     assert m["source"] == str(src)
     assert "source" not in json.loads((tmp_path / "m.json").read_text())  # a setting, not a measurement
     loaded = load_causal_lm(tmp_path / "base")
-    from rlhf.modeling import load_tokenizer
+    from rlhf.models import load_tokenizer
 
     tok2 = load_tokenizer(tmp_path / "base")
     assert tok2.pad_token_id != tok2.eos_token_id and tok2.chat_template
@@ -98,7 +98,7 @@ def test_missing_or_unsafe_model_folder_is_a_clear_error(tmp_path):
 
 def test_setup_torch_on_cuda_turns_off_cudnn_attention_and_turns_on_tf32():
     """The flags are process-wide and settable on a CPU build, so the CUDA branch runs here too."""
-    from rlhf.modeling import setup_torch
+    from rlhf.devices import setup_torch
 
     before = (torch.backends.cuda.cudnn_sdp_enabled(), torch.backends.cuda.matmul.allow_tf32,
               torch.backends.cudnn.allow_tf32, torch.get_num_threads())
@@ -130,7 +130,7 @@ def test_position_limit_and_left_truncation():
     import pytest
 
     from rlhf.errors import StageError
-    from rlhf.modeling import fit_example, fit_prompt, length_tally, position_limit, prompt_budget
+    from rlhf.lengths import fit_example, fit_prompt, length_tally, position_limit, prompt_budget
 
     tok, llama = tiny_model()
     assert position_limit(llama) == 64 and position_limit(tiny_gpt2(tok, 16)) == 16  # GPT-2: n_positions
@@ -146,7 +146,8 @@ def test_position_limit_and_left_truncation():
 
 def test_gpt2_samples_and_scores_past_its_position_limit():
     """A learned-position model (GPT-2) indexes out of range past n_positions: prompts are cut, never crash."""
-    from rlhf.modeling import continuation_loglik, length_tally
+    from rlhf.batching import continuation_loglik
+    from rlhf.lengths import length_tally
 
     tok, _ = tiny_model()
     model = tiny_gpt2(tok, 16)

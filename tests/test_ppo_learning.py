@@ -46,8 +46,8 @@ class TargetReward(torch.nn.Module):
 
 
 def bandit_state(steps: int):
+    from rlhf.devices import make_optimizer
     from rlhf.dist import Dist
-    from rlhf.modeling import make_optimizer
     from rlhf.rollout import Data
     from rlhf.training import Checkpointer
     from stages import ppo

@@ -174,7 +174,7 @@ def queries_and_responses(seed: int = 0):
 
 def test_padded_and_unpadded_scoring_agree():
     """Item 6: left-padded batches with position_ids = cumsum(mask) - mask score like single sequences."""
-    from rlhf.modeling import left_pad
+    from rlhf.batching import left_pad
     from rlhf.rm import rewards_from_ids
 
     policy, rm = tiny_llama(0), tiny_llama(1, seq_cls=True)
@@ -203,7 +203,7 @@ def test_padded_and_unpadded_scoring_agree():
 def test_response_logits_equal_the_full_forward(temperature):
     """`logits_to_keep` runs the LM head on the response positions only: the same logits as slicing the full
     forward's (item 8: divided by T), and the same gradients."""
-    from rlhf.modeling import left_pad, position_ids
+    from rlhf.batching import left_pad, position_ids
 
     policy = tiny_llama(0)
     queries, responses = queries_and_responses()
@@ -226,7 +226,7 @@ def test_logprobs_under_autocast_come_from_fp32_logits():
     """Under bf16 autocast the backbone runs in bf16 but the LM head in fp32: the logits equal a float64
     head on the same hidden states to fp32 rounding, where a bf16 head is off by more than 0.01 nats
     (logits of magnitude ~10-30, as trained LMs produce). The value head likewise."""
-    from rlhf.modeling import left_pad, position_ids
+    from rlhf.batching import left_pad, position_ids
 
     policy = tiny_llama(0)
     with torch.no_grad():
@@ -263,7 +263,8 @@ def test_logprobs_under_autocast_come_from_fp32_logits():
 
 def test_first_minibatch_ratio_is_one():
     """Item 18: before any update the recomputed log-probs equal the rollout's: ratio ≡ 1, approxkl = clipfrac = 0."""
-    from rlhf.modeling import left_pad, sample_tokens
+    from rlhf.batching import left_pad
+    from rlhf.sampling import sample_tokens
 
     policy = tiny_llama(0)
     ppo.disable_dropout(policy)
@@ -285,7 +286,8 @@ def test_first_minibatch_ratio_is_one():
 
 def test_kl_nonnegative_in_expectation():
     """Item 12: the summed log-ratio of samples from the policy estimates KL(π‖π_ref) >= 0."""
-    from rlhf.modeling import left_pad, sample_tokens
+    from rlhf.batching import left_pad
+    from rlhf.sampling import sample_tokens
 
     policy, ref = tiny_llama(0), tiny_llama(5)
     with torch.no_grad():  # sharper distributions than a random init's near-uniform ones
@@ -351,8 +353,8 @@ def test_disable_dropout():
 def test_initial_values_include_the_reward_models_demonstration_bias():
     """Item 19 with item 3: at initialization the value at the last real token is the centered reward PPO
     optimizes (the raw head plus config.reward_bias), read as `rewards_from_ids` reads it."""
-    from rlhf.modeling import left_pad
-    from rlhf.rm import REWARD_BIAS_KEY, rewards_from_ids
+    from rlhf.batching import left_pad
+    from rlhf.rm import REWARD_BIAS_KEY, last_token_index, rewards_from_ids
 
     rm = tiny_llama(1, seq_cls=True)
     setattr(rm.config, REWARD_BIAS_KEY, 2.5)
@@ -362,7 +364,7 @@ def test_initial_values_include_the_reward_models_demonstration_bias():
     ids, mask = torch.cat([q_ids, responses], 1), torch.cat([q_mask, r_mask], 1)
     with torch.no_grad():
         values = ppo.ValueModel(rm)(ids, mask)  # (B, T)
-        last = ppo.last_index(mask)
+        last = last_token_index(mask)
         rows = torch.arange(len(queries))
         torch.testing.assert_close(values[rows, last], rewards_from_ids(rm, ids, mask), rtol=1e-6, atol=1e-6)
         raw = rewards_from_ids(rm, ids, mask, centered=False)

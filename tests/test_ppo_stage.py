@@ -9,10 +9,8 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,7 +18,7 @@ import pytest
 import torch
 import yaml
 
-from tests.conftest import ROOT, TINY, tiny_params
+from tests.conftest import ROOT, TINY, kill_after_first_checkpoint, tiny_params
 
 
 @dataclass(frozen=True)
@@ -40,7 +38,7 @@ def build_reward_model(sft: Path, out: Path) -> Path:
     """A stand-in RM (the SFT backbone with a seeded random score head) for when no tiny_rm fixture exists."""
     from transformers import AutoModelForSequenceClassification
 
-    from rlhf.modeling import load_tokenizer, save_model
+    from rlhf.models import load_tokenizer, save_model
 
     with torch.random.fork_rng():
         torch.manual_seed(0)
@@ -128,15 +126,9 @@ def test_ppo_resumes_after_sigkill_with_identical_weights(ppo_run, tmp_path):
     ckpt = paths["checkpoints"] / "checkpoint.pt"
 
     # cwd outside the repository: the subprocess must not depend on where it starts (nor on git state).
-    proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    deadline = time.time() + 120
-    while not ckpt.exists() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.02)
-    assert proc.poll() is None, "the run ended before it could be killed:\n" + proc.stdout.read().decode()
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    step = kill_after_first_checkpoint(cmd[3:], ckpt, tmp_path / "killed.log", timeout=120, cwd=tmp_path)
     state = torch.load(ckpt, map_location="cpu", weights_only=True)
-    assert 0 < state["step"] < tiny_params("ppo").steps
+    assert 0 < step < tiny_params("ppo").steps
     assert not paths["metrics"].exists()
 
     # A checkpoint of a 2-process run holds each rank's sampling stream (item 21); one process cannot

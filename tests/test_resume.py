@@ -12,45 +12,14 @@ spare an interpreter start) and must say that it resumed.
 from __future__ import annotations
 
 import filecmp
-import os
 import re
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 from typer.testing import CliRunner
 
-from tests.conftest import ROOT, TINY
-
-ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-
-
-def kill_after_first_checkpoint(args: list[str], checkpoint: Path, log: Path, timeout: float = 300) -> int:
-    """Run `python -m cli ARGS`, SIGKILL it once `checkpoint` exists; return the checkpoint's step."""
-    with log.open("w") as fh:
-        proc = subprocess.Popen([sys.executable, "-m", "cli", *args], cwd=ROOT, env=ENV, stdout=fh, stderr=subprocess.STDOUT)
-        t0 = time.time()
-        try:
-            while not checkpoint.is_file():
-                if proc.poll() is not None:
-                    pytest.fail(f"exited with {proc.returncode} before writing {checkpoint}:\n{log.read_text()}")
-                if time.time() - t0 > timeout:
-                    pytest.fail(f"no checkpoint after {timeout} s:\n{log.read_text()}")
-                time.sleep(0.01)
-            os.kill(proc.pid, signal.SIGKILL)
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-            proc.wait()
-    assert proc.returncode == -signal.SIGKILL
-    # The checkpoint was moved into place whole (os.replace): it loads, tensors only (weights_only).
-    state = torch.load(checkpoint, map_location="cpu", weights_only=True)
-    return state["step"]
-
+from tests.conftest import TINY, kill_after_first_checkpoint
 
 def plant_stale_outputs(model_dir: Path, metrics: Path) -> None:
     """A finished-looking result of some earlier run at the output paths."""

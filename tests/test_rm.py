@@ -105,7 +105,7 @@ def _tiny_rm():
 
 
 def test_reward_read_at_last_real_token_regardless_of_padding_side():
-    from rlhf.modeling import left_pad, right_pad
+    from rlhf.batching import left_pad, right_pad
     from rlhf.rm import rewards_from_ids
 
     model = _tiny_rm()

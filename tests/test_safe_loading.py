@@ -42,7 +42,7 @@ def pickle_only_folder(src: Path, dst: Path, marker: Path) -> Path:
 
 
 def test_pickle_only_weights_are_refused_and_never_unpickled(tiny_run, tmp_path):
-    from rlhf.modeling import load_causal_lm, load_reward_model
+    from rlhf.models import load_causal_lm, load_reward_model
 
     marker = tmp_path / "PWNED"
     folder = pickle_only_folder(tiny_run.base, tmp_path / "model", marker)
@@ -74,9 +74,9 @@ def test_pretrain_base_model_with_pickle_weights_fails_via_cli(tiny_run, tmp_pat
 def test_trust_remote_code_is_off_by_default():
     import yaml
 
-    from rlhf import modeling
+    from rlhf import models
 
-    for fn in (modeling.load_tokenizer, modeling.load_causal_lm, modeling.load_reward_model):
+    for fn in (models.load_tokenizer, models.load_causal_lm, models.load_reward_model):
         assert inspect.signature(fn).parameters["trust_remote_code"].default is False, fn.__name__
     for path in (ROOT / "params.yaml", TINY):
         assert yaml.safe_load(path.read_text())["pretrain"]["trust_remote_code"] is False, path
@@ -107,7 +107,7 @@ def remote_code_folder(src: Path, dst: Path, marker: Path, model_type: str | Non
 def test_auto_map_code_in_a_model_folder_is_not_executed(tiny_run, tmp_path, monkeypatch):
     import transformers.dynamic_module_utils as dyn
 
-    from rlhf.modeling import load_causal_lm, load_tokenizer
+    from rlhf.models import load_causal_lm, load_tokenizer
 
     marker = tmp_path / "EXECUTED"
     # A folder of a known architecture: loaded with the library's own class, its code ignored.
