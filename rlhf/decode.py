@@ -24,8 +24,14 @@ if TYPE_CHECKING:
 
 
 def supports(model) -> bool:
-    """True for a plain `LlamaForCausalLM` (SDPA or eager attention, no sliding window, no TP split)."""
+    """True for a plain `LlamaForCausalLM` (SDPA or eager attention, no sliding window, no TP split).
+
+    Not for one with LoRA adapters (rlhf/lora.py): their layers add a low-rank update to the projections'
+    output, which this path, reading the projections' weights, would leave out.
+    """
     if type(model).__name__ != "LlamaForCausalLM":
+        return False
+    if any(type(m).__module__.startswith("peft.") for m in model.modules()):
         return False
     cfg = model.config
     return (getattr(cfg, "pretraining_tp", 1) in (None, 1)

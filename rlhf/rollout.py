@@ -152,9 +152,14 @@ class Data:
     """Corpus documents kept out of ptx, for the alignment tax."""
 
 
-def load_models(sft: Path, reward: Path, device: torch.device, *, with_value: bool):
+def load_models(sft: Path, reward: Path, device: torch.device, *, with_value: bool, lora=None, seed: int = 0):
     """Tokenizer, policy and reference from SFT, the RM, and (`with_value`, PPO) the value function from the
-    RM (item 19); dropout off (item 9). Returns (tokenizer, policy, ref, value or None, rm)."""
+    RM (item 19); dropout off (item 9). Returns (tokenizer, policy, ref, value or None, rm).
+
+    `lora` (rlhf.lora.LoraSettings, enabled): policy and value model get adapters, the value's score head
+    trains fully, and the reference IS the policy: run under `rlhf.lora.adapters_off` it is the frozen SFT
+    model, so no second copy of the SFT weights is held (docs/models.md)."""
+    from rlhf.lora import add_adapters
     from rlhf.models import check_model_dir, load_causal_lm, load_reward_model, load_tokenizer
     from rlhf.tokenization import same_tokenizer
 
@@ -164,8 +169,14 @@ def load_models(sft: Path, reward: Path, device: torch.device, *, with_value: bo
     if not same_tokenizer(tokenizer, load_tokenizer(reward)):
         raise StageError(f"{reward}: the reward model's tokenizer differs from {sft}'s; train the RM from the same SFT model")
     policy = load_causal_lm(sft).to(device)
-    ref = load_causal_lm(sft).to(device).requires_grad_(False)
-    value = P.ValueModel(load_reward_model(reward)).to(device) if with_value else None
+    if lora is not None and lora.enabled:
+        ref = policy = add_adapters(policy, lora, seed=seed)
+    else:
+        ref = load_causal_lm(sft).to(device).requires_grad_(False)
+    value = None
+    if with_value:
+        value_lm = load_reward_model(reward).to(device)
+        value = P.ValueModel(add_adapters(value_lm, lora, seed=seed + 1, train_head=True) if lora else value_lm)
     rm = load_reward_model(reward).to(device).requires_grad_(False)
     for m in (policy, ref, value, rm):
         if m is not None:
@@ -244,7 +255,8 @@ class PolicyState:
     policy: torch.nn.Module
     """Trained: initialized from SFT."""
     ref: torch.nn.Module
-    """Frozen SFT: the KL penalty's reference."""
+    """Frozen SFT: the KL penalty's reference. Under LoRA the policy object itself, always called inside
+    `rlhf.lora.adapters_off(ref)`, which runs it as the frozen SFT weights."""
     rm: torch.nn.Module
     """Frozen reward model."""
     policy_opt: torch.optim.Optimizer
@@ -266,10 +278,12 @@ class PolicyState:
 
 def base_state(params, *, sft: Path, reward: Path, files: DataFiles, world: Path | None, checkpoints: Path | None,
                need: tuple[str, int], doc_len: int, with_value: bool, shuffle: bool,
-               ptx_batch_size: int = 0) -> dict[str, Any]:
-    """The shared fields of a state at step 0 (`PolicyState`'s, plus `value` when `with_value`)."""
+               ptx_batch_size: int = 0, lora=None) -> dict[str, Any]:
+    """The shared fields of a state at step 0 (`PolicyState`'s, plus `value` when `with_value`); `lora`: the
+    stage's rlhf.lora.LoraSettings (`load_models`)."""
     from rlhf.devices import make_optimizer
     from rlhf.dist import start_stage
+    from rlhf.lora import trainable_parameters
     from rlhf.gold import load_judge
     from rlhf.lengths import length_tally, position_limit
     from rlhf.params import to_dict
@@ -277,7 +291,7 @@ def base_state(params, *, sft: Path, reward: Path, files: DataFiles, world: Path
 
     dist, device = start_stage(params)
     # 1. Models and data.
-    tokenizer, policy, ref, value, rm = load_models(sft, reward, device, with_value=with_value)
+    tokenizer, policy, ref, value, rm = load_models(sft, reward, device, with_value=with_value, lora=lora, seed=params.seed)
     length_tally()  # prompts cut to fit the model: counted from here, reported in the metrics' `lengths`
     max_pos = min(position_limit(policy) or 10**9, position_limit(rm) or 10**9)
     corpus = load_data(params, files, tokenizer, max_pos, need=need, doc_len=doc_len, ptx_batch_size=ptx_batch_size)
@@ -291,7 +305,7 @@ def base_state(params, *, sft: Path, reward: Path, files: DataFiles, world: Path
     ))
     fields = dict(
         params=params, dist=dist, device=device, tokenizer=tokenizer, policy=policy, ref=ref, rm=rm,
-        policy_opt=make_optimizer(policy.parameters(), params.lr, 0.0, device, betas=(params.adam_beta1, params.adam_beta2),
+        policy_opt=make_optimizer(trainable_parameters(policy), params.lr, 0.0, device, betas=(params.adam_beta1, params.adam_beta2),
                                   eps=params.adam_eps, fused_on_cpu=True),  # item 24
         sample_gen=torch.Generator(device=device).manual_seed(P.rank_seed(params.seed, dist.rank)),
         shuffle_gen=torch.Generator().manual_seed(params.seed + 1) if shuffle else None,
@@ -394,6 +408,7 @@ def score(state: PolicyState, ro: Rollout, forward: Forward | None = None) -> di
     plus whatever `forward(ids, mask, responses, context_len)` returns for each micro-batch (the policy's
     old log-probs, entropy, PPO's values), run first on each."""
     from rlhf.devices import autocast
+    from rlhf.lora import adapters_off
     from rlhf.rm import rewards_from_ids
 
     outs: dict[str, list[torch.Tensor]] = {"ref_logprobs": [], "scores": []}
@@ -403,7 +418,8 @@ def score(state: PolicyState, ro: Rollout, forward: Forward | None = None) -> di
             if forward is not None:
                 for k, v in forward(x, m, r, ro.context_len).items():
                     outs.setdefault(k, []).append(v)
-            ref_logits = P.response_logits(state.ref, x, m, ro.context_len, state.params.temperature)  # same T (item 8)
+            with adapters_off(state.ref):  # the frozen SFT model (under LoRA: the policy without its adapters)
+                ref_logits = P.response_logits(state.ref, x, m, ro.context_len, state.params.temperature)  # same T (item 8)
             outs["ref_logprobs"].append(P.logprobs_from_logits(ref_logits, r))
             # Item 1: the RM reads its scalar at the last real token (EOS); centered (item 3).
             outs["scores"].append(rewards_from_ids(state.rm, x, m))
@@ -484,7 +500,10 @@ def rollout_info(m: dict[str, float]) -> str:
 def evaluate_heldout(state: PolicyState) -> dict[str, Any]:
     """Held-out evaluation only, never trained on: the alignment tax on held-out corpus text (InstructGPT
     sec. 3.5, item 20), and greedy answers to the test prompts by policy and SFT, scored by RM and gold."""
+    import contextlib
+
     from rlhf.gold import summarize
+    from rlhf.lora import adapters_off
     from rlhf.rm import score_texts
     from rlhf.sampling import generate_responses
 
@@ -492,15 +511,17 @@ def evaluate_heldout(state: PolicyState) -> dict[str, Any]:
     result: dict[str, Any] = {}
     if data.heldout_docs:
         lp_policy = corpus_logprob(state.policy, data.heldout_docs, tok.pad_token_id, device)
-        lp_sft = corpus_logprob(state.ref, data.heldout_docs, tok.pad_token_id, device)
+        with adapters_off(state.ref):
+            lp_sft = corpus_logprob(state.ref, data.heldout_docs, tok.pad_token_id, device)
         result["corpus_logprob"] = {"policy": round(lp_policy, 4), "sft": round(lp_sft, 4),
                                     "tax": round(lp_sft - lp_policy, 4), "documents": len(data.heldout_docs)}
     if data.test_prompts:
         max_pos = int(getattr(state.policy.config, "max_position_embeddings", 10**9))
         result["test"] = {"prompts": len(data.test_prompts), "max_new_tokens": params.max_new_tokens}
         for name, model in (("policy", state.policy), ("sft", state.ref)):
-            gen = generate_responses(model, tok, data.test_prompts, max_new_tokens=params.max_new_tokens,
-                                     temperature=0.0, batch_size=64, seed=0, device=device)
+            with adapters_off(model) if name == "sft" else contextlib.nullcontext():
+                gen = generate_responses(model, tok, data.test_prompts, max_new_tokens=params.max_new_tokens,
+                                         temperature=0.0, batch_size=64, seed=0, device=device)
             texts = [g["response"] for g in gen]
             rm_test = score_texts(state.rm, tok, data.test_prompts, texts, max_len=max_pos, batch_size=64, device=device)
             entry: dict[str, Any] = {"rm_score": round(sum(rm_test) / len(rm_test), 4),

@@ -112,8 +112,20 @@ class Params:
     """torch CPU threads; 0 leaves torch's default."""
     device: str
     """'auto', 'cpu' or 'cuda'."""
+    lora_r: int
+    """LoRA rank (rlhf/lora.py, docs/models.md); 0 trains every weight (the default). > 0: the policy and the value model get adapters (the value's score head trains fully), the reference is the policy with its adapters off; both merged into models/policy and models/value."""
+    lora_alpha: float
+    """LoRA scale numerator: the adapters' update is scaled by lora_alpha / lora_r."""
+    lora_dropout: float
+    """Dropout on the adapters' input while training (0 = none)."""
+    lora_targets: list[str]
+    """Names of the linear layers that get adapters (e.g. [q_proj, v_proj]); [all-linear]: every linear layer
+    of the transformer body (never the LM head or the score head)."""
 
     def validate(self) -> None:
+        from rlhf.lora import validate_params
+
+        validate_params(self, "ppo")
         for key in ("steps", "batch_size", "minibatch_size", "micro_batch_size", "ppo_epochs", "max_new_tokens",
                     "ptx_batch_size", "ptx_max_len", "kl_horizon"):
             require(getattr(self, key) > 0, f"ppo.{key}", "must be > 0")
@@ -215,6 +227,7 @@ def setup(params: Params, *, sft: Path, reward: Path, data: Path, world: Path | 
     """The run's state at step 0, or at the step of this run's last checkpoint when there is one."""
     from rlhf.devices import make_optimizer
     from rlhf.dist import launched_processes
+    from rlhf.lora import LoraSettings, trainable_parameters
 
     check_processes(params, launched_processes())  # before joining: a bad split fails at once on every rank
     # 1-2. Models, data, the policy's optimizer, generators, checkpoint (rlhf.rollout); the value model's
@@ -223,10 +236,11 @@ def setup(params: Params, *, sft: Path, reward: Path, data: Path, world: Path | 
                            checkpoints=checkpoints,
                            need=("ppo.batch_size", params.batch_size), doc_len=params.ptx_max_len,
                            with_value=True, shuffle=True,
-                           ptx_batch_size=params.ptx_batch_size if params.ptx_coef > 0 else 0)
+                           ptx_batch_size=params.ptx_batch_size if params.ptx_coef > 0 else 0,
+                           lora=LoraSettings.of(params, "ppo"))
     state = PPOState(
         **fields,
-        value_opt=make_optimizer(fields["value"].parameters(), params.value_lr, 0.0, fields["device"],
+        value_opt=make_optimizer(trainable_parameters(fields["value"]), params.value_lr, 0.0, fields["device"],
                                  betas=(params.adam_beta1, params.adam_beta2), eps=params.adam_eps, fused_on_cpu=True),
         kl_ctl=P.make_kl_controller(params.kl_coef, params.target_kl, params.kl_horizon), reuse=False,
     )
@@ -534,6 +548,17 @@ def final_metrics(state: PPOState) -> dict[str, Any]:
     }
 
 
+def lora_metrics(state: PPOState) -> dict[str, Any]:
+    """{"lora": rank and parameter counts of policy and value model} under LoRA, else {} (a full fine-tuning's
+    metrics stay as they were)."""
+    from rlhf.lora import parameter_counts
+
+    if state.params.lora_r == 0:
+        return {}
+    return {"lora": {"r": state.params.lora_r, "reference": "policy with adapters off",
+                     "policy": parameter_counts(state.policy), "value": parameter_counts(state.value)}}
+
+
 def run(params: Params, *, sft: Path, reward: Path, data: Path, world: Path | None, out: Path, value_out: Path,
         metrics: Path, plots: Path, checkpoints: Path | None, reuse_first_forward: bool = True,
         on_step: Callable[[int, dict[str, float]], None] | None = None) -> dict[str, Any]:
@@ -544,6 +569,7 @@ def run(params: Params, *, sft: Path, reward: Path, data: Path, world: Path | No
     """
     from rlhf.lengths import open_length_tally, warn_rarely_ended
     from rlhf.models import save_model
+    from rlhf.lora import merged
 
     t0 = time.time()
     # 1. State: models, optimizers, KL controller, generators, data; resumed from a checkpoint if any.
@@ -563,12 +589,14 @@ def run(params: Params, *, sft: Path, reward: Path, data: Path, world: Path | No
     live.end()
     RO.write_overoptimization(state.history, Path(plots))
     t_eval = time.time()
-    # 3. Outputs: the policy (HF causal LM + tokenizer) and the value model (HF sequence classifier).
-    save_model(state.policy, state.tokenizer, out)
+    # 3. Metrics: the last rollouts (training prompts, sampled), then held-out evaluation only; before saving,
+    #    which under LoRA folds the adapters into the policy that is also the reference (rlhf.lora).
+    result = {**final_metrics(state), **RO.evaluate_heldout(state), "lengths": open_length_tally().report("ppo"),
+              **lora_metrics(state)}
+    # 4. Outputs: the policy (HF causal LM + tokenizer) and the value model (HF sequence classifier).
+    save_model(merged(state.policy), state.tokenizer, out)
     if params.rl_coef > 0:  # the SFT + ptx control trains no value model
-        save_model(state.value.model, state.tokenizer, value_out)
-    # 4. Metrics: the last rollouts (training prompts, sampled), then held-out evaluation only.
-    result = {**final_metrics(state), **RO.evaluate_heldout(state), "lengths": open_length_tally().report("ppo")}
+        save_model(merged(state.value.model), state.tokenizer, value_out)
     if state.history and "val/eos_share" in state.history[0]:  # the first rollout is SFT's own
         warn_rarely_ended("ppo", state.history[0]["val/eos_share"], params.max_new_tokens, "ppo.max_new_tokens")
     if dist.enabled:  # absent with one process, whose metrics file stays as it always was

@@ -84,8 +84,20 @@ class Params:
     """torch CPU threads; 0 leaves torch's default."""
     device: str
     """'auto', 'cpu' or 'cuda'."""
+    lora_r: int
+    """LoRA rank (rlhf/lora.py, docs/models.md); 0 trains every weight (the default). > 0: the SFT body's linear layers get adapters and the score head trains fully; merged into models/reward."""
+    lora_alpha: float
+    """LoRA scale numerator: the adapters' update is scaled by lora_alpha / lora_r."""
+    lora_dropout: float
+    """Dropout on the adapters' input while training (0 = none)."""
+    lora_targets: list[str]
+    """Names of the linear layers that get adapters (e.g. [q_proj, v_proj]); [all-linear]: every linear layer
+    of the transformer body (never the LM head or the score head)."""
 
     def validate(self) -> None:
+        from rlhf.lora import validate_params
+
+        validate_params(self, "reward")
         for key in ("epochs", "batch_size", "max_len"):
             require(getattr(self, key) > 0, f"reward.{key}", "must be > 0")
         require(self.lr > 0, "reward.lr", "must be > 0")
@@ -224,11 +236,14 @@ def train_reward_model(params: Params, *, sft: Path, data: Path, tokenizer, trai
     have none; eval-mode forward). Returns (model, held-out encodings, last logged values, checkpointer,
     training seconds)."""
     from rlhf.devices import make_optimizer
+    from rlhf.lora import LoraSettings, add_adapters, trainable_parameters
     from rlhf.training import Checkpointer, cosine_lr, epoch_batches, file_digest, fingerprint, open_live, train_loop
 
     total_steps = params.epochs * (len(train) // per_step)
     model = build_reward_model(sft, tokenizer, params.head_init_std, params.seed).to(device)
-    optimizer = make_optimizer(model.parameters(), params.lr, params.weight_decay, device)
+    # LoRA (lora_r > 0): adapters on the SFT body, the new score head trained fully (rlhf/lora.py).
+    model = add_adapters(model, LoraSettings.of(params, "reward"), seed=params.seed, train_head=True)
+    optimizer = make_optimizer(trainable_parameters(model), params.lr, params.weight_decay, device)
     checkpointer = Checkpointer(checkpoints, fingerprint(to_dict(params), file_digest(sft), file_digest(data)))
     pad = tokenizer.pad_token_id
 
@@ -261,6 +276,13 @@ def train_reward_model(params: Params, *, sft: Path, data: Path, tokenizer, trai
     return model, val_enc, last, checkpointer, train_s
 
 
+def lora_metrics(model, params: Params) -> dict[str, Any]:
+    """{"lora": rank and parameter counts} under LoRA, else {} (the metrics of a full fine-tuning stay as they were)."""
+    from rlhf.lora import parameter_counts
+
+    return {"lora": {"r": params.lora_r, "parameters": parameter_counts(model)}} if params.lora_r > 0 else {}
+
+
 def run(params: Params, *, sft: Path, data: Path, demos: Path, world: Path | None, out: Path, metrics: Path,
         plots: Path, checkpoints: Path | None) -> dict[str, Any]:
     from rlhf.dist import start_stage
@@ -268,6 +290,7 @@ def run(params: Params, *, sft: Path, data: Path, demos: Path, world: Path | Non
     from rlhf.io import remove_outputs
     from rlhf.lengths import length_tally
     from rlhf.models import load_tokenizer, save_model
+    from rlhf.lora import merged
     from rlhf.rm import REWARD_BIAS_KEY
 
     t0 = time.time()
@@ -299,7 +322,8 @@ def run(params: Params, *, sft: Path, data: Path, demos: Path, world: Path | Non
     bias, n_demos = demonstration_bias(model, tokenizer, demos, max_len=params.max_len, device=device)
     setattr(model.config, REWARD_BIAS_KEY, round(bias, 6))
     model.config.reward_bias_method = BIAS_METHOD
-    save_model(model.cpu(), tokenizer, out)
+    lora = lora_metrics(model, params)
+    save_model(merged(model).cpu(), tokenizer, out)  # adapters, if any, folded in: a plain HF folder
 
     flat_val = [x for s in scores for x in s]
     result: dict[str, Any] = {
@@ -311,6 +335,7 @@ def run(params: Params, *, sft: Path, data: Path, demos: Path, world: Path | Non
         "bias": {"method": BIAS_METHOD, "value": round(bias, 6), "demonstrations": n_demos,
                  "heldout_mean_reward_centered": round(sum(flat_val) / len(flat_val) + bias, 4)},
         "lengths": lengths.report("reward"),
+        **lora,
     }
     write_json(metrics, result)  # written last: its presence marks a finished run
     checkpointer.clear()  # only now, so a kill before this point still resumes

@@ -54,8 +54,20 @@ class Params:
     """torch CPU threads; 0 leaves torch's default."""
     device: str
     """'auto', 'cpu' or 'cuda'."""
+    lora_r: int
+    """LoRA rank (rlhf/lora.py, docs/models.md); 0 trains every weight (the default). > 0: the causal LM's linear layers get adapters; merged into models/sft at the end."""
+    lora_alpha: float
+    """LoRA scale numerator: the adapters' update is scaled by lora_alpha / lora_r."""
+    lora_dropout: float
+    """Dropout on the adapters' input while training (0 = none)."""
+    lora_targets: list[str]
+    """Names of the linear layers that get adapters (e.g. [q_proj, v_proj]); [all-linear]: every linear layer
+    of the transformer body (never the LM head or the score head)."""
 
     def validate(self) -> None:
+        from rlhf.lora import validate_params
+
+        validate_params(self, "sft")
         for key in ("epochs", "batch_size", "max_len", "eval_max_new_tokens"):
             require(getattr(self, key) > 0, f"sft.{key}", "must be > 0")
         require(self.lr > 0, "sft.lr", "must be > 0")
@@ -104,22 +116,36 @@ def check_response_budget(p95: int, max_new_tokens: int) -> None:
                       f"{p95} so responses can end with EOS", soft_wrap=True)
 
 
+def save_merged(model, tokenizer, out: Path, lora, result: dict[str, Any]):
+    """Save `model` as a plain HF folder, LoRA adapters folded into the weights (rlhf/lora.py), and return that
+    model; under LoRA the metrics get the rank and the trainable share of the parameters."""
+    from rlhf.lora import merged, parameter_counts
+    from rlhf.models import save_model
+
+    if lora.enabled:
+        result["lora"] = {"r": lora.r, "parameters": parameter_counts(model)}
+    model = merged(model)
+    save_model(model, tokenizer, out)
+    return model
+
+
 def run(params: Params, *, base: Path, data: Path, world: Path | None, out: Path, metrics: Path, plots: Path,
         checkpoints: Path | None) -> dict[str, Any]:
     from rlhf.devices import autocast, make_optimizer
+    from rlhf.dist import start_stage
     from rlhf.gold import load_judge
     from rlhf.lengths import length_tally
-    from rlhf.models import load_causal_lm, load_tokenizer, save_model
+    from rlhf.lora import LoraSettings, add_adapters, trainable_parameters
+    from rlhf.models import load_causal_lm, load_tokenizer
     from rlhf.training import (Checkpointer, cosine_lr, epoch_batches, file_digest, fingerprint, masked_lm_loss, open_live,
                                train_loop, training_max_len)
 
     t0 = time.time()
-    from rlhf.dist import start_stage
-
     dist, device = start_stage(params)
     data = Path(data)
     tokenizer = load_tokenizer(base)
-    model = load_causal_lm(base).to(device)
+    lora = LoraSettings.of(params, "sft")
+    model = add_adapters(load_causal_lm(base).to(device), lora, seed=params.seed)  # the model itself when lora_r is 0
     demos = read_jsonl(data / "sft.jsonl", DEMONSTRATION_SCHEMA)
     val_demos = read_jsonl(data / "sft_val.jsonl", DEMONSTRATION_SCHEMA, allow_empty=True)
     test = read_jsonl(data / "test.jsonl", PROMPT_SCHEMA)
@@ -139,7 +165,7 @@ def run(params: Params, *, base: Path, data: Path, world: Path | None, out: Path
     steps_per_epoch = len(train_ex) // params.batch_size
     total_steps = params.epochs * steps_per_epoch
 
-    optimizer = make_optimizer(model.parameters(), params.lr, params.weight_decay, device)
+    optimizer = make_optimizer(trainable_parameters(model), params.lr, params.weight_decay, device)
     checkpointer = Checkpointer(checkpoints, fingerprint(to_dict(params), file_digest(base), file_digest(data / "sft.jsonl")))
 
     def loss_fn(step: int) -> torch.Tensor:
@@ -167,7 +193,7 @@ def run(params: Params, *, base: Path, data: Path, world: Path | None, out: Path
         result["timing"] = {"wall_s": round(time.time() - t0, 1)}
         return result
     live.end()
-    save_model(model, tokenizer, out)
+    model = save_merged(model, tokenizer, out, lora, result)
     if "val_loss" in last:
         result["val_loss"] = round(last["val_loss"], 4)
 
