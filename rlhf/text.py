@@ -10,3 +10,54 @@ _SPACE = re.compile(r"\s+")
 def normalize(text: str) -> str:
     """Case-folded, NFKC, whitespace collapsed: two prompts equal under this are the same prompt."""
     return _SPACE.sub(" ", unicodedata.normalize("NFKC", text).casefold()).strip()
+
+
+# ----------------------------------------------------------------------------------------------
+# Chat transcripts in any common format -> (role, text) turns, for leakage checks
+
+
+_ROLE_WORDS = {"user": "user", "human": "user", "assistant": "assistant", "gpt": "assistant", "model": "assistant",
+               "bot": "assistant", "system": "system"}
+
+# Markers that open a turn (named group `role`, or the fixed role after the pattern) or end one (None).
+_MARKERS: list[tuple[str, str | None]] = [
+    (r"<\|(?P<role>user|assistant|system)\|>", ""),                               # this project, Phi-3, Zephyr
+    (r"<\|(?:bos|eos|pad|end|endoftext)\|>", None),
+    (r"<\|im_start\|>[ \t]*(?P<role>user|assistant|system)\b", ""),              # ChatML (Qwen, OpenAI)
+    (r"<\|im_end\|>", None),
+    (r"<\|start_header_id\|>\s*(?P<role>user|assistant|system)\s*<\|end_header_id\|>", ""),  # Llama 3
+    (r"<\|eot_id\|>|<\|begin_of_text\|>|<\|end_of_text\|>", None),
+    (r"<start_of_turn>[ \t]*(?P<role>user|model|system)\b", ""),                  # Gemma
+    (r"<end_of_turn>", None),
+    (r"<<SYS>>", "system"), (r"<</SYS>>", "user"),                                # Llama 2
+    (r"\[INST\]", "user"), (r"\[/INST\]", "assistant"),
+    (r"</?s>", None),
+    (r"###\s*(?:Instruction|Input)\s*:", "user"), (r"###\s*Response\s*:", "assistant"),  # Alpaca
+    (r"(?:^|(?<=\n))[ \t]*(?P<role>human|user|assistant|gpt|bot|system)[ \t]*:", ""),   # HH, Vicuna, ShareGPT
+]
+_MARKER = re.compile("|".join(f"(?P<m{i}>{pattern.replace('(?P<role>', f'(?P<r{i}>')})"
+                              for i, (pattern, _) in enumerate(_MARKERS)), re.IGNORECASE)
+
+
+def chat_turns(text: str, *, default: str | None = None) -> list[tuple[str, str]]:
+    """`text` split at the chat markers of the common formats (this project's `<|user|>`, HH's
+    "\\n\\nHuman: … \\n\\nAssistant:", ChatML, Llama 2 `[INST]`, Llama 3, Gemma, Alpaca, Vicuna) into
+    (role, normalized text) turns, empty turns left out. Text outside any turn (before the first marker, or
+    after an end marker) gets the role `default` (None: dropped); so a plain prompt read with
+    default="user" is one user turn, and a corpus document without markers has no turns."""
+    turns: list[tuple[str, str]] = []
+    role, start = default, 0
+
+    def close(end: int) -> None:
+        body = normalize(text[start:end])
+        if role is not None and body:
+            turns.append((role, body))
+
+    for m in _MARKER.finditer(text):
+        close(m.start())
+        i = next(j for j in range(len(_MARKERS)) if m.group(f"m{j}") is not None)
+        fixed = _MARKERS[i][1]
+        role = _ROLE_WORDS[m.group(f"r{i}").lower()] if fixed == "" else fixed
+        start = m.end()
+    close(len(text))
+    return turns

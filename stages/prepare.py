@@ -13,7 +13,6 @@ form the sft split. The run refuses to finish if a test prompt appears in any tr
 from __future__ import annotations
 
 import hashlib
-import re
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,9 +23,8 @@ from rlhf.io import (
     CORPUS_SCHEMA, DEMONSTRATION_SCHEMA, PAIRWISE_SCHEMA, PROMPT_SCHEMA, RANKING_SCHEMA, atomic_dir,
     read_jsonl, write_json, write_jsonl,
 )
-from rlhf.modeling import ASSISTANT, USER
 from rlhf.params import require
-from rlhf.text import normalize
+from rlhf.text import chat_turns, normalize
 
 
 @dataclass(frozen=True)
@@ -64,12 +62,30 @@ def assign_split(text: str, p: Params) -> str:
     return "ppo"
 
 
-_USER_TURN = re.compile(re.escape(USER) + r"(.*?)" + re.escape(ASSISTANT), re.S)
+class CorpusTurns:
+    """The chat turns of the corpus's documents in any common format (`rlhf.text.chat_turns`: this project's
+    markers, HH transcripts, ChatML, Llama, …), normalized; `in` asks whether a prompt is one of their user
+    turns, or, for a multi-turn prompt, a run of their turns in order. Plain documents have no turns."""
 
+    def __init__(self, texts: list[str]) -> None:
+        self.docs = [chat_turns(t) for t in texts]
+        self.by_user_turn: dict[str, list[int]] = {}
+        for i, turns in enumerate(self.docs):
+            for role, body in turns:
+                if role == "user":
+                    self.by_user_turn.setdefault(body, []).append(i)
 
-def corpus_user_turns(texts: list[str]) -> set[str]:
-    """Normalized user turns of chat-like corpus documents: instructions the base model trains on."""
-    return {normalize(m) for t in texts for m in _USER_TURN.findall(t)}
+    def __contains__(self, prompt: str) -> bool:
+        want = chat_turns(prompt, default="user")
+        first = next((body for role, body in want if role == "user"), None)
+        if first is None:
+            return False
+        n = len(want)
+        for i in self.by_user_turn.get(first, ()):
+            turns = self.docs[i]
+            if any(turns[j: j + n] == want for j in range(len(turns) - n + 1)):
+                return True
+        return False
 
 
 def dedupe_prompts(records: list[dict[str, Any]], path: Path) -> tuple[list[dict[str, Any]], int]:
@@ -88,12 +104,13 @@ def dedupe_prompts(records: list[dict[str, Any]], path: Path) -> tuple[list[dict
     return kept, len(records) - len(kept)
 
 
-def check_leakage(test: list[dict[str, Any]], sources: dict[str, set[str]]) -> None:
-    """Refuse to run if a test prompt appears in any training input (named in the message)."""
+def check_leakage(test: list[dict[str, Any]], sources: dict[str, set[str] | CorpusTurns]) -> None:
+    """Refuse to run if a test prompt appears in any training input (named in the message): a set holds
+    normalized prompts, a `CorpusTurns` the corpus's chat turns."""
     for r in test:
         key = normalize(r["prompt"])
         for name, texts in sources.items():
-            if key in texts:
+            if (r["prompt"] if isinstance(texts, CorpusTurns) else key) in texts:
                 raise StageError(
                     f"test prompt '{r['id']}' ({r['prompt'][:60]!r}) also appears in {name}: "
                     "remove it from the training input or from the prompt pool"
@@ -144,7 +161,7 @@ def run(params: Params, *, raw: Path, out: Path, metrics: Path) -> dict[str, Any
     # 3. Leakage: a test prompt must not be a demonstration, a corpus chat turn or a user-supplied label.
     check_leakage(splits["test"], {
         str(demos_path): demo_seen,
-        f"{corpus_path} (as a chat user turn)": corpus_user_turns([c["text"] for c in corpus]),
+        f"{corpus_path} (as a chat user turn)": CorpusTurns([c["text"] for c in corpus]),
         "the rm split": {normalize(r["prompt"]) for r in splits["rm"]},
         "the ppo split": {normalize(r["prompt"]) for r in splits["ppo"]},
         **{str(raw / k): v for k, v in extra.items()},
