@@ -28,14 +28,16 @@ from rlhf.decode import LlamaDecoder
 from rlhf.decode import supports as decode_supports
 from rlhf.errors import StageError
 
-BOS, EOS, PAD, USER, ASSISTANT = "<|bos|>", "<|eos|>", "<|pad|>", "<|user|>", "<|assistant|>"
+from rlhf.text import ASSISTANT, BOS, EOS, PAD, USER, conversation
+
 SPECIAL_TOKENS = [BOS, EOS, PAD, USER, ASSISTANT]
 
-# One user turn, one assistant turn; the assistant's turn ends with EOS. Jinja, as transformers expects.
+# Turns in order: a user (or system) turn after USER, an assistant turn after ASSISTANT ending with EOS;
+# a multi-turn conversation is these back to back. Jinja, as transformers expects.
 CHAT_TEMPLATE = (
     "{{ bos_token }}"
     "{% for message in messages %}"
-    "{% if message['role'] == 'user' %}" + USER + "{{ message['content'] }}"
+    "{% if message['role'] == 'user' or message['role'] == 'system' %}" + USER + "{{ message['content'] }}"
     "{% elif message['role'] == 'assistant' %}" + ASSISTANT + "{{ message['content'] }}{{ eos_token }}"
     "{% endif %}{% endfor %}"
     "{% if add_generation_prompt %}" + ASSISTANT + "{% endif %}"
@@ -152,10 +154,18 @@ def prepare_tokenizer(tokenizer) -> bool:
 
 
 def chat_prompt(tokenizer, prompt: str) -> str:
-    """The text a model sees before its response: the chat template with the generation prompt."""
-    return tokenizer.apply_chat_template(
-        [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
-    )
+    """The text a model sees before its response: the tokenizer's chat template with the generation prompt.
+    A conversation prompt ("Human: …\n\nAssistant: …\n\nHuman: …", rlhf.text.conversation) renders as its
+    turns, in order, each in the template's own markers; any other prompt is one user turn."""
+    from jinja2 import TemplateError
+
+    messages = conversation(prompt)
+    try:
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    except TemplateError as exc:  # a template that refuses a system turn, or turns that do not alternate
+        roles = ", ".join(m["role"] for m in messages)
+        raise StageError(f"the tokenizer's chat template cannot render a conversation of roles {roles} "
+                         f"({str(exc).splitlines()[0]}); edit the prompt or the tokenizer's chat_template") from None
 
 
 def encode_prompt(tokenizer, prompt: str) -> list[int]:

@@ -6,6 +6,9 @@ import unicodedata
 
 _SPACE = re.compile(r"\s+")
 
+# This project's chat markers (special tokens of the tokenizer `pretrain` trains; rlhf.modeling.CHAT_TEMPLATE).
+BOS, EOS, PAD, USER, ASSISTANT = "<|bos|>", "<|eos|>", "<|pad|>", "<|user|>", "<|assistant|>"
+
 
 def normalize(text: str) -> str:
     """Case-folded, NFKC, whitespace collapsed: two prompts equal under this are the same prompt."""
@@ -61,3 +64,50 @@ def chat_turns(text: str, *, default: str | None = None) -> list[tuple[str, str]
         start = m.end()
     close(len(text))
     return turns
+
+
+# ----------------------------------------------------------------------------------------------
+# Conversations as prompt text: one string that every file and stage carries, turned into chat
+# messages only where a tokenizer's chat template renders it (rlhf.modeling.chat_prompt)
+
+_SPEAKERS = {"Human": "user", "Assistant": "assistant", "System": "system"}
+_NAMES = {role: name for name, role in _SPEAKERS.items()}
+_TURN_SPLIT = re.compile(r"\n\n(?=(?:Human|Assistant|System): )")
+
+
+def transcript(turns: list[tuple[str, str]]) -> str:
+    """(role, text) turns -> the prompt text: plain for a single user question, else
+    "Human: …\n\nAssistant: …\n\nHuman: …" (a system message as "System: …"), the HH convention."""
+    if len(turns) == 1 and turns[0][0] == "user":
+        return turns[0][1].strip()
+    return "\n\n".join(f"{_NAMES[role]}: {text.strip()}" for role, text in turns)
+
+
+def conversation(prompt: str) -> list[dict[str, str]]:
+    """The chat messages of a prompt text: a transcript (`transcript`: it opens with "Human: " or
+    "System: " and has an "\n\nAssistant: " turn) gives one message per turn, in order; any other text
+    is one user message."""
+    parts = _TURN_SPLIT.split(prompt.strip())
+    if len(parts) < 2 or not parts[0].startswith(("Human: ", "System: ")):
+        return [{"role": "user", "content": prompt}]
+    messages = []
+    for part in parts:
+        name, text = part.split(": ", 1)
+        messages.append({"role": _SPEAKERS[name], "content": text.strip()})
+    if not any(m["role"] == "assistant" for m in messages):
+        return [{"role": "user", "content": prompt}]
+    return messages
+
+
+def template_text(messages: list[dict[str, str]]) -> str:
+    """A conversation written the way this project's chat template renders it, as a corpus document:
+    `<|user|>q1<|assistant|>a1<|eos|><|user|>q2<|assistant|>a2` (a system message as a user turn).
+    `pretrain` adds BOS before a document and EOS after it, so the model pretrains on exactly what the
+    template later shows it (docs/formats.md, "The chat template and the corpus")."""
+    out = []
+    for i, m in enumerate(messages):
+        if m["role"] == "assistant":
+            out.append(ASSISTANT + m["content"] + ("" if i == len(messages) - 1 else EOS))
+        else:
+            out.append(USER + m["content"])
+    return "".join(out)

@@ -1,7 +1,8 @@
 """prepare: validate the raw inputs, deduplicate, and split prompts into disjoint sft / rm / ppo / test sets.
 
 Reads  data/raw/{prompts,demonstrations,corpus}.jsonl (and, when present, rankings.jsonl and
-       pairwise.jsonl supplied by the user, checked for leakage only).
+       pairwise.jsonl supplied by the user, checked for leakage only). A prompt or demonstration may be a
+       conversation given as `messages` (docs/formats.md); it is written as its transcript text.
 Writes data/prepared/{sft,sft_val,rm,ppo,test,corpus}.jsonl and metrics/prepare.json.
 Run    rlhf prepare --raw data/raw --out data/prepared
 
@@ -24,7 +25,7 @@ from rlhf.io import (
     read_jsonl, write_json, write_jsonl,
 )
 from rlhf.params import require
-from rlhf.text import chat_turns, normalize
+from rlhf.text import chat_turns, normalize, transcript
 
 
 @dataclass(frozen=True)
@@ -88,6 +89,40 @@ class CorpusTurns:
         return False
 
 
+def from_messages(record: Any, where: str, *, demonstration: bool) -> Any:
+    """A record that gives a conversation as `messages` ([{role: system/user/assistant, content}, …], the chat
+    format) instead of `prompt` (and, for a demonstration, `response`), with those fields filled in: the
+    prompt is the conversation up to the final user turn as text (`rlhf.text.transcript`), a demonstration's
+    response its final assistant turn. Other records are returned as they are."""
+    if not isinstance(record, dict) or "messages" not in record or "prompt" in record:
+        return record
+    messages = record["messages"]
+    ok = isinstance(messages, list) and messages and all(
+        isinstance(m, dict) and m.get("role") in ("system", "user", "assistant")
+        and isinstance(m.get("content"), str) and m["content"].strip() for m in messages)
+    if not ok:
+        raise StageError(f"{where}: field 'messages' must be a list of {{role: system/user/assistant, content: "
+                         "non-empty string}")
+    turns = [(m["role"], m["content"]) for m in messages]
+    last = "assistant" if demonstration else "user"
+    if turns[-1][0] != last or (demonstration and (len(turns) < 2 or turns[-2][0] != "user")):
+        raise StageError(f"{where}: 'messages' must end with " + ("a user turn and the assistant's answer"
+                         if demonstration else "the user turn the model answers"))
+    rest = {k: v for k, v in record.items() if k != "messages"}
+    if demonstration:
+        return {**rest, "prompt": transcript(turns[:-1]), "response": turns[-1][1].strip()}
+    return {**rest, "prompt": transcript(turns)}
+
+
+def read_records(path: Path, schema: dict, *, demonstration: bool = False) -> list[dict[str, Any]]:
+    """prompts.jsonl or demonstrations.jsonl, each record in the flat format or as `messages` (`from_messages`)."""
+    from rlhf.io import check_record
+
+    records = read_jsonl(path)
+    return [check_record(from_messages(r, f"{path}:{i}", demonstration=demonstration), schema, f"{path}:{i}")
+            for i, r in enumerate(records, start=1)]
+
+
 def dedupe_prompts(records: list[dict[str, Any]], path: Path) -> tuple[list[dict[str, Any]], int]:
     seen_ids: set[str] = set()
     seen_text: set[str] = set()
@@ -120,8 +155,8 @@ def check_leakage(test: list[dict[str, Any]], sources: dict[str, set[str] | Corp
 def run(params: Params, *, raw: Path, out: Path, metrics: Path) -> dict[str, Any]:
     raw, out = Path(raw), Path(out)
     prompts_path, demos_path, corpus_path = raw / "prompts.jsonl", raw / "demonstrations.jsonl", raw / "corpus.jsonl"
-    prompts = read_jsonl(prompts_path, PROMPT_SCHEMA)
-    demos = read_jsonl(demos_path, DEMONSTRATION_SCHEMA)
+    prompts = read_records(prompts_path, PROMPT_SCHEMA)
+    demos = read_records(demos_path, DEMONSTRATION_SCHEMA, demonstration=True)
     corpus = read_jsonl(corpus_path, CORPUS_SCHEMA)
     extra: dict[str, set[str]] = {}
     if (raw / "rankings.jsonl").exists():
