@@ -160,12 +160,12 @@ def quiet_live_class():
     dvclive 3.48). What the stages need of it is kept: the name of the dvc.yaml file and whether `dvc repro`
     or `dvc exp run` runs the stage (DVC_ROOT set).
     """
-    from dvclive import Live, env
+    from dvclive import Live  # bench/gpu_check.py may stand in a dvclive of its own: only `Live` is imported
 
     class QuietLive(Live):
         def _init_dvc(self) -> None:
             self._dvc_file = self._init_dvc_file()
-            if os.getenv(env.DVC_ROOT):
+            if os.getenv("DVC_ROOT"):  # dvclive.env.DVC_ROOT: set by `dvc repro` / `dvc exp run`
                 self._inside_dvc_pipeline = True
                 self._init_dvc_pipeline()
 
