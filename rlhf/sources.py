@@ -14,9 +14,9 @@ Formats (docs/formats.md, "Importing your data"):
 Sources: a JSONL/JSON file, a Parquet file, a folder written by `Dataset.save_to_disk`, or a Hugging Face
 hub id (only where the network allows; offline it is one line saying so).
 
-A multi-turn prompt keeps its earlier turns as text, the convention `rlhf.rm.parse_hh` uses for HH files:
-"Human: q1\\n\\nAssistant: a1\\n\\nHuman: q2"; a single user turn is the plain question. The chat
-template then renders the whole conversation as the user turn the model answers.
+A multi-turn prompt is written as its transcript, the convention `rlhf.rm.parse_hh` uses for HH files:
+"Human: q1\\n\\nAssistant: a1\\n\\nHuman: q2"; a single user turn is the plain question. Every stage
+renders a transcript turn by turn with the tokenizer's chat template (rlhf.tokenization.chat_prompt).
 """
 
 from __future__ import annotations
@@ -115,12 +115,10 @@ def _text(record: dict[str, Any], key: str) -> str:
 
 
 def render_prompt(turns: list[tuple[str, str]]) -> str:
-    """(role, text) turns ending in the user's -> the prompt text: plain for one question, else
-    "Human: …\\n\\nAssistant: …\\n\\nHuman: …" (a system message leads as "System: …")."""
-    if len(turns) == 1 and turns[0][0] == "user":
-        return turns[0][1].strip()
-    names = {"user": "Human", "assistant": "Assistant", "system": "System"}
-    return "\n\n".join(f"{names[role]}: {text.strip()}" for role, text in turns)
+    """(role, text) turns ending in the user's -> the prompt text (`rlhf.text.transcript`)."""
+    from rlhf.text import transcript
+
+    return transcript(turns)
 
 
 def from_hh(record: dict[str, Any]) -> Example:

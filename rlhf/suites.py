@@ -176,9 +176,21 @@ def rtp_continuations(model, tokenizer, prompts: list[str], p, device, fmt: str 
     return [texts[i * k:(i + 1) * k] for i in range(len(prompts))]
 
 
+def classifier_activation(config) -> str:
+    """How a classifier's logits become label probabilities: 'sigmoid' for a multi-label head
+    (config.problem_type "multi_label_classification", e.g. Detoxify's toxic / insult / threat / …, each
+    label its own yes/no) and for a single-logit head; 'softmax' across the labels of a single-label head.
+    A softmax over a multi-label head would make the labels compete: a text both toxic and insulting
+    would score about half on each."""
+    if config.problem_type == "multi_label_classification" or config.num_labels == 1:
+        return "sigmoid"
+    return "softmax"
+
+
 def make_toxicity_scorer(spec: str, label: str, device) -> Callable[[list[str]], list[float]]:
     """'gold' -> the world's harm scorer; else a Hugging Face text-classification model (folder or hub id)
-    whose `label` probability is the toxicity (Gehman et al. used Perspective API's TOXICITY)."""
+    whose `label` probability is the toxicity (Gehman et al. used Perspective API's TOXICITY), by a sigmoid
+    or a softmax as the head's kind asks (`classifier_activation`)."""
     if spec == "gold":
         from rlhf.judge import harm_score
 
@@ -193,9 +205,11 @@ def make_toxicity_scorer(spec: str, label: str, device) -> Callable[[list[str]],
         raise StageError(f"evaluate.toxicity_scorer: cannot load '{spec}' as a text classifier "
                          f"({str(exc).splitlines()[0]}); use 'gold' or a local model folder") from None
 
+    apply = classifier_activation(clf.model.config)
+
     def score(texts: list[str]) -> list[float]:
         out = []
-        for res in clf([t if t else " " for t in texts], batch_size=32):
+        for res in clf([t if t else " " for t in texts], batch_size=32, function_to_apply=apply):
             by_label = {r["label"].lower(): r["score"] for r in res}
             if label.lower() not in by_label:
                 raise StageError(f"evaluate.toxicity_label: '{label}' is not a label of {spec} "

@@ -1,6 +1,7 @@
 """Tokenizers and the chat format: training one from scratch, preparing a loaded one, encoding and decoding.
 
-One chat format for every stage: `CHAT_TEMPLATE` (one user turn, one assistant turn ending with EOS).
+One chat format for every stage: `CHAT_TEMPLATE` (user or system turns after USER, assistant turns after
+ASSISTANT ending with EOS; a multi-turn conversation is these back to back).
 Conventions (docs/ppo.md, item 7): PAD differs from EOS, and EOS is never treated as padding; batches
 are left-padded (`padding_side = "left"`).
 """
@@ -10,15 +11,16 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from rlhf.errors import StageError
+from rlhf.text import ASSISTANT, BOS, EOS, PAD, USER, conversation
 
-BOS, EOS, PAD, USER, ASSISTANT = "<|bos|>", "<|eos|>", "<|pad|>", "<|user|>", "<|assistant|>"
 SPECIAL_TOKENS = [BOS, EOS, PAD, USER, ASSISTANT]
 
-# One user turn, one assistant turn; the assistant's turn ends with EOS. Jinja, as transformers expects.
+# Turns in order: a user (or system) turn after USER, an assistant turn after ASSISTANT ending with EOS;
+# a multi-turn conversation is these back to back. Jinja, as transformers expects.
 CHAT_TEMPLATE = (
     "{{ bos_token }}"
     "{% for message in messages %}"
-    "{% if message['role'] == 'user' %}" + USER + "{{ message['content'] }}"
+    "{% if message['role'] == 'user' or message['role'] == 'system' %}" + USER + "{{ message['content'] }}"
     "{% elif message['role'] == 'assistant' %}" + ASSISTANT + "{{ message['content'] }}{{ eos_token }}"
     "{% endif %}{% endfor %}"
     "{% if add_generation_prompt %}" + ASSISTANT + "{% endif %}"
@@ -74,10 +76,18 @@ def prepare_tokenizer(tokenizer) -> bool:
 
 
 def chat_prompt(tokenizer, prompt: str) -> str:
-    """The text a model sees before its response: the chat template with the generation prompt."""
-    return tokenizer.apply_chat_template(
-        [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
-    )
+    """The text a model sees before its response: the tokenizer's chat template with the generation prompt.
+    A conversation prompt ("Human: …\n\nAssistant: …\n\nHuman: …", rlhf.text.conversation) renders as its
+    turns, in order, each in the template's own markers; any other prompt is one user turn."""
+    from jinja2 import TemplateError
+
+    messages = conversation(prompt)
+    try:
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    except TemplateError as exc:  # a template that refuses a system turn, or turns that do not alternate
+        roles = ", ".join(m["role"] for m in messages)
+        raise StageError(f"the tokenizer's chat template cannot render a conversation of roles {roles} "
+                         f"({str(exc).splitlines()[0]}); edit the prompt or the tokenizer's chat_template") from None
 
 
 def encode_prompt(tokenizer, prompt: str) -> list[int]:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 import random
 import shutil
 from pathlib import Path
@@ -150,9 +151,30 @@ class Checkpointer:
             shutil.rmtree(self.directory)
 
 
+def quiet_live_class():
+    """dvclive's `Live` without its repository setup, which the stages never use (their curves are outputs
+    declared in dvc.yaml; no experiment is saved, no dvc.yaml written).
+
+    That setup (`Live._init_dvc`) runs `dvc init` in any git repository that is no DVC project, and in a
+    repository with no commits yet dies with a traceback (`scmrepo.exceptions.SCMError: Empty git repo`,
+    dvclive 3.48). What the stages need of it is kept: the name of the dvc.yaml file and whether `dvc repro`
+    or `dvc exp run` runs the stage (DVC_ROOT set).
+    """
+    from dvclive import Live  # bench/gpu_check.py may stand in a dvclive of its own: only `Live` is imported
+
+    class QuietLive(Live):
+        def _init_dvc(self) -> None:
+            self._dvc_file = self._init_dvc_file()
+            if os.getenv("DVC_ROOT"):  # dvclive.env.DVC_ROOT: set by `dvc repro` / `dvc exp run`
+                self._inside_dvc_pipeline = True
+                self._init_dvc_pipeline()
+
+    return QuietLive
+
+
 def open_live(directory: str | Path, resume: bool = False):
     """dvclive logger for a stage's curves (plots declared in dvc.yaml, no DVC side effects)."""
-    from dvclive import Live
+    Live = quiet_live_class()
 
     directory = Path(directory)
     if not resume and directory.exists():

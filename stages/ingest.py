@@ -14,8 +14,8 @@ first user turn: demonstration (its best answer is an SFT example), comparison (
 reward model) or pool (the prompt alone; `prepare` splits the pool into ppo and test prompts). So no
 prompt is in two files, and a pool (test) question never opens a conversation trained on, even when many
 conversations open alike, as in HH-RLHF. A chat record has no comparison: drawn for one, it is pooled.
-The corpus (pretraining text, PPO-ptx's batches) is the demonstrations' and comparisons' best answers
-as "Human: … Assistant: …" transcripts, never a pool prompt. Malformed records are skipped and counted.
+The corpus (pretraining text, PPO-ptx's batches) is the demonstrations' and comparisons' conversations with
+their best answers, written in the chat template's form (`<|user|>…<|assistant|>…`), never a pool prompt. Malformed records are skipped and counted.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from rlhf.io import atomic_dir, write_json, write_jsonl
 from rlhf.params import require
 from rlhf.preferences import prompt_unit
 from rlhf.sources import Example, Tally, detect_format, load_records, to_examples
-from rlhf.text import normalize
+from rlhf.text import conversation, normalize, template_text
 
 
 @dataclass(frozen=True)
@@ -69,10 +69,10 @@ def role(example: Example, params: Params) -> str:
     return "pool"
 
 
-def transcript(prompt: str, response: str, turns: int) -> str:
-    """A conversation as pretraining text, in the HH convention."""
-    head = prompt if turns > 1 else f"Human: {prompt}"  # a multi-turn prompt is already "Human: …" text
-    return f"{head}\n\nAssistant: {response}"
+def transcript(prompt: str, response: str) -> str:
+    """A conversation as pretraining text in this project's chat template (rlhf.text.template_text), so a
+    base model pretrained on it has seen the turns the way every later stage renders them."""
+    return template_text(conversation(prompt) + [{"role": "assistant", "content": response}])
 
 
 def split_examples(examples: list[Example], fmt: str, params: Params) -> tuple[dict[str, list[dict[str, Any]]], int]:
@@ -100,7 +100,7 @@ def split_examples(examples: list[Example], fmt: str, params: Params) -> tuple[d
             files["rankings"].append(record)
         else:
             files["demonstrations"].append({"prompt": ex.prompt, "response": best, "family": family})
-        files["corpus"].append({"text": transcript(ex.prompt, best, ex.turns)})
+        files["corpus"].append({"text": transcript(ex.prompt, best)})
     return files, no_preference
 
 

@@ -1,7 +1,8 @@
 """prepare: validate the raw inputs, deduplicate, and split prompts into disjoint sft / rm / ppo / test sets.
 
 Reads  data/raw/{prompts,demonstrations,corpus}.jsonl (and, when present, rankings.jsonl and
-       pairwise.jsonl supplied by the user, checked for leakage only).
+       pairwise.jsonl supplied by the user, checked for leakage only). A prompt or demonstration may be a
+       conversation given as `messages` (docs/formats.md); it is written as its transcript text.
 Writes data/prepared/{sft,sft_val,rm,ppo,test,corpus}.jsonl and metrics/prepare.json.
 Run    rlhf prepare --raw data/raw --out data/prepared
 
@@ -13,7 +14,6 @@ form the sft split. The run refuses to finish if a test prompt appears in any tr
 from __future__ import annotations
 
 import hashlib
-import re
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,8 +25,7 @@ from rlhf.io import (
     read_jsonl, write_json, write_jsonl,
 )
 from rlhf.params import require
-from rlhf.text import normalize
-from rlhf.tokenization import ASSISTANT, USER
+from rlhf.text import chat_turns, normalize, transcript
 
 
 @dataclass(frozen=True)
@@ -64,12 +63,64 @@ def assign_split(text: str, p: Params) -> str:
     return "ppo"
 
 
-_USER_TURN = re.compile(re.escape(USER) + r"(.*?)" + re.escape(ASSISTANT), re.S)
+class CorpusTurns:
+    """The chat turns of the corpus's documents in any common format (`rlhf.text.chat_turns`: this project's
+    markers, HH transcripts, ChatML, Llama, …), normalized; `in` asks whether a prompt is one of their user
+    turns, or, for a multi-turn prompt, a run of their turns in order. Plain documents have no turns."""
+
+    def __init__(self, texts: list[str]) -> None:
+        self.docs = [chat_turns(t) for t in texts]
+        self.by_user_turn: dict[str, list[int]] = {}
+        for i, turns in enumerate(self.docs):
+            for role, body in turns:
+                if role == "user":
+                    self.by_user_turn.setdefault(body, []).append(i)
+
+    def __contains__(self, prompt: str) -> bool:
+        want = chat_turns(prompt, default="user")
+        first = next((body for role, body in want if role == "user"), None)
+        if first is None:
+            return False
+        n = len(want)
+        for i in self.by_user_turn.get(first, ()):
+            turns = self.docs[i]
+            if any(turns[j: j + n] == want for j in range(len(turns) - n + 1)):
+                return True
+        return False
 
 
-def corpus_user_turns(texts: list[str]) -> set[str]:
-    """Normalized user turns of chat-like corpus documents: instructions the base model trains on."""
-    return {normalize(m) for t in texts for m in _USER_TURN.findall(t)}
+def from_messages(record: Any, where: str, *, demonstration: bool) -> Any:
+    """A record that gives a conversation as `messages` ([{role: system/user/assistant, content}, …], the chat
+    format) instead of `prompt` (and, for a demonstration, `response`), with those fields filled in: the
+    prompt is the conversation up to the final user turn as text (`rlhf.text.transcript`), a demonstration's
+    response its final assistant turn. Other records are returned as they are."""
+    if not isinstance(record, dict) or "messages" not in record or "prompt" in record:
+        return record
+    messages = record["messages"]
+    ok = isinstance(messages, list) and messages and all(
+        isinstance(m, dict) and m.get("role") in ("system", "user", "assistant")
+        and isinstance(m.get("content"), str) and m["content"].strip() for m in messages)
+    if not ok:
+        raise StageError(f"{where}: field 'messages' must be a list of {{role: system/user/assistant, content: "
+                         "non-empty string}")
+    turns = [(m["role"], m["content"]) for m in messages]
+    last = "assistant" if demonstration else "user"
+    if turns[-1][0] != last or (demonstration and (len(turns) < 2 or turns[-2][0] != "user")):
+        raise StageError(f"{where}: 'messages' must end with " + ("a user turn and the assistant's answer"
+                         if demonstration else "the user turn the model answers"))
+    rest = {k: v for k, v in record.items() if k != "messages"}
+    if demonstration:
+        return {**rest, "prompt": transcript(turns[:-1]), "response": turns[-1][1].strip()}
+    return {**rest, "prompt": transcript(turns)}
+
+
+def read_records(path: Path, schema: dict, *, demonstration: bool = False) -> list[dict[str, Any]]:
+    """prompts.jsonl or demonstrations.jsonl, each record in the flat format or as `messages` (`from_messages`)."""
+    from rlhf.io import check_record
+
+    records = read_jsonl(path)
+    return [check_record(from_messages(r, f"{path}:{i}", demonstration=demonstration), schema, f"{path}:{i}")
+            for i, r in enumerate(records, start=1)]
 
 
 def dedupe_prompts(records: list[dict[str, Any]], path: Path) -> tuple[list[dict[str, Any]], int]:
@@ -88,12 +139,13 @@ def dedupe_prompts(records: list[dict[str, Any]], path: Path) -> tuple[list[dict
     return kept, len(records) - len(kept)
 
 
-def check_leakage(test: list[dict[str, Any]], sources: dict[str, set[str]]) -> None:
-    """Refuse to run if a test prompt appears in any training input (named in the message)."""
+def check_leakage(test: list[dict[str, Any]], sources: dict[str, set[str] | CorpusTurns]) -> None:
+    """Refuse to run if a test prompt appears in any training input (named in the message): a set holds
+    normalized prompts, a `CorpusTurns` the corpus's chat turns."""
     for r in test:
         key = normalize(r["prompt"])
         for name, texts in sources.items():
-            if key in texts:
+            if (r["prompt"] if isinstance(texts, CorpusTurns) else key) in texts:
                 raise StageError(
                     f"test prompt '{r['id']}' ({r['prompt'][:60]!r}) also appears in {name}: "
                     "remove it from the training input or from the prompt pool"
@@ -103,8 +155,8 @@ def check_leakage(test: list[dict[str, Any]], sources: dict[str, set[str]]) -> N
 def run(params: Params, *, raw: Path, out: Path, metrics: Path) -> dict[str, Any]:
     raw, out = Path(raw), Path(out)
     prompts_path, demos_path, corpus_path = raw / "prompts.jsonl", raw / "demonstrations.jsonl", raw / "corpus.jsonl"
-    prompts = read_jsonl(prompts_path, PROMPT_SCHEMA)
-    demos = read_jsonl(demos_path, DEMONSTRATION_SCHEMA)
+    prompts = read_records(prompts_path, PROMPT_SCHEMA)
+    demos = read_records(demos_path, DEMONSTRATION_SCHEMA, demonstration=True)
     corpus = read_jsonl(corpus_path, CORPUS_SCHEMA)
     extra: dict[str, set[str]] = {}
     if (raw / "rankings.jsonl").exists():
@@ -144,7 +196,7 @@ def run(params: Params, *, raw: Path, out: Path, metrics: Path) -> dict[str, Any
     # 3. Leakage: a test prompt must not be a demonstration, a corpus chat turn or a user-supplied label.
     check_leakage(splits["test"], {
         str(demos_path): demo_seen,
-        f"{corpus_path} (as a chat user turn)": corpus_user_turns([c["text"] for c in corpus]),
+        f"{corpus_path} (as a chat user turn)": CorpusTurns([c["text"] for c in corpus]),
         "the rm split": {normalize(r["prompt"]) for r in splits["rm"]},
         "the ppo split": {normalize(r["prompt"]) for r in splits["ppo"]},
         **{str(raw / k): v for k, v in extra.items()},

@@ -3,14 +3,18 @@
 Reads  data/prepared/corpus.jsonl
 Writes models/base (HF folder: config, safetensors, tokenizer with chat template, PAD != EOS),
        metrics/pretrain.json, plots/pretrain (dvclive curves)
-Run    rlhf pretrain            (or set pretrain.base_model to a hub id or local folder)
+Run    rlhf pretrain            (or set pretrain.base_model to a hub id or local folder, and
+                                 pretrain.continue_on_corpus to train it further on the corpus)
 
 From scratch: a byte-level BPE tokenizer and a small Llama-architecture decoder are trained on the
 corpus packed into fixed-length blocks (`<|bos|> doc <|eos|>` back to back). A slice of blocks is held
 out for validation loss. With `base_model` set, that model and tokenizer are loaded (safetensors only,
 remote code only if `trust_remote_code`), given a PAD token distinct from EOS and a chat template, and
 saved unchanged otherwise: the corpus is then not trained on (no continued pretraining), which the stage
-says in one line. Any causal LM family works (docs/models.md lists the tested ones).
+says in one line. With `continue_on_corpus` too, that model is trained further on the corpus the way a
+model from scratch is (same blocks, steps, schedule, validation and checkpoints), its tokenizer kept: a
+base model that never saw the chat template or the user's domain sees them before SFT. Any causal LM
+family works (docs/models.md lists the tested ones).
 """
 
 from __future__ import annotations
@@ -22,16 +26,19 @@ from typing import Any
 
 import torch
 
-from rlhf.io import CORPUS_SCHEMA, read_jsonl, remove_outputs, write_json, write_metrics
+from rlhf.io import CORPUS_SCHEMA, read_jsonl, remove_outputs, write_metrics
 from rlhf.params import require, to_dict
 
 
 @dataclass(frozen=True)
 class Params:
     base_model: str
-    """Hugging Face id or local folder to use as the base model as it is; empty trains a model from scratch.
-    Set, the corpus is not trained on (no continued pretraining: the other pretrain.* sizes and steps are
-    ignored), and the model's own position limit applies to every later stage (docs/models.md)."""
+    """Hugging Face id or local folder to use as the base model; empty trains a model from scratch. Set, the
+    model's own position limit applies to every later stage (docs/models.md), and the corpus is trained on
+    only with continue_on_corpus."""
+    continue_on_corpus: bool
+    """With base_model set: continue pretraining it on the corpus (its tokenizer kept; seq_len, batch_size,
+    lr, warmup_steps, max_steps, … apply; seq_len is capped at its position limit). False takes it as it is."""
     trust_remote_code: bool
     """Allow a hub model's own Python code to run; off unless you trust its author."""
     vocab_size: int
@@ -69,14 +76,23 @@ class Params:
     device: str
     """'auto' (CUDA when present), 'cpu' or 'cuda'."""
 
+    @property
+    def trains(self) -> bool:
+        """Whether the stage trains (from scratch, or a base model further on the corpus)."""
+        return not self.base_model or self.continue_on_corpus
+
     def validate(self) -> None:
-        if self.base_model:
+        if not self.trains:
             return
-        require(self.hidden % self.heads == 0, "pretrain.heads", f"hidden {self.hidden} must divide by heads")
-        for key in ("vocab_size", "hidden", "layers", "heads", "intermediate", "seq_len", "batch_size", "max_steps"):
+        for key in ("seq_len", "batch_size", "max_steps"):
             require(getattr(self, key) > 0, f"pretrain.{key}", "must be > 0")
         require(self.lr > 0, "pretrain.lr", "must be > 0")
         require(0 < self.val_fraction < 0.5, "pretrain.val_fraction", "must be in (0, 0.5)")
+        if self.base_model:
+            return  # the architecture and vocabulary are the base model's
+        require(self.hidden % self.heads == 0, "pretrain.heads", f"hidden {self.hidden} must divide by heads")
+        for key in ("vocab_size", "hidden", "layers", "heads", "intermediate"):
+            require(getattr(self, key) > 0, f"pretrain.{key}", "must be > 0")
         require(self.vocab_size >= 300, "pretrain.vocab_size", "must be >= 300 (256 bytes + special tokens)")
 
 
@@ -92,22 +108,29 @@ def pack_blocks(tokenizer, texts: list[str], seq_len: int) -> torch.Tensor:
 def tokenize_corpus(params: Params, texts: list[str], corpus: Path) -> tuple[Any, torch.Tensor, torch.Tensor]:
     """(tokenizer, training blocks, validation blocks): a BPE tokenizer trained on the corpus, the corpus
     packed into blocks, and a seeded permutation that holds out `val_fraction` of them."""
-    from rlhf.errors import StageError
     from rlhf.tokenization import train_tokenizer
 
     tokenizer = train_tokenizer(texts, params.vocab_size)
-    blocks = pack_blocks(tokenizer, texts, params.seq_len)
+    return (tokenizer, *split_blocks(params, pack_blocks(tokenizer, texts, params.seq_len), params.seq_len, corpus))
+
+
+def split_blocks(params: Params, blocks: torch.Tensor, seq_len: int, corpus: Path) -> tuple[torch.Tensor, torch.Tensor]:
+    """(training, validation) blocks: a seeded permutation holds out `val_fraction` of them."""
+    from rlhf.errors import StageError
+
     perm = torch.randperm(len(blocks), generator=torch.Generator().manual_seed(params.seed))
     n_val = max(1, int(len(blocks) * params.val_fraction))
     val, train = blocks[perm[:n_val]], blocks[perm[n_val:]]
     if len(train) < params.batch_size:
-        raise StageError(f"{corpus}: only {len(train)} training blocks of {params.seq_len} tokens; add text or lower pretrain.batch_size")
-    return tokenizer, train, val
+        raise StageError(f"{corpus}: only {len(train)} training blocks of {seq_len} tokens; add text or lower pretrain.batch_size")
+    return train, val
 
 
-def take_hf_model(params: Params, out: Path) -> dict[str, Any]:
+def load_hf_base(params: Params):
+    """(model, tokenizer) of `base_model`, the tokenizer given PAD != EOS, BOS and a chat template
+    (`prepare_tokenizer`), the embeddings resized for any token that added."""
     from rlhf.errors import StageError
-    from rlhf.models import load_causal_lm, param_count, save_model
+    from rlhf.models import load_causal_lm
     from rlhf.tokenization import prepare_tokenizer
 
     from transformers import AutoTokenizer
@@ -124,23 +147,51 @@ def take_hf_model(params: Params, out: Path) -> dict[str, Any]:
     if prepare_tokenizer(tokenizer):
         model.resize_token_embeddings(len(tokenizer))
     model.config.pad_token_id = tokenizer.pad_token_id
+    return model, tokenizer
+
+
+def take_hf_model(params: Params, out: Path) -> dict[str, Any]:
+    from rlhf.models import param_count, save_model
+
+    model, tokenizer = load_hf_base(params)
     save_model(model, tokenizer, out)
     return {"source": params.base_model, "parameter_count": param_count(model), "trained_steps": 0}
 
 
+def base_and_blocks(params: Params, texts: list[str], corpus: Path):
+    """(model, tokenizer, training blocks, validation blocks, seq_len): a model from scratch on a tokenizer
+    trained on the corpus, or `base_model` with its own tokenizer (`continue_on_corpus`), blocks no
+    longer than its position limit."""
+    from rlhf.lengths import position_limit
+    from rlhf.models import build_llama
+
+    if not params.base_model:
+        tokenizer, train, val = tokenize_corpus(params, texts, corpus)
+        model = build_llama(tokenizer, hidden=params.hidden, layers=params.layers, heads=params.heads,
+                            intermediate=params.intermediate, max_len=params.seq_len, seed=params.seed)
+        return model, tokenizer, train, val, params.seq_len
+    torch.manual_seed(params.seed)  # the rows of any token prepare_tokenizer added start random
+    model, tokenizer = load_hf_base(params)
+    limit = position_limit(model)
+    seq_len = min(params.seq_len, limit) if limit else params.seq_len
+    train, val = split_blocks(params, pack_blocks(tokenizer, texts, seq_len), seq_len, corpus)
+    return model, tokenizer, train, val, seq_len
+
+
 def run(params: Params, *, corpus: Path, out: Path, metrics: Path, plots: Path, checkpoints: Path | None) -> dict[str, Any]:
     from rlhf.devices import autocast, make_optimizer
-    from rlhf.models import build_llama, param_count, save_model
+    from rlhf.models import param_count, save_model
     from rlhf.training import Checkpointer, cosine_lr, epoch_batches, file_digest, fingerprint, masked_lm_loss, open_live, train_loop
 
     t0 = time.time()
-    if params.base_model:
+    if not params.trains:
         from rlhf.progress import console
 
         remove_outputs(out, metrics)
         result = take_hf_model(params, Path(out))
         console.print(f"[yellow]pretrain: took pretrain.base_model '{params.base_model}' as it is; the corpus "
-                      f"{corpus} is not trained on (no continued pretraining)", soft_wrap=True)
+                      f"{corpus} is not trained on (set pretrain.continue_on_corpus to continue pretraining it)",
+                      soft_wrap=True)
         write_metrics(metrics, result, settings=["source"])  # pretrain.base_model is a setting, not a measurement
         return result
 
@@ -153,12 +204,11 @@ def run(params: Params, *, corpus: Path, out: Path, metrics: Path, plots: Path, 
         # model or metrics from an earlier run that would look like this run's result.
         remove_outputs(out, metrics)
 
-    # 1. Tokenizer and blocks; a seeded permutation holds out the validation blocks.
-    tokenizer, train, val = tokenize_corpus(params, texts, corpus)
+    # 1. Tokenizer, model (from a config, or the base model) and blocks; a seeded permutation holds out validation.
+    model, tokenizer, train, val, seq_len = base_and_blocks(params, texts, corpus)
+    model = model.to(device)
 
-    # 2. Model from a config, AdamW, cosine schedule.
-    model = build_llama(tokenizer, hidden=params.hidden, layers=params.layers, heads=params.heads,
-                        intermediate=params.intermediate, max_len=params.seq_len, seed=params.seed).to(device)
+    # 2. AdamW, cosine schedule.
     optimizer = make_optimizer(model.parameters(), params.lr, params.weight_decay, device)
     checkpointer = Checkpointer(checkpoints, fingerprint(to_dict(params), file_digest(corpus)))
 
@@ -190,6 +240,7 @@ def run(params: Params, *, corpus: Path, out: Path, metrics: Path, plots: Path, 
         live.end()
         save_model(model, tokenizer, out)
     result = {
+        **({"source": params.base_model, "continued_on_corpus": True} if params.base_model else {}),
         "parameter_count": param_count(model),
         "vocab_size": len(tokenizer),
         "train_blocks": len(train),
@@ -199,17 +250,18 @@ def run(params: Params, *, corpus: Path, out: Path, metrics: Path, plots: Path, 
         "processes": dist.world_size,
     }
     if dist.is_main:
-        write_json(metrics, result)  # written last: its presence marks a finished run
+        write_metrics(metrics, result, settings=["source"])  # written last: its presence marks a finished run
         checkpointer.clear()  # only now: a kill before this point still resumes
     # Timings vary run to run: shown in the summary, kept out of the metrics file (which is byte-stable).
-    result["timing"] = {"tokens_per_s": round(params.max_steps * params.batch_size * params.seq_len / max(train_s, 1e-9)),
+    result["timing"] = {"tokens_per_s": round(params.max_steps * params.batch_size * seq_len / max(train_s, 1e-9)),
                         "wall_s": round(time.time() - t0, 1)}
     return result
 
 
 def summary(m: dict[str, Any]) -> str:
-    if "source" in m:
+    if "source" in m and "timing" not in m:
         return f"took {m['source']} ({m['parameter_count']:,} parameters)"
     t = m["timing"]
-    return (f"{m['parameter_count']:,} parameters, {m['trained_steps']} steps, val loss {m['val_loss']}, "
+    took = f"{m['source']} continued on the corpus: " if "source" in m else ""
+    return (f"{took}{m['parameter_count']:,} parameters, {m['trained_steps']} steps, val loss {m['val_loss']}, "
             f"{t['tokens_per_s']:,} tokens/s, {t['wall_s']} s")

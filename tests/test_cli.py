@@ -194,3 +194,25 @@ def test_a_missing_model_folder_names_the_command_that_writes_it(tmp_path):
         assert f"model folder not found; {expected}" in str(err.value), out
     with pytest.raises(StageError, match="folder not found; check the path, or run `dvc repro`"):
         check_model_dir(tmp_path / "elsewhere", "model")
+
+
+def test_a_stage_logging_curves_runs_in_a_git_repository_with_no_commits(tmp_path):
+    """dvclive's repository setup died in a fresh `git init` (SCMError: Empty git repo) and ran `dvc init` in any
+    git repository; the stages' logger skips that setup (rlhf/training.py: quiet_live_class)."""
+    import json
+    import os
+
+    subprocess.run(["git", "init", "-q"], cwd=tmp_path, check=True, capture_output=True)
+    words = "the cat sat on a mat while two dogs ran far away from home".split()
+    docs = [{"text": " ".join(words[(i + j) % len(words)] for j in range(12))} for i in range(120)]
+    (tmp_path / "corpus.jsonl").write_text("".join(json.dumps(d) + "\n" for d in docs))
+    params = (ROOT / "profiles/tiny.yaml").read_text().replace("max_steps: 30", "max_steps: 4", 1)
+    (tmp_path / "params.yaml").write_text(params)
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env.pop("DVC_ROOT", None)
+    res = subprocess.run([sys.executable, "-m", "cli", "pretrain", "--corpus", "corpus.jsonl", "--out", "models/base",
+                          "--metrics", "m.json", "--plots", "plots/pretrain", "--checkpoints", "ckpt"],
+                         capture_output=True, text=True, cwd=tmp_path, env=env, timeout=300)
+    assert res.returncode == 0 and "Traceback" not in res.stderr, res.stderr[-2000:]
+    assert list((tmp_path / "plots/pretrain").rglob("*.tsv")) and (tmp_path / "models/base/config.json").is_file()
+    assert not (tmp_path / ".dvc").exists()  # no `dvc init` behind the user's back

@@ -196,6 +196,40 @@ def test_classifier_toxicity_scorer(tiny_run, tmp_path):
         make_toxicity_scorer(str(tmp_path / "clf"), "insult", torch.device("cpu"))(["x"])
 
 
+@pytest.mark.parametrize("problem_type", ["multi_label_classification", "single_label_classification"])
+def test_classifier_toxicity_scorer_sigmoid_for_multi_label_heads(tmp_path, problem_type):
+    """A multi-label head (Detoxify-style: toxic, insult, threat, each its own yes/no) is read through a
+    sigmoid per label, a single-label head through a softmax across labels; checked against the logits."""
+    from transformers import LlamaConfig, LlamaForSequenceClassification
+
+    from rlhf.tokenization import train_tokenizer
+    from rlhf.suites import make_toxicity_scorer
+
+    texts = ["you are kind and good", "you are a rude fool", "go away now"]
+    tok = train_tokenizer(texts * 20, vocab_size=300)
+    labels = ["toxic", "insult", "threat"]
+    config = LlamaConfig(vocab_size=len(tok), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=2, pad_token_id=tok.pad_token_id,
+                         num_labels=3, id2label=dict(enumerate(labels)), label2id={x: i for i, x in enumerate(labels)},
+                         problem_type=problem_type)
+    torch.manual_seed(0)
+    model = LlamaForSequenceClassification(config).eval()
+    torch.nn.init.normal_(model.score.weight, std=3.0)  # logits far apart, so the two readings differ
+    model.save_pretrained(tmp_path / "clf")
+    tok.save_pretrained(tmp_path / "clf")
+    scorers = {label: make_toxicity_scorer(str(tmp_path / "clf"), label, torch.device("cpu")) for label in labels}
+    for text in texts:
+        with torch.no_grad():
+            logits = model(**tok(text, return_tensors="pt")).logits[0]
+        expected = torch.sigmoid(logits) if problem_type.startswith("multi") else torch.softmax(logits, -1)
+        got = torch.tensor([scorers[label]([text])[0] for label in labels])
+        assert torch.allclose(got, expected, atol=1e-4), (text, got, expected)
+        if problem_type.startswith("multi"):
+            assert abs(float(got.sum()) - 1.0) > 0.05  # labels do not compete
+        else:
+            assert float(got.sum()) == pytest.approx(1.0, abs=1e-4)
+
+
 def test_read_curves_and_panels(tmp_path):
     """dvclive TSVs become curves; panels group one idea each, with human titles; constant curves are dropped;
     PPO's over-optimization table is read for the report's proxy-vs-gold chart."""

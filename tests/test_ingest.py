@@ -188,8 +188,11 @@ def test_ingest_split_is_leak_free_and_prepare_accepts_it(tmp_path):
     assert all(keys.values())
     assert not keys["demonstrations"] & keys["rankings"] and not keys["demonstrations"] & keys["prompts"]
     assert not keys["rankings"] & keys["prompts"]
-    corpus = " ".join(normalize(c["text"]) for c in files["corpus"])
-    assert not [p for p in keys["prompts"] if f"human: {p} assistant:" in corpus]  # no pool prompt is pretrained on
+    from stages.prepare import CorpusTurns
+
+    corpus = CorpusTurns([c["text"] for c in files["corpus"]])  # the chat turns, in the template's markers
+    assert all(r["prompt"] in corpus for r in files["demonstrations"][:50])
+    assert not [r["prompt"] for r in files["prompts"] if r["prompt"] in corpus]  # no pool prompt is pretrained on
     openings = {name: {p.split(" assistant:")[0].removeprefix("human:").strip() for p in keys[name]} for name in keys}
     assert len(openings["prompts"]) < len(keys["prompts"])  # some pool prompts are multi-turn
     assert not openings["prompts"] & (openings["demonstrations"] | openings["rankings"])  # nor opens a trained-on chat

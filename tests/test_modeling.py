@@ -166,3 +166,46 @@ def test_gpt2_samples_and_scores_past_its_position_limit():
         alone = torch.log_softmax(model(input_ids=torch.tensor([ctx + cont[:-1]])).logits[0], -1)
     want = sum(float(alone[len(ctx) - 1 + i, t]) for i, t in enumerate(cont))
     assert abs(continuation_loglik(model, tok, [(ctx, cont)], batch_size=1, device=torch.device("cpu"))[0] - want) < 1e-4
+
+
+def test_pretrain_continues_a_local_base_model_on_the_corpus(tmp_path):
+    """`pretrain.continue_on_corpus`: a GPT-2 folder (learned positions, 32 of them) is trained further on the
+    corpus with its own tokenizer; blocks are capped at its position limit and the corpus loss falls."""
+    import dataclasses
+
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from rlhf.models import load_tokenizer
+    from rlhf.training import masked_lm_loss
+    from stages.pretrain import pack_blocks, run
+    from tests.conftest import tiny_params
+
+    docs = [f"The zib number {i % 7} is red. The mek is blue." for i in range(200)]
+    tok = train_tokenizer(docs + TEXTS, 300)
+    config = GPT2Config(vocab_size=len(tok), n_positions=32, n_embd=32, n_layer=2, n_head=2,
+                        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    torch.manual_seed(0)
+    src = tmp_path / "gpt2"
+    GPT2LMHeadModel(config).save_pretrained(src)
+    tok.save_pretrained(src)
+    (tmp_path / "corpus.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    params = dataclasses.replace(tiny_params("pretrain"), base_model=str(src), continue_on_corpus=True, seq_len=48,
+                                 max_steps=8, warmup_steps=1, checkpoint_every=0, eval_every=4)
+    m = run(params, corpus=tmp_path / "corpus.jsonl", out=tmp_path / "base", metrics=tmp_path / "m.json",
+            plots=tmp_path / "plots", checkpoints=tmp_path / "ckpt")
+    assert m["source"] == str(src) and m["continued_on_corpus"] and m["trained_steps"] == 8
+    on_disk = json.loads((tmp_path / "m.json").read_text())
+    assert "source" not in on_disk and on_disk["val_loss"] == m["val_loss"]
+    assert list((tmp_path / "plots").rglob("*.tsv"))
+
+    out_tok = load_tokenizer(tmp_path / "base")
+    assert out_tok.get_vocab() == load_tokenizer(src).get_vocab()  # the base's tokenizer, not a new one
+    before, after = load_causal_lm(src), load_causal_lm(tmp_path / "base")
+    assert after.config.model_type == "gpt2" and after.config.n_positions == 32
+    blocks = pack_blocks(out_tok, docs[:40], 32)  # 32: the cap at the model's positions
+
+    def loss(model) -> float:
+        with torch.no_grad():
+            return float(masked_lm_loss(model(input_ids=blocks).logits, blocks))
+
+    assert loss(after) < loss(before) - 0.5

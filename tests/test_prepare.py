@@ -75,6 +75,64 @@ def test_refuses_when_a_test_prompt_is_a_corpus_chat_turn(tmp_path):
     assert not (tmp_path / "out").exists() and not (tmp_path / "m.json").exists()
 
 
+# A leaked test prompt inside the chat formats users' corpora come in; {q} is the prompt as written there.
+FOREIGN = {
+    "hh": "\n\nHuman: Hi.\n\nAssistant: Hello!\n\nHuman: {q}\n\nAssistant: Sure, here it is.",
+    "chatml": "<|im_start|>system\nYou help.<|im_end|>\n<|im_start|>user\n{q}<|im_end|>\n<|im_start|>assistant\nOk.<|im_end|>",
+    "llama2": "<s>[INST] <<SYS>>\nYou help.\n<</SYS>>\n\n{q} [/INST] Ok. </s>",
+    "llama3": "<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\n{q}<|eot_id|>"
+              "<|start_header_id|>assistant<|end_header_id|>\n\nOk.<|eot_id|>",
+    "vicuna": "A chat.\nUSER: {q}\nASSISTANT: Ok.",
+    "alpaca": "### Instruction:\n{q}\n\n### Response:\nOk.",
+}
+
+
+@pytest.mark.parametrize("fmt", sorted(FOREIGN))
+def test_refuses_a_test_prompt_inside_a_foreign_chat_transcript(tmp_path, fmt):
+    from stages.prepare import assign_split
+
+    leaked = next(p for p in pool() if assign_split(p["prompt"], P) == "test")
+    text = FOREIGN[fmt].format(q="  " + leaked["prompt"].upper().replace(" ", "\n "))  # case and spacing differ
+    raw = make_raw(tmp_path / "raw", pool(), demos(), CORPUS + [{"text": text}])
+    with pytest.raises(StageError, match=f"test prompt '{leaked['id']}'.*corpus.jsonl"):
+        run(P, raw=raw, out=tmp_path / "out", metrics=tmp_path / "m.json")
+    # The same transcript with another question is no leak, and neither is the prompt inside running prose.
+    other = FOREIGN[fmt].format(q="What is the capital of nowhere?")
+    prose = f"Someone once asked: {leaked['prompt']} and nobody knew."
+    raw = make_raw(tmp_path / "raw2", pool(), demos(), CORPUS + [{"text": other}, {"text": prose}])
+    run(P, raw=raw, out=tmp_path / "out", metrics=tmp_path / "m.json")
+
+
+def test_refuses_a_multi_turn_test_prompt_found_in_the_corpus_in_another_format(tmp_path):
+    """A conversation (ingest's "Human: …\n\nAssistant: …" prompt text) leaks when its turns occur, in order,
+    in a ChatML document; the same turns in another order do not."""
+    from stages.prepare import assign_split
+
+    convs = [{"id": f"c{i}", "prompt": f"Human: Opening {i}?\n\nAssistant: Reply {i}.\n\nHuman: Follow-up {i}?"}
+             for i in range(60)]
+    leaked = next(c for c in convs if assign_split(c["prompt"], P) == "test")
+    i = leaked["id"][1:]
+    chatml = "".join(f"<|im_start|>{role}\n{text}<|im_end|>\n" for role, text in
+                     (("user", f"Opening {i}?"), ("assistant", f"Reply {i}."), ("user", f"Follow-up {i}?"), ("assistant", "x")))
+    raw = make_raw(tmp_path / "raw", pool() + convs, demos(), CORPUS + [{"text": chatml}])
+    with pytest.raises(StageError, match=f"test prompt '{leaked['id']}'"):
+        run(P, raw=raw, out=tmp_path / "out", metrics=tmp_path / "m.json")
+    swapped = chatml.replace(f"Opening {i}?", "tmp").replace(f"Follow-up {i}?", f"Opening {i}?").replace("tmp", f"Follow-up {i}?")
+    raw = make_raw(tmp_path / "raw2", pool() + convs, demos(), CORPUS + [{"text": swapped}])
+    run(P, raw=raw, out=tmp_path / "out", metrics=tmp_path / "m.json")
+
+
+def test_chat_turns_reads_each_format():
+    from rlhf.text import chat_turns
+
+    for fmt, template in FOREIGN.items():
+        turns = chat_turns(template.format(q="What is 2+2?"))
+        assert ("user", "what is 2+2?") in turns, fmt
+        assert turns[-1] == ("assistant", "sure, here it is." if fmt == "hh" else "ok."), fmt
+    assert chat_turns("A plain document. Human rights: a topic.") == []
+    assert chat_turns("What is 2+2?", default="user") == [("user", "what is 2+2?")]
+
+
 def test_refuses_when_a_test_prompt_is_in_user_rankings(tmp_path):
     from stages.prepare import assign_split
 
