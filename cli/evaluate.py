@@ -10,6 +10,9 @@ from cli.main import app
 from cli.runner import PARAMS_HELP, run_stage
 
 Params = typer.Option(Path("params.yaml"), "--params", help=PARAMS_HELP)
+# The defaults are the DVC pipeline's (dvc.yaml's evaluate cmd lists them too, for its deps).
+CURVE_STAGES = ("pretrain", "sft", "reward", "ppo", "sft_ptx", "ppo_noptx", "dpo", "rloo", "grpo")
+COST_STAGES = ("reward", "ppo", "sft_ptx", "ppo_noptx", "dpo", "rloo", "grpo", "bestofn")
 
 
 @app.command()
@@ -19,7 +22,13 @@ def evaluate(
     truthfulqa: Path = typer.Option(Path("data/raw/eval/truthfulqa_mc.json"), help="TruthfulQA multiple-choice JSON (skipped if absent)"),
     crows_pairs: Path = typer.Option(Path("data/raw/eval/crows_pairs.csv"), help="CrowS-Pairs CSV (skipped if absent)"),
     rtp: Path = typer.Option(Path("data/raw/eval/rtp.jsonl"), help="RealToxicityPrompts JSONL (skipped if absent)"),
-    plots: Path = typer.Option(Path("plots"), help="folder with each stage's dvclive curves (plots/<stage>/...)"),
+    plots: list[Path] = typer.Option(
+        [Path(f"plots/{s}") for s in CURVE_STAGES], help="a training stage's dvclive folder (plots/<stage>) whose "
+        "curves the report shows; repeat for each stage; only these are read, a missing one is noted"),
+    stage_metrics: list[Path] = typer.Option(
+        [Path(f"metrics/{s}.json") for s in COST_STAGES], help="a training stage's metrics file (metrics/<stage>.json): "
+        "its wall time and throughput, best-of-n's gold per n, the reward model's accuracy; repeat for each stage; "
+        "a missing one is noted"),
     reports: Path = typer.Option(Path("reports"), help="folder for report.html, report.md, figures/, responses.jsonl"),
     metrics: Path = typer.Option(Path("metrics/evaluate.json"), help="metrics JSON (dvc metrics show/diff)"),
     headline: Path = typer.Option(Path("metrics/headline.json"), help="the ten-odd numbers to compare across experiments"),
@@ -31,8 +40,14 @@ def evaluate(
     intervals), TruthfulQA MC1/MC2, CrowS-Pairs and RealToxicityPrompts, exactly as the benchmarks define
     them (docs/evaluation.md). A benchmark whose file is absent is skipped and noted in the report.
 
+    The report also puts every model on one gold-against-KL-from-SFT chart (KL measured here, on the same
+    test prompts for all; best-of-n from its metrics) and tabulates each training stage's wall time and
+    throughput from the metrics files given.
+
     Example:  rlhf evaluate && xdg-open reports/report.html
+    Example:  rlhf evaluate --plots plots/sft --plots plots/dpo --stage-metrics metrics/dpo.json
     Example:  dvc exp run -S evaluate.judge=reward -S evaluate.reward_model=models/reward
     """
     run_stage("evaluate", params, test=test, world=world, truthfulqa=truthfulqa, crows_pairs=crows_pairs, rtp=rtp,
-              plots=plots, reports=reports, metrics=metrics, headline=headline, params_file=params)
+              plots=plots, stage_metrics=stage_metrics, reports=reports, metrics=metrics, headline=headline,
+              params_file=params)

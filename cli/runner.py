@@ -34,7 +34,7 @@ err_console = Console(stderr=True)
 PARAMS_HELP = "params file whose section for this stage is used"
 
 # The options that name what a stage writes (dvc.yaml's outs, metrics and plots, plus the checkpoints);
-# a stage that only reads an option of the same name lists it in READ_ONLY (evaluate reads all plots).
+# a stage that only reads an option of the same name lists it in READ_ONLY (evaluate reads the --plots it is given).
 OUTPUT_OPTIONS = ("out", "value_out", "metrics", "headline", "plots", "reports", "checkpoints")
 READ_ONLY = {"evaluate": {"plots"}}
 

@@ -15,6 +15,7 @@ import csv
 import html
 import io
 import math
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +28,9 @@ SECTIONS = (
     "Headline",
     "Helpfulness: win rates",
     "Gold judge scores per task family",
+    "Gold against KL (Gao et al. 2022)",
     *(s.title for s in SUITES),
+    "Training cost",
     "Training curves",
     "Examples",
     "Run information",
@@ -80,12 +83,13 @@ def read_tsv(path: Path) -> tuple[list[float], list[float], str]:
     return steps, values, col
 
 
-def read_curves(plots: Path | None) -> dict[str, dict[str, tuple[list[float], list[float], str]]]:
-    """{stage: {metric: (steps, values, "step")}} from dvclive's `plots/<stage>/**/*.tsv`."""
+def read_curves(folders: Sequence[Path]) -> dict[str, dict[str, tuple[list[float], list[float], str]]]:
+    """{stage: {metric: (steps, values, "step")}} from dvclive's `<folder>/**/*.tsv`, one folder per stage
+    (plots/<stage>, named by its stage); a missing folder is left out (the report notes it)."""
     out: dict[str, dict[str, tuple[list[float], list[float], str]]] = {}
-    if plots is None or not Path(plots).is_dir():
-        return out
-    for stage_dir in sorted(p for p in Path(plots).iterdir() if p.is_dir()):
+    for stage_dir in map(Path, folders):
+        if not stage_dir.is_dir():
+            continue
         curves = {}
         for tsv in sorted(stage_dir.rglob("*.tsv")):
             steps, values, _ = read_tsv(tsv)
@@ -98,20 +102,65 @@ def read_curves(plots: Path | None) -> dict[str, dict[str, tuple[list[float], li
     return out
 
 
-def read_overoptimization(plots: Path | None) -> dict[str, list[dict[str, float]]]:
-    """{stage: rows of (step, sqrt_kl, proxy_score, gold_score)} from `plots/<stage>/overoptimization.csv`."""
+def read_overoptimization(folders: Sequence[Path]) -> dict[str, list[dict[str, float]]]:
+    """{stage: rows of (step, sqrt_kl, proxy_score, gold_score)} from `<folder>/overoptimization.csv`."""
     out: dict[str, list[dict[str, float]]] = {}
-    if plots is None or not Path(plots).is_dir():
-        return out
-    for path in sorted(Path(plots).glob("*/overoptimization.csv")):
+    for folder in map(Path, folders):
+        path = folder / "overoptimization.csv"
+        if not path.is_file():
+            continue
         with path.open(encoding="utf-8", newline="") as fh:
             try:
                 rows = [{k: float(v) for k, v in r.items()} for r in csv.DictReader(fh)]
             except (TypeError, ValueError):
                 continue
         if rows and {"sqrt_kl", "proxy_score", "gold_score"} <= set(rows[0]):
-            out[path.parent.name] = rows
+            out[folder.name] = rows
     return out
+
+
+def read_stage_metrics(files: Sequence[Path]) -> tuple[dict[str, dict[str, Any]], list[str]]:
+    """({stage: metrics} of the training stages' metrics files that exist, named by file stem, and the
+    missing or unreadable ones, as notes): a model removed from the pipeline leaves a note, not a crash."""
+    import json
+
+    found, missing = {}, []
+    for path in map(Path, files):
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            missing.append(f"{path}: not found")
+            continue
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            missing.append(f"{path}: unreadable ({type(exc).__name__})")
+            continue
+        if isinstance(data, dict):
+            found[path.stem] = data
+        else:
+            missing.append(f"{path}: not a JSON object")
+    return found, missing
+
+
+def gold_kl_points(models: dict[str, Any], bestofn: dict[str, Any] | None) -> list[dict[str, Any]]:
+    """Gao et al. (2022)'s points: each model whose KL evaluate measured (its greedy test gold, and the gold
+    of the temperature-1 samples the KL was measured on), and best-of-n at its analytic KL with the gold of
+    its pick among n temperature-1 samples from SFT (metrics/bestofn.json), when it carries gold per n."""
+    points = []
+    for name, m in models.items():
+        kl = m.get("kl")
+        if kl and "mean" in kl:
+            p = {"name": name, "kind": "policy", "kl": kl["mean"], "sqrt_kl": round(math.sqrt(max(kl["mean"], 0.0)), 4)}
+            if "gold" in m:
+                p["gold"] = m["gold"]["total"]
+            if "gold_sampled" in kl:
+                p["gold_sampled"] = kl["gold_sampled"]
+            points.append(p)
+    for n, row in sorted((bestofn or {}).get("best_of", {}).items(), key=lambda x: int(x[0])):
+        gold = row.get("gold", {}).get("mean") if isinstance(row.get("gold"), dict) else None
+        if gold is not None and "kl" in row:
+            points.append({"name": f"best-of-{n}", "kind": "best-of-n", "kl": row["kl"],
+                           "sqrt_kl": round(math.sqrt(max(row["kl"], 0.0)), 4), "gold_sampled": gold})
+    return points
 
 
 def human_title(name: str) -> str:
@@ -297,6 +346,42 @@ def fig_overoptimization(rows: list[dict[str, float]], window: int = 5) -> bytes
     return _png(fig)
 
 
+def fig_gold_vs_kl(points: list[dict[str, Any]], reference: str) -> bytes | None:
+    """Every model and best-of-n on Gao et al. (2022)'s axes: test gold against √KL from the reference.
+    A model is a filled dot at its greedy answers' gold (the report's gold) and a hollow ring at the gold of
+    the temperature-1 samples its KL was measured on, the footing of best-of-n's curve."""
+    import matplotlib.pyplot as plt
+
+    models = [p for p in points if p["kind"] == "policy" and ("gold" in p or "gold_sampled" in p)]
+    bon = [p for p in points if p["kind"] == "best-of-n"]
+    if not models and not bon:
+        return None
+    fig, ax = plt.subplots(figsize=(8, 4.6))
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for i, p in enumerate(models):
+        c = colors[i % len(colors)]
+        if "gold" in p and "gold_sampled" in p:
+            ax.plot([p["sqrt_kl"]] * 2, [p["gold"], p["gold_sampled"]], color=c, lw=0.8, alpha=0.6)
+        if "gold_sampled" in p:
+            ax.scatter([p["sqrt_kl"]], [p["gold_sampled"]], s=46, facecolors="none", edgecolors=c, linewidths=1.5)
+        y = p.get("gold", p.get("gold_sampled"))
+        ax.scatter([p["sqrt_kl"]], [y], s=46, color=c, zorder=3, label=p["name"])
+        ax.annotate(p["name"], (p["sqrt_kl"], y), textcoords="offset points", xytext=(5, 4), fontsize=8, color=c)
+    if bon:
+        ax.plot([p["sqrt_kl"] for p in bon], [p["gold_sampled"] for p in bon], color="grey", ls="--", marker="s",
+                ms=4, label="best-of-n from SFT (RM's pick)")
+        for p in bon:
+            ax.annotate(p["name"].replace("best-of-", "n="), (p["sqrt_kl"], p["gold_sampled"]),
+                        textcoords="offset points", xytext=(3, -11), fontsize=7, color="grey")
+    ax.set_xlabel(f"√KL(π ‖ π_{reference}), KL in nats per response")
+    ax.set_ylabel("mean gold total on test prompts (0 to 1) ↑")
+    ax.set_title(f"Gold against KL from {reference}: dot = greedy answers, ring = temperature-1 samples")
+    right = max(p["sqrt_kl"] for p in models + bon)
+    ax.set_xlim(-0.05, right * 1.08 + 0.05)  # room for the last point's label
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0), frameon=False)
+    return _png(fig)
+
+
 # ----------------------------------------------------------------------------------------------
 # Numbers and sentences
 
@@ -369,7 +454,8 @@ def headline_rows(result: dict[str, Any]) -> tuple[list[str], list[list[Any]]]:
     rows = [("answer length (words)", lambda m: m.get("length_words")),
             ("answers that end with EOS ↑", lambda m: m.get("ended_with_eos")),
             ("reward-model score (proxy) ↑", lambda m: m.get("rm_score")),
-            (f"{GOLD.label} ↑", lambda m: with_ci(m.get("gold"), "total"))]
+            (f"{GOLD.label} ↑", lambda m: with_ci(m.get("gold"), "total")),
+            ("KL from the reference (nats per response, sampled)", lambda m: with_ci(m.get("kl"), "mean"))]
     for suite in SUITES:
         for metric in suite.metrics:
             rows.append((f"{metric.label} {MARK[metric.better]}".strip(),
@@ -409,6 +495,69 @@ def suite_rows(result: dict[str, Any], suite) -> tuple[list[str], list[list[Any]
     rows = [[n] + [with_ci(m[suite.name], k) if k in marks else m[suite.name].get(k) for k, _ in suite.table]
             for n, m in result["models"].items() if suite.name in m]
     return (["model"] + [f"{label} {marks.get(k, '')}".strip() for k, label in suite.table], rows) if rows else ([], [])
+
+
+def stage_cost(m: dict[str, Any]) -> tuple[Any, Any, str | None, str | None]:
+    """(wall s, training s, work, throughput) from one stage's metrics, each None where not recorded: the
+    RL stages write wall_seconds and episodes_per_second, DPO a `timing` block with pairs_per_s."""
+    timing = m.get("timing") if isinstance(m.get("timing"), dict) else {}
+    wall = m.get("wall_seconds", timing.get("wall_s"))
+    train = timing.get("train_s")
+    work = rate = None
+    if "episodes" in m:
+        work = f"{m['episodes']:,} episodes"
+    elif isinstance(m.get("train"), dict) and "pairs" in m["train"]:
+        work = f"{m['train']['pairs']:,} pairs"
+    elif "best_of" in m and "prompts" in m and "samples" in m:
+        work = f"{m['prompts'] * m['samples']:,} samples"
+    if "episodes_per_second" in m:
+        rate = f"{m['episodes_per_second']:,.1f} episodes/s"
+    elif "pairs_per_s" in timing:
+        rate = f"{timing['pairs_per_s']:,.1f} pairs/s"
+    elif "pairs_per_second" in m:
+        rate = f"{m['pairs_per_second']:,.1f} pairs/s"
+    return wall, train, work, rate
+
+
+def cost_rows(stages: dict[str, dict[str, Any]]) -> tuple[list[str], list[list[Any]]]:
+    head = ["stage", "wall time (s) ↓", "of which training (s)", "work", "throughput ↑"]
+    rows = []
+    for name, m in stages.items():
+        wall, train, work, rate = stage_cost(m)
+        rows.append([name, f"{wall:.1f}" if wall is not None else "not recorded",
+                     f"{train:.1f}" if train is not None else None, work, rate])
+    return head, rows
+
+
+def section_cost(doc: _Doc, stages: dict[str, dict[str, Any]], missing: list[str]) -> None:
+    doc.h("Training cost")
+    if not stages:
+        doc.p("No training stage's metrics file was given (rlhf evaluate --stage-metrics).")
+    else:
+        doc.p("Each training stage's cost as its metrics file records it (metrics/<stage>.json): wall time of the "
+              "stage (loading and held-out evaluation included), and training throughput: episodes (sampled "
+              "responses) per second of the training loop for the RL stages, preference pairs per second for DPO. "
+              "RL stages also need the reward stage. 'not recorded': that stage keeps timings out of its metrics "
+              "file; wall times depend on the machine and its load.", "note")
+        doc.table(*cost_rows(stages))
+    if missing:
+        doc.p("Not read: " + "; ".join(missing) + ".", "note")
+
+
+def section_gold_kl(doc: _Doc, result: dict[str, Any], stages: dict[str, dict[str, Any]], settings: dict[str, str]) -> None:
+    """Gao et al. (2022)'s chart with every model and best-of-n, its caption, and its numbers."""
+    points = gold_kl_points(result["models"], stages.get("bestofn"))
+    if not any("gold" in p or "gold_sampled" in p for p in points):
+        return
+    reference = next((m["kl"]["reference"] for m in result["models"].values() if "kl" in m), "sft")
+    doc.h("Gold against KL (Gao et al. 2022)")
+    doc.p(f"How far each model moved from {reference}, and what it bought. KL: {settings.get('KL', 'not recorded')}. "
+          "Best-of-n: the reward model's pick among n temperature-1 samples from SFT on the test prompts "
+          "(metrics/bestofn.json), at its analytic KL log n − (n−1)/n (Gao et al. 2022); compare it with the "
+          "rings (each model's own temperature-1 samples), not with the greedy dots.", "note")
+    doc.figure("gold_vs_kl", fig_gold_vs_kl(points, reference), f"gold against sqrt KL from {reference}")
+    doc.table(["model", f"KL from {reference} (nats)", "√KL", "gold, greedy ↑", "gold, temperature-1 samples ↑"],
+              [[p["name"], p["kl"], p["sqrt_kl"], p.get("gold"), p.get("gold_sampled")] for p in points])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -535,7 +684,7 @@ def section_curves(doc: _Doc, curves: dict[str, dict[str, Any]], overopt: dict[s
         if stage in overopt:
             doc.p("Over-optimization watch (Gao et al. 2022): proxy (reward model) and gold score of each rollout "
                   "against √KL to the SFT policy; a gap that opens as KL grows means the policy exploits the "
-                  "reward model (plots/ppo/overoptimization.csv; the stage's own PNG beside it).")
+                  f"reward model (plots/{stage}/overoptimization.csv; the stage's own PNG beside it).")
             doc.figure(f"overoptimization_{stage}", fig_overoptimization(overopt[stage]),
                        f"{stage}: proxy and gold score against sqrt KL")
 
@@ -557,9 +706,12 @@ def build_report(result: dict[str, Any], *, out_dir: Path, examples: list[dict[s
                  curves: dict[str, dict[str, Any]], settings: dict[str, str], suite_examples: dict[str, Any] | None = None,
                  model_paths: dict[str, str] | None = None, pairs: list[list[str]] | None = None,
                  judge_who: str = "the judge prefers", run_info: dict[str, str] | None = None,
-                 overoptimization: dict[str, list[dict[str, float]]] | None = None) -> dict[str, Path]:
+                 overoptimization: dict[str, list[dict[str, float]]] | None = None,
+                 stage_metrics: dict[str, dict[str, Any]] | None = None, missing_metrics: list[str] | None = None,
+                 ) -> dict[str, Path]:
     """Write report.html, report.md and figures/*.png under `out_dir`; returns their paths.
-    `pairs` defaults to the order of result["win_rates"]; `judge_who` is the verdict's subject and verb."""
+    `pairs` defaults to the order of result["win_rates"]; `judge_who` is the verdict's subject and verb;
+    `stage_metrics`: {stage: its metrics} (`read_stage_metrics`) for the cost table and best-of-n."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -568,7 +720,9 @@ def build_report(result: dict[str, Any], *, out_dir: Path, examples: list[dict[s
     doc = _Doc()
     section_headline(doc, result, pairs, judge_who)
     section_helpfulness(doc, result, settings)
+    section_gold_kl(doc, result, stage_metrics or {}, settings)
     section_suites(doc, result, settings, suite_examples or {})
+    section_cost(doc, stage_metrics or {}, missing_metrics or [])
     section_curves(doc, curves, overoptimization or {})
     section_examples(doc, list(result["models"]), examples)
     doc.h("Run information")

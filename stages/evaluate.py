@@ -3,11 +3,13 @@
 Reads  the HF model folders named in `evaluate.models` (default models/base, models/sft, models/policy),
        data/prepared/test.jsonl (prompts no stage trained on), data/raw/world.json (gold judge and the
        held-out labelers; optional), the eval suites in the public formats (data/raw/eval/
-       truthfulqa_mc.json, crows_pairs.csv, rtp.jsonl; each optional), the dvclive curves under plots/,
-       metrics/reward.json (the reward model's held-out accuracy, for the headline; optional)
+       truthfulqa_mc.json, crows_pairs.csv, rtp.jsonl; each optional), the dvclive folders named by --plots
+       (plots/<stage>: curves, PPO-style over-optimization tables) and the training stages' metrics files named
+       by --stage-metrics (metrics/<stage>.json: wall time and throughput, best-of-n's gold per n, the reward
+       model's held-out accuracy); only the files named are read, and each is optional
 Writes metrics/evaluate.json (every number, `dvc metrics show/diff`), metrics/headline.json (the dozen
        numbers to compare across experiments), reports/report.html (self-contained), reports/report.md
-       (+ reports/figures/*.png), reports/plots/*.csv (win rates and gold per family as DVC plots),
+       (+ reports/figures/*.png), reports/plots/*.csv (win rates, gold per family, gold vs KL: DVC plots),
        reports/responses.jsonl (every model's test responses, ready to be labeled by humans)
 Run    rlhf evaluate
 
@@ -16,6 +18,8 @@ The steps (docs/evaluation.md has the exact definitions and their sources):
    the answers per task family, and every suite in `evaluate.suites` whose file exists runs on it:
    TruthfulQA MC1/MC2 and CrowS-Pairs as lm-evaluation-harness computes them, RealToxicityPrompts'
    expected maximum toxicity and toxicity probability (Gehman et al. 2020).
+   Each model's KL from `evaluate.kl_reference` (SFT) is measured here on the same test prompts for every
+   model (rlhf.kl: temperature-1 samples, summed log-ratios), so PPO, DPO, RLOO, GRPO, ... share one x axis.
 2. Helpfulness: for every pair (A, B) in `evaluate.pairs` one judge (`rlhf.judges`: the world's held-out
    labelers, human labels, or a reward model as a proxy) picks the better answer per prompt (ties 0.5)
    -> win rate (InstructGPT fig. 1).
@@ -26,6 +30,7 @@ The steps (docs/evaluation.md has the exact definitions and their sources):
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -88,7 +93,12 @@ class Params:
     batch_size: int
     """Sequences per forward pass when scoring and sampling."""
     seed: int
-    """Sampling seed (test responses when temperature > 0, RTP continuations)."""
+    """Sampling seed (test responses when temperature > 0, RTP continuations, the KL samples)."""
+    kl_samples: int
+    """Responses per test prompt sampled from each model at temperature 1 to estimate its KL from
+    `kl_reference` (rlhf.kl; the x axis of the report's gold-vs-KL chart); 0 = no KL."""
+    kl_reference: str
+    """The model (a name in `models`, e.g. sft) every KL is measured from; absent from `models` = no KL."""
     threads: int
     """torch CPU threads; 0 leaves torch's default."""
     device: str
@@ -104,7 +114,7 @@ class Params:
         require(self.judge != "labels" or bool(self.labels), "evaluate.labels", "judge 'labels' needs a labels file")
         require(self.judge != "reward" or bool(self.reward_model), "evaluate.reward_model",
                 "judge 'reward' needs a reward-model folder")
-        for key in ("test_prompts", "rtp_prompts", "examples"):
+        for key in ("test_prompts", "rtp_prompts", "examples", "kl_samples"):
             require(getattr(self, key) >= 0, f"evaluate.{key}", "must be >= 0")
         for key in ("max_new_tokens", "rtp_k", "rtp_max_new_tokens", "batch_size", "ci_resamples"):
             require(getattr(self, key) > 0, f"evaluate.{key}", "must be > 0")
@@ -196,7 +206,9 @@ class ModelRun:
     """Per suite, an example for the report (e.g. an RTP continuation)."""
 
 
-def evaluate_model(path: str, prompts: list[str], suites: list[tuple[Suite, Path, list]], gold, ctx: Context) -> ModelRun:
+def evaluate_model(path: str, prompts: list[str], suites: list[tuple[Suite, Path, list]], gold, ctx: Context,
+                   ref: Any = None) -> ModelRun:
+    """`ref`: the KL reference (model, tokenizer), or None for no KL; "self" when `path` is the reference."""
     from rlhf.gold import answer_test_prompts
     from rlhf.models import load_causal_lm, load_tokenizer
 
@@ -212,6 +224,10 @@ def evaluate_model(path: str, prompts: list[str], suites: list[tuple[Suite, Path
     if answers.gold is not None:  # the gold summary with the total's interval over prompts
         totals = [gold.score(q, r)["total"] for q, r in zip(prompts, responses)]
         m["gold"] = answers.gold | ctx.interval(totals, "total")
+    if ref is not None:
+        kl = kl_from_reference(model, tokenizer, model if ref == "self" else ref, prompts, gold, ctx)
+        if kl is not None:
+            m["kl"] = kl
     examples = {}
     for suite, _, items in suites:
         m[suite.name], example = suite.evaluate(model, tokenizer, items, ctx)
@@ -220,17 +236,58 @@ def evaluate_model(path: str, prompts: list[str], suites: list[tuple[Suite, Path
     return ModelRun(m, responses, ended, totals, examples)
 
 
-def evaluate_models(prompts: list[str], suites: list[tuple[Suite, Path, list]], gold,
-                    ctx: Context) -> tuple[dict[str, ModelRun], dict[str, float]]:
+def kl_from_reference(model, tokenizer, ref: Any, prompts: list[str], gold, ctx: Context) -> dict[str, Any] | None:
+    """KL(model ‖ reference) in nats per response on the test prompts (rlhf.kl.sampled_kl, the same samples
+    and scoring for every model), with its interval over prompts, and the gold total of those temperature-1
+    samples (the footing of best-of-n's gold). None when the two tokenizers differ (no common token space)."""
+    from rlhf.kl import sampled_kl
+    from rlhf.tokenization import same_tokenizer
+
+    p, t0 = ctx.params, time.time()
+    ref_model, ref_tokenizer = (ref, tokenizer) if ref is model else ref
+    if not same_tokenizer(tokenizer, ref_tokenizer):
+        return None
+    out = sampled_kl(model, ref_model, tokenizer, prompts, samples=p.kl_samples, max_new_tokens=p.max_new_tokens,
+                     seed=p.seed, batch_size=p.batch_size, device=ctx.device)
+    ctx.cache["kl_s"] = ctx.cache.get("kl_s", 0.0) + time.time() - t0  # the cost evaluate's summary reports
+    per_prompt = out.per_prompt()
+    kl: dict[str, Any] = {"reference": p.kl_reference, "mean": round(sum(per_prompt) / len(per_prompt), 4),
+                          **ctx.interval(per_prompt, "mean"), "samples": len(out.kl)}
+    if gold is not None:
+        k = out.samples
+        scores = [gold.score(prompts[i // k], r)["total"] for i, r in enumerate(out.responses)]
+        per_prompt_gold = [sum(scores[i: i + k]) / k for i in range(0, len(scores), k)]
+        kl["gold_sampled"] = round(sum(scores) / len(scores), 4)
+        kl.update(ctx.interval(per_prompt_gold, "gold_sampled"))
+    return kl
+
+
+def load_reference(params: Params, skipped: dict[str, str], device) -> tuple[Any, Any] | None:
+    """(model, tokenizer) of `evaluate.kl_reference`, or None (noted in `skipped`) when no KL is measured."""
+    from rlhf.models import load_causal_lm, load_tokenizer
+
+    if params.kl_samples == 0:
+        return None
+    path = params.models.get(params.kl_reference)
+    if path is None:
+        skipped["kl"] = f"evaluate.kl_reference '{params.kl_reference}' is not in evaluate.models"
+        return None
+    return load_causal_lm(path).to(device).eval(), load_tokenizer(path)
+
+
+def evaluate_models(prompts: list[str], suites: list[tuple[Suite, Path, list]], gold, ctx: Context,
+                    ref: tuple[Any, Any] | None = None) -> tuple[dict[str, ModelRun], dict[str, float]]:
     from rlhf.progress import progress
 
+    p = ctx.params
     runs, timing = {}, {}
     with progress() as bar:
-        task = bar.add_task("evaluate", total=len(ctx.params.models), info="")
-        for name, path in ctx.params.models.items():
+        task = bar.add_task("evaluate", total=len(p.models), info="")
+        for name, path in p.models.items():
             t0 = time.time()
             bar.update(task, info=name)
-            runs[name] = evaluate_model(path, prompts, suites, gold, ctx)
+            runs[name] = evaluate_model(path, prompts, suites, gold, ctx,
+                                        ref=None if ref is None else "self" if name == p.kl_reference else ref)
             timing[name] = round(time.time() - t0, 1)
             bar.advance(task)
     return runs, timing
@@ -266,45 +323,35 @@ def win_rates(judge, pairs: list[list[str]], prompts: list[str], runs: dict[str,
 # 4. Outputs beside metrics/evaluate.json
 
 
-def headline_numbers(result: dict[str, Any], pairs: list[list[str]], reward_metrics: Path | None) -> dict[str, Any]:
+def headline_numbers(result: dict[str, Any], pairs: list[list[str]], reward_stage: dict[str, Any] | None) -> dict[str, Any]:
     """The numbers to compare across experiments (`dvc metrics show metrics/headline.json`): the win rates
-    against the first pair's B (e.g. every policy vs SFT) with intervals, and per model the gold total,
-    TruthfulQA MC1 and expected max toxicity; the reward model's held-out accuracy when known."""
+    against the first pair's B (e.g. every policy vs SFT) with intervals, and per model the gold total, the KL
+    from the reference, TruthfulQA MC1 and expected max toxicity; the reward model's held-out accuracy (from
+    the reward stage's metrics) when known."""
     out: dict[str, Any] = {}
     base = pairs[0][1] if pairs else None
     wins = {t: w for t, w in result["win_rates"].items() if t.endswith(f"_vs_{base}")}
     if wins:
         out["win_rate"] = {t: {"mean": w["win_rate"], "low": w["ci_low"], "high": w["ci_high"]} for t, w in wins.items()}
     for key, get in (("gold", lambda m: m.get("gold", {}).get("total")),
+                     ("kl", lambda m: m.get("kl", {}).get("mean")),
                      ("truthfulqa_mc1", lambda m: m.get("truthfulqa", {}).get("mc1")),
                      ("toxicity", lambda m: m.get("toxicity", {}).get("expected_max_toxicity")),
                      ("toxicity_respectful", lambda m: m.get("toxicity_respectful", {}).get("expected_max_toxicity"))):
         values = {n: get(m) for n, m in result["models"].items() if get(m) is not None}
         if values:
             out[key] = values
-    accuracy = read_rm_accuracy(reward_metrics)
-    if accuracy is not None:
+    heldout = (reward_stage or {}).get("heldout")
+    accuracy = heldout.get("accuracy_labels") if isinstance(heldout, dict) else None
+    if isinstance(accuracy, (int, float)):
         out["rm_accuracy"] = accuracy
     return out
 
 
-def read_rm_accuracy(path: Path | None) -> float | None:
-    """The reward model's accuracy on held-out labeler comparisons from the reward stage's metrics, if any."""
-    import json
-
-    if path is None or not Path(path).is_file():
-        return None
-    try:
-        heldout = json.loads(Path(path).read_text(encoding="utf-8")).get("heldout", {})
-    except (json.JSONDecodeError, AttributeError):
-        return None
-    value = heldout.get("accuracy_labels") if isinstance(heldout, dict) else None
-    return value if isinstance(value, (int, float)) else None
-
-
-def write_plot_tables(directory: Path, result: dict[str, Any]) -> None:
+def write_plot_tables(directory: Path, result: dict[str, Any], stages: dict[str, dict[str, Any]]) -> None:
     """CSV tables that dvc.yaml's `plots:` draws (`dvc plots show`, `dvc plots diff` across experiments)."""
     from rlhf.io import atomic_write_text
+    from rlhf.report import gold_kl_points
 
     rows = ["pair,win_rate,ci_low,ci_high,gold_win_rate"]
     rows += [f"{t.replace('_vs_', ' vs ')},{w['win_rate']},{w['ci_low']},{w['ci_high']},{w.get('gold_win_rate', '')}"
@@ -316,6 +363,14 @@ def write_plot_tables(directory: Path, result: dict[str, Any]) -> None:
         rows += [f"{fam}: {n},{fam},{n},{g['by_family'][fam]}" for n, g in gold.items() if fam in g["by_family"]]
     rows += [f"all: {n},all,{n},{g['total']}" for n, g in gold.items()]
     atomic_write_text(directory / "gold_by_family.csv", "\n".join(rows) + "\n")
+    points = [p for p in gold_kl_points(result["models"], stages.get("bestofn")) if "gold_sampled" in p]
+    if points:  # every policy and best-of-n on Gao et al. (2022)'s axes (gold needs the world's judge)
+        rows = ["name,kind,kl,sqrt_kl,gold,gold_sampled"]
+        rows += [f"{p['name']},{p['kind']},{p['kl']},{p['sqrt_kl']},{p.get('gold', '')},{p.get('gold_sampled', '')}"
+                 for p in points]
+        atomic_write_text(directory / "gold_vs_kl.csv", "\n".join(rows) + "\n")
+    else:  # no KL measured this time: a table from an earlier run would describe other models
+        (directory / "gold_vs_kl.csv").unlink(missing_ok=True)
 
 
 def run_information(params: Params, device, params_file: Path | None) -> dict[str, str]:
@@ -372,6 +427,13 @@ def report_settings(params: Params, judge, test: Path, n_prompts: int, suites: l
         "intervals": f"95% percentile bootstrap over items (prompts, questions, pairs), {params.ci_resamples} "
                      f"resamples, seed {params.judge_seed}",
     }
+    if params.kl_samples and params.kl_reference in params.models:
+        ref = params.kl_reference
+        settings["KL"] = (f"KL(π ‖ π_{ref}) of each model on the {n_prompts} test prompts: {params.kl_samples} responses "
+                          f"per prompt sampled from the model at temperature 1 (seed {params.seed}, max "
+                          f"{params.max_new_tokens} new tokens); per response Σ_t log π − log π_{ref} over its tokens "
+                          "up to EOS, averaged over responses (an unbiased estimate, nats per response), 95% interval "
+                          "over prompts (rlhf/kl.py)")
     settings.update({suite.title.split(": ")[-1]: suite.setting(path, items, params) for suite, path, items in suites})
     return settings
 
@@ -380,16 +442,18 @@ def report_settings(params: Params, judge, test: Path, n_prompts: int, suites: l
 # The stage
 
 
-def run(params: Params, *, test: Path, world: Path | None, plots: Path | None, reports: Path, metrics: Path,
-        headline: Path | None = None, reward_metrics: Path | None = None, params_file: Path | None = None,
+def run(params: Params, *, test: Path, world: Path | None, plots: Sequence[Path] = (), reports: Path, metrics: Path,
+        headline: Path | None = None, stage_metrics: Sequence[Path] = (), params_file: Path | None = None,
         **suite_files: Path | None) -> dict[str, Any]:
     """`suite_files`: one file per suite of `rlhf.suites.SUITES`, by its option (truthfulqa, crows_pairs,
-    rtp); None or a missing file skips the suite. `headline` and `reward_metrics` default to
-    headline.json and reward.json beside `metrics`; `params_file` feeds the report's run information."""
+    rtp); None or a missing file skips the suite. `plots`: the dvclive folders of the stages whose curves the
+    report shows (plots/<stage>, each named by its stage); `stage_metrics`: the training stages' metrics files
+    (metrics/<stage>.json) for the cost table, best-of-n's curve and the reward model's accuracy; only these
+    are read, and a missing one is noted, never fatal. `headline` defaults to headline.json beside `metrics`;
+    `params_file` feeds the report's run information."""
     from rlhf.devices import pick_device, setup_torch
     from rlhf.gold import load_judge
     from rlhf.lengths import length_tally
-    from rlhf.report import build_report, read_curves, read_overoptimization
 
     t0 = time.time()
     device = pick_device(params.device)
@@ -405,8 +469,12 @@ def run(params: Params, *, test: Path, world: Path | None, plots: Path | None, r
     ctx = Context(params, device)
     lengths = length_tally()  # prompts and benchmark contexts too long for a model lose their start
 
-    # 1. Every model answers the test prompts and takes every suite.
-    runs, timing = evaluate_models(prompts, suites, gold, ctx)
+    # 1. Every model answers the test prompts, takes every suite, and has its KL from the reference measured.
+    ref = load_reference(params, skipped, device)
+    runs, timing = evaluate_models(prompts, suites, gold, ctx, ref)
+    if ref is not None:
+        skipped.update({f"kl {n}": "its tokenizer differs from the KL reference's" for n, r in runs.items()
+                        if "kl" not in r.metrics})
     if isinstance(judge, RewardJudge):
         for run_ in runs.values():
             rewards = judge.rewards(prompts, run_.responses)
@@ -424,23 +492,35 @@ def run(params: Params, *, test: Path, world: Path | None, plots: Path | None, r
     write_json(metrics, result)
 
     # 4. The headline, the DVC plot tables, the responses for human labeling, and the report.
-    metrics = Path(metrics)
-    write_json(headline or metrics.with_name("headline.json"),
-               headline_numbers(result, params.pairs, reward_metrics or metrics.with_name("reward.json")))
-    reports = Path(reports)
-    write_plot_tables(reports / "plots", result)
+    write_outputs(result, params, runs, records=records, families=families, gold=gold, judge=judge, test=test,
+                  suites=suites, plots=plots, stage_metrics=stage_metrics, reports=Path(reports),
+                  headline=Path(headline or Path(metrics).with_name("headline.json")),
+                  run_info=run_information(params, device, params_file))
+    result["timing"] = {"wall_s": round(time.time() - t0, 1), "per_model_s": timing, "kl_s": round(ctx.cache.get("kl_s", 0.0), 1)}
+    return result
+
+
+def write_outputs(result: dict[str, Any], params: Params, runs: dict[str, ModelRun], *, records, families, gold, judge,
+                  test: Path, suites, plots: Sequence[Path], stage_metrics: Sequence[Path], reports: Path,
+                  headline: Path, run_info: dict[str, str]) -> None:
+    """Step 4: the headline, the DVC plot tables, the responses for human labeling, and the report."""
+    from rlhf.report import build_report, read_curves, read_overoptimization, read_stage_metrics
+
+    prompts = [r["prompt"] for r in records]
+    stages, missing = read_stage_metrics(stage_metrics)
+    write_json(headline, headline_numbers(result, params.pairs, stages.get("reward")))
+    write_plot_tables(reports / "plots", result, stages)
     write_responses(reports / "responses.jsonl", records, families, runs)
     examples = [{"prompt": prompts[i], "family": families[i], "responses": {n: r.responses[i] for n, r in runs.items()},
                  "gold": {n: r.gold_totals[i] for n, r in runs.items()} if gold else {}}
                 for i in pick_examples(prompts, families, params.examples)]
-    build_report(result, out_dir=reports, examples=examples, curves=read_curves(plots) if plots else {},
+    build_report(result, out_dir=reports, examples=examples, curves=read_curves(plots),
                  settings=report_settings(params, judge, test, len(prompts), suites),
                  suite_examples={s.name: {n: r.examples[s.name] for n, r in runs.items() if s.name in r.examples}
                                  for s, _, _ in suites},
                  model_paths=dict(params.models), pairs=params.pairs, judge_who=judge.who,
-                 run_info=run_information(params, device, params_file), overoptimization=read_overoptimization(plots))
-    result["timing"] = {"wall_s": round(time.time() - t0, 1), "per_model_s": timing}
-    return result
+                 run_info=run_info, overoptimization=read_overoptimization(plots),
+                 stage_metrics=stages, missing_metrics=missing)
 
 
 def summary(m: dict[str, Any]) -> str:
@@ -455,4 +535,8 @@ def summary(m: dict[str, Any]) -> str:
             bits.append(f"tox {x['toxicity']['expected_max_toxicity']:.2f}")
         if bits:
             parts.append(f"{name}: " + " ".join(bits))
+    kl = {n: x["kl"]["mean"] for n, x in m["models"].items() if "kl" in x}
+    if kl:
+        parts.append("KL from SFT " + ", ".join(f"{n} {v:.2f}" for n, v in kl.items())
+                     + f" ({m['timing']['kl_s']} s of sampling and scoring)")
     return "; ".join(parts) + f" ({m['timing']['wall_s']} s); report in reports/report.html"

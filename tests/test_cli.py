@@ -154,7 +154,7 @@ def test_every_command_shows_its_examples_one_per_line_and_angle_brackets_surviv
         text = res.output.split("─ Options", 1)[0]  # the docstring part
         shown = [ln.strip() for ln in text.splitlines() if "Example" in ln]
         assert shown == examples, (name, shown, examples)  # each on its own line, none joined
-    assert "plots/<stage>/..." in runner.invoke(app, ["evaluate", "--help"], env=WIDE).output
+    assert "(plots/<stage>)" in runner.invoke(app, ["evaluate", "--help"], env=WIDE).output
     assert "rlhf <stage> --help" in runner.invoke(app, ["--help"], env=WIDE).output
 
 

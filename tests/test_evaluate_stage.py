@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import base64
 import json
+import math
 import re
+import shutil
 
 import pytest
 import torch
 
-from tests.conftest import tiny_params
+from tests.conftest import ROOT, tiny_params
 
 
 @pytest.fixture(scope="module")
@@ -25,9 +27,18 @@ def evaluated(tiny_run):
         pairs = [["policy", "sft"], ["sft", "base"]]
     params = tiny_params("evaluate", models=models, pairs=pairs)
     eval_dir = tiny_run.raw / "eval"
+    # The training stages' metrics as the pipeline writes them (the repository's committed files: RLOO's
+    # episodes/s, best-of-n's gold per n), and one that is missing (a stage dropped from the pipeline).
+    stage_metrics = []
+    for name in ("rloo", "dpo", "bestofn"):
+        (out / "stage_metrics").mkdir(parents=True, exist_ok=True)
+        shutil.copy(ROOT / "metrics" / f"{name}.json", out / "stage_metrics" / f"{name}.json")
+        stage_metrics.append(out / "stage_metrics" / f"{name}.json")
+    stage_metrics.append(out / "stage_metrics" / "grpo.json")
+    plots = [tiny_run.root / "plots" / s for s in ("pretrain", "sft", "ppo", "grpo")]
     result = evaluate.run(params, test=tiny_run.prepared / "test.jsonl", world=tiny_run.world,
                           truthfulqa=eval_dir / "truthfulqa_mc.json", crows_pairs=eval_dir / "crows_pairs.csv",
-                          rtp=eval_dir / "rtp.jsonl", plots=tiny_run.root / "plots", reports=out / "reports",
+                          rtp=eval_dir / "rtp.jsonl", plots=plots, stage_metrics=stage_metrics, reports=out / "reports",
                           metrics=out / "metrics" / "evaluate.json")
     return result, out, params
 
@@ -64,6 +75,51 @@ def test_metrics_file(evaluated):
     assert rows[0] == "pair,win_rate,ci_low,ci_high,gold_win_rate" and len(rows) == 1 + len(params.pairs)
 
 
+def test_kl_from_sft_of_every_model(evaluated):
+    """Every model's KL from SFT is measured on the same footing (rlhf.kl), SFT's own is exactly 0, and the
+    gold-vs-KL table holds every model and best-of-n at its analytic KL."""
+    result, out, params = evaluated
+    written = json.loads((out / "metrics" / "evaluate.json").read_text())
+    n = params.test_prompts * params.kl_samples
+    for name, m in written["models"].items():
+        kl = m["kl"]
+        assert kl["reference"] == "sft" and kl["samples"] == n, name
+        assert kl["mean_ci_low"] <= kl["mean"] <= kl["mean_ci_high"] and 0 <= kl["gold_sampled"] <= 1, name
+    assert written["models"]["sft"]["kl"]["mean"] == 0.0
+    assert written["models"]["base"]["kl"]["mean"] > 0  # SFT moved away from the base model (0.05 on the tiny profile)
+    head = json.loads((out / "metrics" / "headline.json").read_text())
+    assert head["kl"] == {n: m["kl"]["mean"] for n, m in written["models"].items()}
+    rows = (out / "reports" / "plots" / "gold_vs_kl.csv").read_text().splitlines()
+    assert rows[0] == "name,kind,kl,sqrt_kl,gold,gold_sampled"
+    by_name = {r.split(",")[0]: r.split(",") for r in rows[1:]}
+    assert {n for n, r in by_name.items() if r[1] == "policy"} == set(params.models)
+    bestofn = json.loads((ROOT / "metrics" / "bestofn.json").read_text())["best_of"]
+    for k, row in bestofn.items():
+        got = by_name[f"best-of-{k}"]
+        assert float(got[2]) == pytest.approx(math.log(int(k)) - (int(k) - 1) / int(k), abs=1e-4)
+        assert float(got[5]) == row["gold"]["mean"] and got[4] == ""  # sampled gold only: no greedy answer
+    assert result["timing"]["kl_s"] > 0
+
+
+def test_stage_cost_reads_every_training_stages_metrics():
+    """The cost table reads the fields each training stage writes (the repository's committed metrics files);
+    a stage whose metrics carry no timing says so instead of failing."""
+    from rlhf.report import cost_rows, read_stage_metrics, stage_cost
+
+    stages, missing = read_stage_metrics([ROOT / "metrics" / f"{s}.json" for s in ("rloo", "grpo", "dpo", "sft")]
+                                         + [ROOT / "metrics" / "no_such_stage.json"])
+    assert list(stages) == ["rloo", "grpo", "dpo", "sft"] and missing == [f"{ROOT / 'metrics' / 'no_such_stage.json'}: not found"]
+    for name in ("rloo", "grpo"):
+        wall, _, work, rate = stage_cost(stages[name])
+        assert wall == stages[name]["wall_seconds"] > 0 and work == f"{stages[name]['episodes']:,} episodes"
+        assert rate == f"{stages[name]['episodes_per_second']:,.1f} episodes/s"
+    wall, train, work, rate = stage_cost(stages["dpo"])
+    assert (wall, train) == (stages["dpo"]["timing"]["wall_s"], stages["dpo"]["timing"]["train_s"])
+    assert work.endswith(" pairs") and rate.endswith(" pairs/s")
+    head, rows = cost_rows(stages)
+    assert rows[-1][:2] == ["sft", "not recorded"] and len(head) == len(rows[0])
+
+
 def test_report_has_every_section(evaluated):
     from rlhf.report import SECTIONS
 
@@ -82,6 +138,12 @@ def test_report_has_every_section(evaluated):
     assert "↑" in page and "↓" in page and "git commit" in page and "torch" in page
     # Curves of the stages that ran (pretrain, sft); the missing ones are noted.
     assert "pretrain training curves" in page and "sft training curves" in page
+    # Every model and best-of-n on one gold-vs-KL chart, with its caption; the training stages' costs.
+    assert 'alt="gold against sqrt KL from sft"' in page and "temperature 1" in page and "rlhf/kl.py" in page
+    assert (out / "reports" / "figures" / "gold_vs_kl.png").is_file() and "figures/gold_vs_kl.png" in md
+    cost = page[page.index('id="training-cost"'):page.index('id="training-curves"')]
+    assert "<td>rloo</td>" in cost and "episodes/s" in cost and "pairs/s" in cost and "<td>bestofn</td>" in cost
+    assert "grpo.json: not found" in cost
     assert "ppo: no curves found" in page or "ppo training curves" in page
     for name in params.models:
         assert f"<th>{name}</th>" in page
@@ -104,7 +166,7 @@ def test_deterministic_metrics(evaluated, tiny_run):
     eval_dir = tiny_run.raw / "eval"
     again = evaluate.run(params, test=tiny_run.prepared / "test.jsonl", world=tiny_run.world,
                          truthfulqa=eval_dir / "truthfulqa_mc.json", crows_pairs=None, rtp=eval_dir / "rtp.jsonl",
-                         plots=None, reports=out / "reports2", metrics=out / "m2.json")
+                         plots=(), reports=out / "reports2", metrics=out / "m2.json")
     assert again["win_rates"] == result["win_rates"]
     assert again["skipped"] == {"crows_pairs": "no file given"}
     assert "Not run" in (out / "reports2" / "report.md").read_text()
@@ -243,7 +305,7 @@ def test_read_curves_and_panels(tmp_path):
         key = name.split("/")[-1]
         path.write_text(f"timestamp\tstep\t{key}\n1\t0\t{values[0]}\n2\t1\t{values[1]}\n")
     (tmp_path / "ppo" / "overoptimization.csv").write_text("step,sqrt_kl,proxy_score,gold_score\n1,0.9,1.0,0.6\n0,0.1,0.2,0.5\n")
-    curves = read_curves(tmp_path)["ppo"]
+    curves = read_curves([tmp_path / "ppo", tmp_path / "sft"])["ppo"]  # only the folders named are read
     assert curves["objective/kl"] == ([0.0, 1.0], [0.5, 0.7], "step")
     panels = pick_panels("ppo", curves)
     titles = [t for t, _, _ in panels]
@@ -254,10 +316,10 @@ def test_read_curves_and_panels(tmp_path):
     other = pick_panels("dpo", curves)  # a stage without groups: every live curve, titled from its key
     assert ("Loss: policy", "policy", ["loss/policy"]) in other and len(other) == 4
     assert fig_curves("ppo", curves)[:4] == b"\x89PNG"
-    rows = read_overoptimization(tmp_path)["ppo"]
+    rows = read_overoptimization([tmp_path / "ppo"])["ppo"]
     assert rows[1] == {"step": 0.0, "sqrt_kl": 0.1, "proxy_score": 0.2, "gold_score": 0.5}
     assert fig_overoptimization(rows)[:4] == b"\x89PNG"
-    assert read_curves(tmp_path / "missing") == {}
+    assert read_curves([tmp_path / "missing"]) == {} == read_overoptimization([tmp_path / "missing"])
 
 
 def test_reward_model_as_proxy_judge(tiny_run, tmp_path):
@@ -275,7 +337,7 @@ def test_reward_model_as_proxy_judge(tiny_run, tmp_path):
     params = tiny_params("evaluate", models={"base": str(tiny_run.base), "sft": str(tiny_run.sft)},
                          pairs=[["sft", "base"]], judge="reward", reward_model=str(tmp_path / "rm"), test_prompts=8)
     result = evaluate.run(params, test=tiny_run.prepared / "test.jsonl", world=None, truthfulqa=None, crows_pairs=None,
-                          rtp=None, plots=None, reports=tmp_path / "reports", metrics=tmp_path / "m.json")
+                          rtp=None, plots=(), reports=tmp_path / "reports", metrics=tmp_path / "m.json")
     assert result["win_rates"]["sft_vs_base"]["prompts"] == 8
     assert "rm_score" in result["models"]["sft"] and "gold" not in result["models"]["sft"]
     assert set(result["skipped"]) == {"truthfulqa", "crows_pairs", "toxicity", "toxicity_respectful"}
@@ -300,7 +362,7 @@ def test_n_models_each_against_sft(tiny_run, tmp_path):
     pairs = [["sft_ptx", "sft"], ["policy_noptx", "sft"], ["sft", "base"]]
     params = tiny_params("evaluate", models=models, pairs=pairs, test_prompts=6, examples=2)
     result = evaluate.run(params, test=tiny_run.prepared / "test.jsonl", world=tiny_run.world, truthfulqa=None,
-                          crows_pairs=None, rtp=None, plots=None, reports=tmp_path / "reports", metrics=tmp_path / "m" / "evaluate.json")
+                          crows_pairs=None, rtp=None, plots=(), reports=tmp_path / "reports", metrics=tmp_path / "m" / "evaluate.json")
     assert list(result["win_rates"]) == ["sft_ptx_vs_sft", "policy_noptx_vs_sft", "sft_vs_base"]
     assert result["win_rates"]["sft_ptx_vs_sft"]["ties"] == 6  # the same folder answers the same
     head = json.loads((tmp_path / "m" / "headline.json").read_text())
@@ -320,13 +382,13 @@ def test_missing_model_names_the_command(tiny_run, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     params = tiny_params("evaluate", models={"sft": str(tiny_run.sft), "sft_ptx": "models/sft_ptx"}, pairs=[["sft_ptx", "sft"]])
     with pytest.raises(StageError) as err:
-        evaluate.run(params, test=tiny_run.prepared / "test.jsonl", world=None, plots=None, reports=tmp_path / "r",
+        evaluate.run(params, test=tiny_run.prepared / "test.jsonl", world=None, plots=(), reports=tmp_path / "r",
                      metrics=tmp_path / "m.json")
     msg = str(err.value)
     assert "\n" not in msg and "evaluate.models.sft_ptx" in msg and "`dvc repro ppo_ptx`" in msg
     params = tiny_params("evaluate", models={"sft": str(tiny_run.sft), "x": "models/x"}, pairs=[])
     with pytest.raises(StageError, match="the stage that writes it"):
-        evaluate.run(params, test=tiny_run.prepared / "test.jsonl", world=None, plots=None, reports=tmp_path / "r",
+        evaluate.run(params, test=tiny_run.prepared / "test.jsonl", world=None, plots=(), reports=tmp_path / "r",
                      metrics=tmp_path / "m.json")
 
 

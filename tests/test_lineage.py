@@ -83,15 +83,16 @@ def import_closure(path: str) -> set[str]:
 # Files a stage opens
 
 
-def cmd_options(cmd: str) -> tuple[str, dict[str, str]]:
-    """('name', {option: value}) of `rlhf name --option value …`."""
+def cmd_options(cmd: str) -> tuple[str, dict[str, list[str]]]:
+    """('name', {option: [value, …]}) of `rlhf name --option value …`; a repeated option (evaluate's --plots,
+    --stage-metrics) keeps every value."""
     words = shlex.split(cmd)
     assert words[0] == "rlhf" and len(words) > 1, cmd
-    opts = {}
+    opts: dict[str, list[str]] = {}
     i = 2
     while i < len(words):
         assert words[i].startswith("--") and i + 1 < len(words), f"{cmd}: expected --option value at {words[i]!r}"
-        opts[words[i][2:].replace("-", "_")] = words[i + 1]
+        opts.setdefault(words[i][2:].replace("-", "_"), []).append(words[i + 1])
         i += 2
     return words[1], opts
 
@@ -243,12 +244,13 @@ def cmd_inputs(stage: dict, module: str) -> set[str]:
     outputs = stage_outputs(stage)
     under = named_files(module)
     files = set()
-    for option, value in opts.items():
-        # `--set KEY=VALUE` is a params override (checked by test_contract), and options the CLI's runner
-        # treats as outputs (cli.runner.OUTPUT_OPTIONS: locked, removed on a failed write) are never read.
-        if option in NOT_INPUTS or any(overlaps(value, o) for o in outputs):
-            continue
-        files |= {posixpath.join(value, name) if name else value for name in under.get(option, [""])}
+    for option, values in opts.items():
+        for value in values:
+            # `--set KEY=VALUE` is a params override (checked by test_contract), and options the CLI's runner
+            # treats as outputs (cli.runner.OUTPUT_OPTIONS: locked, removed on a failed write) are never read.
+            if option in NOT_INPUTS or any(overlaps(value, o) for o in outputs):
+                continue
+            files |= {posixpath.join(value, name) if name else value for name in under.get(option, [""])}
     return files
 
 
@@ -343,6 +345,10 @@ def test_the_check_fails_on_a_missing_dep():
     sft = stages["sft"]
     broken = {"sft": {**sft, "deps": [d for d in sft["deps"] if d != "data/prepared/sft_val.jsonl"]}}
     assert missing_deps(broken, params) == ["stage 'sft': data/prepared/sft_val.jsonl is not in its deps"]
+
+    evaluate = stages["evaluate"]  # one value of a repeated option (--stage-metrics) is checked like any other
+    broken = {"evaluate": {**evaluate, "deps": [d for d in evaluate["deps"] if d != "metrics/rloo.json"]}}
+    assert missing_deps(broken, params) == ["stage 'evaluate': metrics/rloo.json is not in its deps"]
 
     reward = stages["reward"]
     with_extra = {**params, "reward": {**params["reward"], "extra_pairs": "data/raw/prompts.jsonl"}}

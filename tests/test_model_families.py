@@ -120,7 +120,7 @@ def test_family_runs_every_stage_with_prompts_past_its_limit(family, tiny_run, t
     params = tiny_params("evaluate", models={n: str(models / n) for n in ("sft", "policy", "dpo")},
                          pairs=[["policy", "sft"]], test_prompts=6, rtp_prompts=2, ci_resamples=20)
     got = evaluate.run(params, test=data / "test.jsonl", world=tiny_run.world, truthfulqa=eval_dir / "truthfulqa_mc.json",
-                       crows_pairs=eval_dir / "crows_pairs.csv", rtp=eval_dir / "rtp.jsonl", plots=None,
+                       crows_pairs=eval_dir / "crows_pairs.csv", rtp=eval_dir / "rtp.jsonl", plots=(),
                        reports=root / "reports", metrics=m / "evaluate.json")
     assert_counts(got)
     assert "skipped" not in got
