@@ -26,8 +26,9 @@ def check_model_dir(path: str | Path, what: str = "model") -> Path:
         # The pipeline's model folders (dvc.yaml outs) and the stage that writes each; a test checks dvc.yaml.
         written_by = {"base": "pretrain", "sft": "sft", "reward": "reward", "dpo": "dpo", "policy": "ppo", "value": "ppo",
                       "rloo": "rloo", "grpo": "grpo"}
-        # The controls: `rlhf ppo --set KEY=0` with outputs of their own, run by their dvc.yaml stage.
-        controls = {"sft_ptx": "sft_ptx", "policy_noptx": "ppo_noptx", "value_noptx": "ppo_noptx"}
+        # The controls (`rlhf ppo --set KEY=0`) and the second round: outputs of their own, run by their dvc.yaml stage.
+        controls = {"sft_ptx": "sft_ptx", "policy_noptx": "ppo_noptx", "value_noptx": "ppo_noptx",
+                    "reward_round2": "reward_round2", "policy_round2": "ppo_round2", "value_round2": "ppo_round2"}
         in_models = path.parent.name == "models"
         stage = written_by.get(path.name) if in_models else None
         if stage is not None:
