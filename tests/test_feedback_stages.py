@@ -262,5 +262,7 @@ def test_reward_set_overrides_one_key(tmp_path):
     bad = CliRunner().invoke(app, ["reward", "--set", "no_such_key=1", "--data", str(tmp_path / "x.jsonl"), *outs])
     assert bad.exit_code == 1
     assert "'no_such_key=1'" in bad.output and "extra_format" in bad.output  # names the key and the valid ones
-    good = CliRunner().invoke(app, ["reward", "--set", "extra_format=rankings", "--data", str(tmp_path / "x.jsonl"), *outs])
-    assert good.exit_code == 1 and "x.jsonl" in good.output  # the override passed; the missing data file stops it
+    good = CliRunner().invoke(app, ["reward", "--set", "extra_format=rankings", "--sft", str(tmp_path / "sft"),
+                                    "--data", str(tmp_path / "x.jsonl"), *outs])
+    # the override passed: what stops the stage is a missing input, named on one line
+    assert good.exit_code == 1 and "--set" not in good.output and "not found" in good.output, good.output
