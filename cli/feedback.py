@@ -30,7 +30,7 @@ def sample(
     Example:  dvc exp run -S sample.k=6
     Example:  rlhf sample --model models/sft --model models/policy_round1 --out data/samples/round2.jsonl
     """
-    run_stage("sample", params, model=model if len(model) > 1 else model[0], prompts=prompts, out=out, metrics=metrics)
+    run_stage("sample", params, model=model, prompts=prompts, out=out, metrics=metrics)
 
 
 @app.command()
