@@ -225,16 +225,14 @@ def train_step(algo: Algorithm, state: RO.PolicyState, step: int) -> dict[str, f
     return m
 
 
-def final_metrics(state: RO.PolicyState, *, wall_seconds: float, train_seconds: float, start: int) -> dict[str, Any]:
-    """The last rollout's numbers, the KL check over the run, and its speed (this invocation's steps)."""
+def final_metrics(state: RO.PolicyState) -> dict[str, Any]:
+    """The last rollout's numbers and the KL check over the run."""
     params = state.params
     episodes = params.prompts_per_step * params.samples_per_prompt
     return {
         "steps": params.steps, "episodes": params.steps * episodes, "prompts": len(state.data.prompts),
         "prompts_too_long": state.data.prompts_too_long, "samples_per_prompt": params.samples_per_prompt,
         "final_rollout": RO.final_rollout(state.history[-1]), "sanity": RO.kl_sanity(state.history),
-        "wall_seconds": round(wall_seconds, 1),
-        "episodes_per_second": round((params.steps - start) * episodes / max(train_seconds, 1e-9), 3),
     }
 
 
@@ -242,7 +240,7 @@ def run(algo: Algorithm, params, *, sft: Path, reward: Path, data: Path, world: 
         metrics: Path, plots: Path, checkpoints: Path | None,
         on_step: Callable[[int, dict[str, float]], None] | None = None) -> dict[str, Any]:
     """Train the policy with `algo`, save it, evaluate on held-out data, write metrics (rank 0)."""
-    from rlhf.io import write_json
+    from rlhf.io import timing, write_json
     from rlhf.lengths import open_length_tally
     from rlhf.models import save_model
 
@@ -255,17 +253,19 @@ def run(algo: Algorithm, params, *, sft: Path, reward: Path, data: Path, world: 
     t_train = time.time() - t_train
     RO.check_same_weights(state, algo.name, state.policy)
     if not dist.is_main:  # rank 0 saves the model, runs the held-out evaluation and writes the metrics
-        return {"rank": dist.rank, "timing": {"wall_s": round(time.time() - t0, 1), "resumed_from": start}}
+        return {"rank": dist.rank, "timing": timing(t0, train_s=t_train, resumed_from=start)}
     live.end()
     RO.write_overoptimization(state.history, Path(plots))
     save_model(state.policy, state.tokenizer, out)
     result = {**RO.evaluate_heldout(state), "lengths": open_length_tally().report(algo.name)}
     if dist.enabled:
         result["processes"] = dist.world_size
-    result.update(final_metrics(state, wall_seconds=time.time() - t0, train_seconds=t_train, start=start))
+    result.update(final_metrics(state))
+    # Episodes (sampled responses) per second of this invocation's training loop.
+    result["timing"] = timing(t0, train_s=t_train, unit="episodes", resumed_from=start,
+                              done=(params.steps - start) * params.prompts_per_step * params.samples_per_prompt)
     write_json(metrics, result)
     state.checkpointer.clear()
-    result["timing"] = {"wall_s": round(time.time() - t0, 1), "train_s": round(t_train, 3), "resumed_from": start}
     return result
 
 
@@ -284,4 +284,4 @@ def summary(m: dict[str, Any]) -> str:
         text += f"; test gold sft {t['sft']['gold']['total']:.3f} -> policy {t['policy']['gold']['total']:.3f}"
     if m["timing"]["resumed_from"]:
         text += f" (resumed from step {m['timing']['resumed_from']})"
-    return text + f" ({m['episodes_per_second']} episodes/s, {m['timing']['wall_s']} s)"
+    return text + f" ({m['timing']['episodes_per_s']} episodes/s, {m['timing']['wall_s']} s)"

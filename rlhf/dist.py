@@ -5,6 +5,14 @@ initialize torch.distributed (NCCL on CUDA, gloo on CPU). With one process every
 the same stage code runs alone, under `accelerate launch --multi_gpu --num_processes 2` on a CPU
 machine, or on a multi-GPU node. Only rank 0 writes files; every rank computes on its shard of the
 same global batch, so the global batch (and the results) do not depend on the number of processes.
+
+Fully sharded data parallel (`fsdp: true` in a stage's params; pretrain, sft and reward): every rank holds
+1/world_size of the parameters, gradients and Adam state instead of a whole copy (torch's FSDP2
+`fully_shard`, one unit per transformer block and one for the rest; gloo on CPU, NCCL on GPUs). The
+batches, the loss and the global step are the same as under plain data parallel; FSDP's reduce-scatter
+averages the gradients in place of `average_gradients`. Checkpoints are sharded too (rlhf.training,
+torch.distributed.checkpoint), and the trained model is gathered whole on rank 0 (`gather_model`), which
+saves it as an ordinary Hugging Face folder. docs/models.md has the launch lines.
 """
 
 from __future__ import annotations
@@ -22,6 +30,8 @@ class Dist:
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
+    fsdp: bool = False
+    """Parameters sharded across the processes (`shard_model`); False with one process."""
 
     @property
     def is_main(self) -> bool:
@@ -109,7 +119,7 @@ class Dist:
         (the reward head on the backbone's hidden states, the value head), which would bypass DDP's
         hooks. One flattened all-reduce per step costs the same as DDP's buckets at these sizes.
         """
-        if not self.enabled:
+        if not self.enabled or self.fsdp:  # FSDP's reduce-scatter has averaged them already
             return
         grads = [p.grad for p in model.parameters() if p.grad is not None]
         flat = torch.cat([g.reshape(-1) for g in grads])
@@ -126,8 +136,9 @@ def launched_processes() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
-def init_dist(device: torch.device) -> tuple[Dist, torch.device]:
-    """Join the process group when launched with several processes; returns (Dist, this rank's device)."""
+def init_dist(device: torch.device, fsdp: bool = False) -> tuple[Dist, torch.device]:
+    """Join the process group when launched with several processes; returns (Dist, this rank's device).
+    `fsdp`: shard the models (`shard_model`) rather than replicate them; ignored with one process."""
     world_size = launched_processes()
     if world_size <= 1:
         return Dist(), device
@@ -139,14 +150,76 @@ def init_dist(device: torch.device) -> tuple[Dist, torch.device]:
         # On GPUs NCCL carries the CUDA tensors and gloo the CPU ones (`Dist.mean`'s scalars, `gather`'s
         # pickled objects); NCCL alone refuses CPU tensors.
         tdist.init_process_group(backend="cpu:gloo,cuda:nccl" if device.type == "cuda" else "gloo")
-    return Dist(rank=rank, world_size=world_size, local_rank=local_rank), device
+    return Dist(rank=rank, world_size=world_size, local_rank=local_rank, fsdp=fsdp), device
 
 
 def start_stage(params) -> tuple[Dist, torch.device]:
     """The opening every training stage shares: the device `params.device` names, this process's place among
-    the data-parallel processes (`init_dist`), and torch's threads (`params.threads`) and numerics there."""
+    the data-parallel processes (`init_dist`; sharded where the stage's params say `fsdp: true`), and torch's
+    threads (`params.threads`) and numerics there."""
     from rlhf.devices import pick_device, setup_torch
 
-    dist, device = init_dist(pick_device(params.device))
+    dist, device = init_dist(pick_device(params.device), fsdp=bool(getattr(params, "fsdp", False)))
     setup_torch(params.threads, device)
     return dist, device
+
+
+# ----------------------------------------------------------------------------------------------
+# Fully sharded data parallel (FSDP2)
+
+
+def transformer_blocks(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The repeated blocks of a Hugging Face transformer (Llama/Qwen2 `layers`, GPT-2 `h`, GPT-NeoX `layers`):
+    the longest ModuleList in the model, each of whose entries becomes one FSDP unit."""
+    lists = [m for m in model.modules() if isinstance(m, torch.nn.ModuleList)]
+    return list(max(lists, key=len)) if lists else []
+
+
+def shard_model(model: torch.nn.Module, dist: Dist, device: torch.device) -> torch.nn.Module:
+    """`model` sharded across the processes when `dist.fsdp` (else `model` itself). Every rank must call it
+    with the same model, before its optimizer is built. The FSDP units:
+    - every transformer block;
+    - every direct child that shares no parameter with another (a reward model's backbone and score head,
+      which rlhf.rm calls one after the other, so each must gather its own weights);
+    - the whole model, for what is left: tied input and output embeddings, which must stay one parameter
+      (a causal LM, always called through its own forward)."""
+    if not (dist.fsdp and dist.enabled):
+        return model
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = init_device_mesh(device.type, (dist.world_size,))
+    plain_class = type(model)
+    for block in transformer_blocks(model):
+        fully_shard(block, mesh=mesh)
+    children = [c for c in model.children() if any(True for _ in c.parameters())]
+    owners: dict[int, int] = {}
+    for i, child in enumerate(children):
+        for p in child.parameters():
+            owners[id(p)] = i if owners.get(id(p), i) == i else -1  # -1: shared by two children
+    covered: set[int] = set()
+    for i, child in enumerate(children):
+        if all(owners[id(p)] == i for p in child.parameters()):
+            fully_shard(child, mesh=mesh)
+            covered |= {id(p) for p in child.parameters()}
+    if any(id(p) not in covered for p in model.parameters()):
+        fully_shard(model, mesh=mesh)
+    model.plain_class = plain_class  # fully_shard swaps the class for a subclass; gather_model rebuilds the original
+    return model
+
+
+def gather_model(model: torch.nn.Module, dist: Dist, device: torch.device) -> torch.nn.Module | None:
+    """The trained model whole: `model` itself unless it is sharded; for a sharded model, a collective (every
+    rank calls it) that returns, on rank 0, an unsharded copy holding the full weights, and None elsewhere."""
+    if not (dist.fsdp and dist.enabled):
+        return model
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if not dist.is_main:
+        return None
+    plain = model.plain_class(model.config)
+    plain.load_state_dict(state)
+    if getattr(model, "generation_config", None) is not None:  # causal LMs carry one, classifiers do not
+        plain.generation_config = model.generation_config
+    return plain.to(device).eval()

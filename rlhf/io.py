@@ -221,6 +221,27 @@ def write_json(path: str | Path, obj: Any, *, sort_keys: bool = True) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=sort_keys, ensure_ascii=False) + "\n")
 
 
+def timing(t0: float, *, train_s: float | None = None, done: float = 0, unit: str = "", resumed_from: int = 0) -> dict[str, Any]:
+    """The `timing` block of a stage's metrics file: one convention for the stages of the report's cost table
+    (every stage that trains, and best-of-n).
+
+    `wall_s`: the whole stage since `t0` (loading and held-out evaluation included); `train_s`: the
+    training loop alone; `<unit>_per_s`: `done` units (episodes, pairs, tokens, ...) of this invocation
+    over `train_s`; `resumed_from`: the step a resumed run started at (0 for a whole run). Timings vary
+    from run to run and machine to machine: everything else in a metrics file is byte-stable, and the
+    tests that compare runs compare them without this block (tests/conftest.py `without_timing`).
+    """
+    import time
+
+    block: dict[str, Any] = {"wall_s": round(time.time() - t0, 1)}
+    if train_s is not None:
+        block["train_s"] = round(train_s, 1)
+        if unit:
+            block[f"{unit}_per_s"] = round(done / max(train_s, 1e-9), 1)
+    block["resumed_from"] = resumed_from
+    return block
+
+
 def write_metrics(path: str | Path, result: dict[str, Any], *, settings: Iterable[str] = ()) -> None:
     """A stage's metrics file: `result` without its `settings` keys. A setting (pretrain's or rank's
     `source`) is in params.yaml already and belongs in the summary line, not among the measurements

@@ -57,6 +57,9 @@ def validate_params(params: Any, section: str) -> None:
     require(0.0 <= params.lora_dropout < 1.0, f"{section}.lora_dropout", "must be in [0, 1)")
     require(len(params.lora_targets) > 0, f"{section}.lora_targets",
             f"must name linear layers (e.g. [q_proj, v_proj]) or be [{ALL_LINEAR}]")
+    require(not (getattr(params, "fsdp", False) and params.lora_r > 0), f"{section}.fsdp",
+            "FSDP with LoRA is not supported yet: set fsdp: false (adapters are small; plain data parallel "
+            "replicates them) or lora_r: 0")
 
 
 def _linear_names(model) -> list[str]:

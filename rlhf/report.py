@@ -498,10 +498,10 @@ def suite_rows(result: dict[str, Any], suite) -> tuple[list[str], list[list[Any]
 
 
 def stage_cost(m: dict[str, Any]) -> tuple[Any, Any, str | None, str | None]:
-    """(wall s, training s, work, throughput) from one stage's metrics, each None where not recorded: the
-    RL stages write wall_seconds and episodes_per_second, DPO a `timing` block with pairs_per_s."""
+    """(wall s, training s, work, throughput) from one stage's metrics, each None where not recorded. Every
+    stage that trains or samples writes a `timing` block (rlhf.io.timing): wall_s, train_s, `<unit>_per_s`."""
     timing = m.get("timing") if isinstance(m.get("timing"), dict) else {}
-    wall = m.get("wall_seconds", timing.get("wall_s"))
+    wall = timing.get("wall_s")
     train = timing.get("train_s")
     work = rate = None
     if "episodes" in m:
@@ -510,12 +510,9 @@ def stage_cost(m: dict[str, Any]) -> tuple[Any, Any, str | None, str | None]:
         work = f"{m['train']['pairs']:,} pairs"
     elif "best_of" in m and "prompts" in m and "samples" in m:
         work = f"{m['prompts'] * m['samples']:,} samples"
-    if "episodes_per_second" in m:
-        rate = f"{m['episodes_per_second']:,.1f} episodes/s"
-    elif "pairs_per_s" in timing:
-        rate = f"{timing['pairs_per_s']:,.1f} pairs/s"
-    elif "pairs_per_second" in m:
-        rate = f"{m['pairs_per_second']:,.1f} pairs/s"
+    for key, value in timing.items():
+        if key.endswith("_per_s"):
+            rate = f"{value:,.1f} {key[: -len('_per_s')].replace('_', ' ')}/s"
     return wall, train, work, rate
 
 
@@ -535,10 +532,12 @@ def section_cost(doc: _Doc, stages: dict[str, dict[str, Any]], missing: list[str
         doc.p("No training stage's metrics file was given (rlhf evaluate --stage-metrics).")
     else:
         doc.p("Each training stage's cost as its metrics file records it (metrics/<stage>.json): wall time of the "
-              "stage (loading and held-out evaluation included), and training throughput: episodes (sampled "
-              "responses) per second of the training loop for the RL stages, preference pairs per second for DPO. "
-              "RL stages also need the reward stage. 'not recorded': that stage keeps timings out of its metrics "
-              "file; wall times depend on the machine and its load.", "note")
+              "stage (loading and held-out evaluation included), the training loop's share of it (best-of-n: its "
+              "sampling), and the loop's throughput: tokens per second for pretraining, demonstrations (examples) for "
+              "SFT, preference pairs for the reward model and DPO, episodes (sampled responses) for the RL stages "
+              "(steps for the SFT + ptx control, which samples none), samples for best-of-n. The RL stages and "
+              "best-of-n also need the reward stage. 'not recorded': a metrics file written before stages recorded "
+              "their timing. Wall times depend on the machine and its load: one run, not a distribution.", "note")
         doc.table(*cost_rows(stages))
     if missing:
         doc.p("Not read: " + "; ".join(missing) + ".", "note")

@@ -150,6 +150,66 @@ class Checkpointer:
         if self.directory and self.directory.exists():
             shutil.rmtree(self.directory)
 
+    # A training loop's checkpoint: model, optimizer and `rest` (step, RNG, curves). Unsharded, rank 0 writes
+    # them all to checkpoint.pt. Sharded (FSDP), each rank writes its shards of model and optimizer under
+    # `sharded-<step>/` (torch.distributed.checkpoint), then rank 0 writes checkpoint.pt with the rest and the
+    # folder's name: a kill at any point leaves checkpoint.pt naming a complete folder.
+
+    def save_training(self, model, optimizer, rest: dict[str, Any], dist) -> None:
+        """Called by every rank at the same step."""
+        if dist.fsdp and dist.enabled:
+            self.save_sharded(model, optimizer, rest, dist)
+        elif dist.is_main:
+            self.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), **rest})
+
+    def restore(self, model, optimizer, dist) -> dict[str, Any] | None:
+        """Load this run's checkpoint into model and optimizer, if there is one; returns its state (for the
+        step, RNG and curves) or None. One written by a sharded run is not read by an unsharded one, or back."""
+        state = self.load()
+        sharded = dist.fsdp and dist.enabled
+        if state is not None and ("shards" in state) != sharded:
+            if dist.is_main:
+                from rlhf.progress import console
+
+                console.print(f"[yellow]ignoring checkpoint {self.path}: written by a "
+                              f"{'sharded' if 'shards' in state else 'unsharded'} run; starting over", soft_wrap=True)
+            return None
+        if state is not None:
+            if sharded:
+                self.load_sharded(model, optimizer, state)
+            else:
+                model.load_state_dict(state["model"])
+                optimizer.load_state_dict(state["optimizer"])
+        return state
+
+    def save_sharded(self, model, optimizer, state: dict[str, Any], dist) -> None:
+        """Every rank calls it (a collective): shards first, then checkpoint.pt, then older shards go."""
+        if self.directory is None:
+            return
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import get_state_dict
+
+        name = f"sharded-{state['step']}"
+        model_state, optim_state = get_state_dict(model, optimizer)
+        dcp.save({"model": model_state, "optimizer": optim_state}, checkpoint_id=self.directory / name)
+        dist.barrier()
+        if dist.is_main:
+            self.save({**state, "shards": name})
+            for old in self.directory.glob("sharded-*"):
+                if old.name != name:
+                    shutil.rmtree(old, ignore_errors=True)
+        dist.barrier()
+
+    def load_sharded(self, model, optimizer, state: dict[str, Any]) -> None:
+        """Model and optimizer shards of `state` (what `load` returned) into a sharded model and its optimizer."""
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+        model_state, optim_state = get_state_dict(model, optimizer)
+        shards = {"model": model_state, "optimizer": optim_state}
+        dcp.load(shards, checkpoint_id=self.directory / state["shards"])
+        set_state_dict(model, optimizer, model_state_dict=shards["model"], optim_state_dict=shards["optimizer"])
+
 
 def quiet_live_class():
     """dvclive's `Live` without its repository setup, which the stages never use (their curves are outputs
@@ -276,17 +336,16 @@ def train_loop(
 
     `loss_fn(step) -> loss tensor` builds this rank's share of the batch of `step` and runs the model;
     under several processes the gradients are averaged across ranks after backward. `evaluate() -> dict` returns scalar
-    metrics logged next to the training loss. Only rank 0 logs and checkpoints. Returns the last values.
+    metrics logged next to the training loss. Only rank 0 logs and checkpoints. Returns the last values, and
+    `resumed_from`: the step this invocation started at (0 unless it resumed from a checkpoint).
     """
     from rlhf.dist import Dist
     from rlhf.progress import progress
 
     dist = dist or Dist()
     start = 0
-    state = checkpointer.load()
+    state = checkpointer.restore(model, optimizer, dist)
     if state is not None:
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
         set_rng_state(state["rng"])
         start = state["step"]
         if dist.is_main:
@@ -294,7 +353,7 @@ def train_loop(
 
             console.print(f"{description}: resuming from {checkpointer.path} at step {start} of {total_steps}", soft_wrap=True)
             restore_live(live, state.get("live"), start)
-    last: dict[str, Any] = {}
+    last: dict[str, Any] = {"resumed_from": start}  # the step this invocation started at (a timing, not a metric)
     model.train()
     with progress() as bar:
         task = bar.add_task(description, total=total_steps, completed=start, info="", visible=dist.is_main)
@@ -308,6 +367,8 @@ def train_loop(
             loss.backward()
             dist.average_gradients(model)
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            if hasattr(grad_norm, "full_tensor"):  # sharded parameters: a DTensor, the same norm on every rank
+                grad_norm = grad_norm.full_tensor()
             # A finite loss can still give inf/NaN gradients; stop before they reach the weights.
             check_finite(grad_norm, f"{description} gradient norm", step, checkpointer.directory)
             optimizer.step()
@@ -324,9 +385,9 @@ def train_loop(
                 live.log_metric("train/lr", lr_at(step))
                 live.next_step()
             bar.update(task, advance=1, info=f"loss {last['train_loss']:.3f}")
-            if dist.is_main and checkpoint_every and (step + 1) % checkpoint_every == 0 and step + 1 < total_steps:
-                checkpointer.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                                   "rng": rng_state(), "step": step + 1, "live": live_snapshot(live)})
+            if checkpoint_every and (step + 1) % checkpoint_every == 0 and step + 1 < total_steps:
+                checkpointer.save_training(model, optimizer, {"rng": rng_state(), "step": step + 1,
+                                                              "live": live_snapshot(live)}, dist)
     model.eval()
     return last
 

@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from rlhf.errors import StageError
-from rlhf.io import PROMPT_SCHEMA, atomic_write_text, read_jsonl, write_json
+from rlhf.io import PROMPT_SCHEMA, atomic_write_text, read_jsonl, timing, write_json
 from rlhf.params import require
 
 
@@ -136,6 +136,27 @@ def curve_rows(per_n: dict[int, dict[str, Any]]) -> list[str]:
 # The stage
 
 
+def best_of_curve(proxy: list[float], gold: list[float] | None, greedy_gold: list[float] | None,
+                  families: list[str], *, samples: int, ci: dict[str, Any]) -> dict[int, dict[str, Any]]:
+    """For each n of n_values(samples): the analytic KL, and the expected proxy and gold score (mean and
+    interval over prompts) of the RM's pick among n of each prompt's `samples` samples (laid out prompt
+    by prompt), with gold by family and paired against SFT's greedy answer."""
+    chunks = [slice(i * samples, (i + 1) * samples) for i in range(len(proxy) // samples)]
+    per_n: dict[int, dict[str, Any]] = {}
+    for n in n_values(samples):
+        px = [best_of_n_expectation(proxy[c], proxy[c], n) for c in chunks]
+        kl = best_of_n_kl(n)
+        entry: dict[str, Any] = {"kl": round(kl, 6), "sqrt_kl": round(math.sqrt(kl), 6), "proxy": mean_ci(px, **ci)}
+        if gold is not None:
+            gd = [best_of_n_expectation(proxy[c], gold[c], n) for c in chunks]
+            entry["gold"] = mean_ci(gd, **ci)
+            entry["gold"]["by_family"] = family_means(families, gd)
+            # Paired over prompts: best-of-n's gold minus SFT's greedy gold on the same prompt.
+            entry["vs_greedy"] = mean_ci([a - b for a, b in zip(gd, greedy_gold, strict=True)], **ci)
+        per_n[n] = entry
+    return per_n
+
+
 def run(params: Params, *, sft: Path, reward: Path, test: Path, world: Path | None, metrics: Path,
         plots: Path) -> dict[str, Any]:
     from rlhf.devices import pick_device, setup_torch
@@ -167,6 +188,7 @@ def run(params: Params, *, sft: Path, reward: Path, test: Path, world: Path | No
 
     # 1. N samples per prompt (the prompt's copies side by side), and SFT's greedy answer.
     flat = [p for p in prompts for _ in range(N)]
+    t_sample = time.time()
     with progress() as bar:
         task = bar.add_task("bestofn sample", total=len(flat) + len(prompts), info=f"N={N}")
         sampled = generate_responses(policy, tokenizer, flat, max_new_tokens=params.max_new_tokens,
@@ -175,6 +197,7 @@ def run(params: Params, *, sft: Path, reward: Path, test: Path, world: Path | No
         greedy = generate_responses(policy, tokenizer, prompts, max_new_tokens=params.max_new_tokens, temperature=0.0,
                                     batch_size=params.batch_size, seed=params.seed, device=device,
                                     on_batch=lambda n: bar.update(task, advance=n))
+    t_sample = time.time() - t_sample
     texts = [g["response"] for g in sampled]
     greedy_texts = [g["response"] for g in greedy]
 
@@ -188,19 +211,7 @@ def run(params: Params, *, sft: Path, reward: Path, test: Path, world: Path | No
     # 3. Per prompt and n: expected proxy and gold of the RM's pick among n of its N samples.
     ci = {"resamples": params.ci_resamples, "seed": params.seed}
     families = [judge.family(p) for p in prompts] if judge else []
-    per_n: dict[int, dict[str, Any]] = {}
-    for n in n_values(N):
-        chunks = [slice(i * N, (i + 1) * N) for i in range(len(prompts))]
-        px = [best_of_n_expectation(proxy[c], proxy[c], n) for c in chunks]
-        kl = best_of_n_kl(n)
-        entry: dict[str, Any] = {"kl": round(kl, 6), "sqrt_kl": round(math.sqrt(kl), 6), "proxy": mean_ci(px, **ci)}
-        if gold is not None:
-            gd = [best_of_n_expectation(proxy[c], gold[c], n) for c in chunks]
-            entry["gold"] = mean_ci(gd, **ci)
-            entry["gold"]["by_family"] = family_means(families, gd)
-            # Paired over prompts: best-of-n's gold minus SFT's greedy gold on the same prompt.
-            entry["vs_greedy"] = mean_ci([a - b for a, b in zip(gd, greedy_gold, strict=True)], **ci)
-        per_n[n] = entry
+    per_n = best_of_curve(proxy, gold, greedy_gold, families, samples=N, ci=ci)
 
     result: dict[str, Any] = {
         "prompts": len(prompts), "samples": N, "temperature": params.temperature,
@@ -212,9 +223,10 @@ def run(params: Params, *, sft: Path, reward: Path, test: Path, world: Path | No
     }
     if greedy_gold is not None:
         result["sft_greedy"]["gold"] = {**mean_ci(greedy_gold, **ci), "by_family": family_means(families, greedy_gold)}
+    # No training: the timing's "train_s" is the sampling, samples/s its throughput (greedy answers included).
+    result["timing"] = timing(t0, train_s=t_sample, done=len(flat) + len(prompts), unit="samples")
     write_json(metrics, result, sort_keys=False)  # n in numeric order (1, 2, 4, ..., 16), not as text
     atomic_write_text(Path(plots) / "bestofn.csv", "\n".join(curve_rows(per_n)) + "\n")
-    result["timing"] = {"wall_s": round(time.time() - t0, 1)}
     return result
 
 

@@ -32,7 +32,7 @@ from typing import Any, Literal
 import torch
 
 from rlhf.errors import StageError
-from rlhf.io import PROMPT_SCHEMA, read_jsonl, remove_outputs, write_json
+from rlhf.io import PROMPT_SCHEMA, read_jsonl, remove_outputs, timing, write_json
 from rlhf.params import require, to_dict
 
 
@@ -190,32 +190,6 @@ def implicit(policy: list[torch.Tensor], ref: list[torch.Tensor], beta: float) -
     return [[beta * x for x in lr] for lr in ratios], ratios
 
 
-@torch.no_grad()
-def sampled_kl(policy, ref, tokenizer, prompts: list[str], *, max_new_tokens: int, seed: int, device) -> dict[str, float]:
-    """KL(π ‖ π_ref) on the test prompts: answers sampled from π at temperature 1, the mean of
-    Σ_t log π/π_ref over their tokens (an unbiased estimate; the x axis of Gao et al. 2022)."""
-    from rlhf.lengths import fit_queries
-    from rlhf.sampling import sample_tokens
-    from rlhf.tokenization import encode_prompt
-    from rlhf.training import IGNORE_INDEX
-
-    gen = torch.Generator(device=device.type if device.type != "cuda" else device).manual_seed(seed)
-    examples: list[Example] = []
-    for i in range(0, len(prompts), 64):
-        queries = fit_queries(policy, [encode_prompt(tokenizer, p) for p in prompts[i: i + 64]], max_new_tokens)
-        toks = sample_tokens(policy, queries, pad_id=tokenizer.pad_token_id, eos_id=tokenizer.eos_token_id,
-                             max_new_tokens=max_new_tokens, temperature=1.0, generator=gen, device=device)
-        for q, row in zip(queries, toks.tolist()):
-            resp = row[: row.index(tokenizer.eos_token_id) + 1] if tokenizer.eos_token_id in row else row
-            examples.append((q + resp, [IGNORE_INDEX] * len(q) + resp))
-    lp, lr = [], []
-    for i in range(0, len(examples), 64):
-        lp.append(batch_logprobs(policy, examples[i: i + 64], tokenizer.pad_token_id, device).float().cpu())
-        lr.append(batch_logprobs(ref, examples[i: i + 64], tokenizer.pad_token_id, device).float().cpu())
-    kl = torch.cat(lp) - torch.cat(lr)
-    return {"kl": round(float(kl.mean()), 4), "prompts": len(prompts)}
-
-
 # ----------------------------------------------------------------------------------------------
 # The stage: a state shared by its steps, one function per step of the recipe
 
@@ -351,6 +325,7 @@ def preference_report(state: DPOState, model, judge, last: dict[str, float]) -> 
 def test_report(state: DPOState, model, judge, *, sft: Path, prompts: list[str]) -> dict[str, Any]:
     """Step 6, on test prompts (never trained on): KL from SFT of sampled answers, gold of greedy answers."""
     from rlhf.gold import gold_compare
+    from rlhf.kl import sampled_kl
     from rlhf.models import load_causal_lm
 
     p = state.params
@@ -358,8 +333,11 @@ def test_report(state: DPOState, model, judge, *, sft: Path, prompts: list[str])
         prompts = prompts[: p.eval_prompts]
     ref = load_causal_lm(sft).to(state.device).eval()
     model.eval()
-    out = sampled_kl(model, ref, state.tokenizer, prompts, max_new_tokens=p.eval_max_new_tokens, seed=p.seed,
-                     device=state.device)
+    # KL(π ‖ SFT): one answer per prompt sampled at temperature 1, Σ_t log π/π_ref over its tokens, measured
+    # the way evaluate measures every policy (rlhf.kl; the x axis of Gao et al. 2022).
+    kl = sampled_kl(model, ref, state.tokenizer, prompts, samples=1, max_new_tokens=p.eval_max_new_tokens, seed=p.seed,
+                    batch_size=64, device=state.device).kl
+    out: dict[str, Any] = {"kl": round(sum(kl) / len(kl), 4), "prompts": len(prompts)}
     if judge is not None:
         out.update(gold_compare({"sft": ref, "dpo": model}, state.tokenizer, prompts, judge,
                                 max_new_tokens=p.eval_max_new_tokens, device=state.device))
@@ -387,7 +365,7 @@ def run(params: Params, *, sft: Path, data: Path, test: Path, world: Path | None
     # 4. DPO training from SFT.
     model, last, checkpointer, resumed_from, train_s = train_policy(state, sft=sft, plots=plots, checkpoints=checkpoints)
     if not dist.is_main:  # rank 0 evaluates and writes
-        return {"rank": dist.rank, "timing": {"wall_s": round(time.time() - t0, 1)}}
+        return {"rank": dist.rank, "timing": timing(t0, resumed_from=resumed_from)}
     save_model(model, tokenizer, out)
     # 5-6. The implicit reward on held-out preferences; KL and gold on the test prompts.
     result = preference_report(state, model, judge, last)
@@ -397,10 +375,9 @@ def run(params: Params, *, sft: Path, data: Path, test: Path, world: Path | None
         result["processes"] = dist.world_size
     # Wall time: the whole stage; pairs/s: the C(K,2) comparisons of every epoch over training time alone.
     total = state.total_steps
-    result["timing"] = {"wall_s": round(time.time() - t0, 1), "train_s": round(train_s, 1),
-                        "reference_s": round(state.reference_s, 1), "resumed_from": resumed_from,
-                        "pairs_per_s": round(result["train"]["pairs"] * params.epochs * (total - resumed_from)
-                                             / max(1, total) / max(train_s, 1e-9), 1)}
+    result["timing"] = {**timing(t0, train_s=train_s, unit="pairs", resumed_from=resumed_from,
+                                 done=result["train"]["pairs"] * params.epochs * (total - resumed_from) / max(1, total)),
+                        "reference_s": round(state.reference_s, 1)}
     write_json(metrics, result)  # written last: its presence marks a finished run
     checkpointer.clear()  # only now, so a kill before this point still resumes
     return result

@@ -3,7 +3,7 @@
 Reads  models/sft (policy init and frozen reference), models/reward (frozen RM),
        data/prepared/{ppo,test,corpus}.jsonl, data/raw/world.json (gold judge, optional)
 Writes models/grpo (HF causal-LM folder + tokenizer), metrics/grpo.json (last rollout, held-out test gold,
-       alignment tax, wall_seconds and episodes_per_second), plots/grpo (dvclive curves,
+       alignment tax, and a `timing` block: wall time, episodes/s), plots/grpo (dvclive curves,
        overoptimization.png and overoptimization.csv as ppo's)
 Run    rlhf grpo
 

@@ -39,7 +39,7 @@ import torch
 
 from rlhf import ppo as P
 from rlhf import rollout as RO
-from rlhf.io import write_json
+from rlhf.io import timing, write_json
 from rlhf.params import require
 from rlhf.rollout import PolicyState, Rollout, chunks, linear_anneal
 from rlhf.training import IGNORE_INDEX
@@ -584,8 +584,7 @@ def run(params: Params, *, sft: Path, reward: Path, data: Path, world: Path | No
     t_train = time.time() - t_train
     RO.check_same_weights(state, "ppo", state.policy, state.value)
     if not dist.is_main:  # rank 0 saves the models, runs the held-out evaluation and writes the metrics
-        return {"rank": dist.rank, "timing": {"wall_s": round(time.time() - t0, 1), "train_s": round(t_train, 3),
-                                              "resumed_from": start}}
+        return {"rank": dist.rank, "timing": timing(t0, train_s=t_train, resumed_from=start)}
     live.end()
     RO.write_overoptimization(state.history, Path(plots))
     t_eval = time.time()
@@ -601,10 +600,13 @@ def run(params: Params, *, sft: Path, reward: Path, data: Path, world: Path | No
         warn_rarely_ended("ppo", state.history[0]["val/eos_share"], params.max_new_tokens, "ppo.max_new_tokens")
     if dist.enabled:  # absent with one process, whose metrics file stays as it always was
         result["processes"] = dist.world_size
+    # Episodes (sampled responses) per second of the training loop; the SFT + ptx control samples none: steps/s.
+    rl = params.rl_coef > 0
+    result["timing"] = {**timing(t0, train_s=t_train, done=(params.steps - start) * (params.batch_size if rl else 1),
+                                 unit="episodes" if rl else "steps", resumed_from=start),
+                        "eval_s": round(time.time() - t_eval, 1)}
     write_json(metrics, result)
     state.checkpointer.clear()
-    result["timing"] = {"wall_s": round(time.time() - t0, 1), "train_s": round(t_train, 3),
-                        "eval_s": round(time.time() - t_eval, 1), "resumed_from": start}
     return result
 
 

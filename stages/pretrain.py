@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-from rlhf.io import CORPUS_SCHEMA, read_jsonl, remove_outputs, write_metrics
+from rlhf.io import CORPUS_SCHEMA, read_jsonl, remove_outputs, timing, write_metrics
 from rlhf.params import require, to_dict
 
 
@@ -75,6 +75,10 @@ class Params:
     """torch CPU threads (2 on this machine; more only slows it down). 0 leaves torch's default."""
     device: str
     """'auto' (CUDA when present), 'cpu' or 'cuda'."""
+    fsdp: bool
+    """Under a multi-process launch, shard parameters, gradients and optimizer state across the processes
+    (FSDP2, rlhf/dist.py) instead of a whole copy on each; false: plain data parallel. No effect with one
+    process. docs/models.md, "When a model outgrows one device"."""
 
     @property
     def trains(self) -> bool:
@@ -195,7 +199,7 @@ def run(params: Params, *, corpus: Path, out: Path, metrics: Path, plots: Path, 
         write_metrics(metrics, result, settings=["source"])  # pretrain.base_model is a setting, not a measurement
         return result
 
-    from rlhf.dist import start_stage
+    from rlhf.dist import gather_model, shard_model, start_stage
 
     dist, device = start_stage(params)
     texts = [r["text"] for r in read_jsonl(corpus, CORPUS_SCHEMA)]
@@ -206,7 +210,8 @@ def run(params: Params, *, corpus: Path, out: Path, metrics: Path, plots: Path, 
 
     # 1. Tokenizer, model (from a config, or the base model) and blocks; a seeded permutation holds out validation.
     model, tokenizer, train, val, seq_len = base_and_blocks(params, texts, corpus)
-    model = model.to(device)
+    n_params = param_count(model)
+    model = shard_model(model.to(device), dist, device)  # under `fsdp: true` and several processes
 
     # 2. AdamW, cosine schedule.
     optimizer = make_optimizer(model.parameters(), params.lr, params.weight_decay, device)
@@ -236,12 +241,13 @@ def run(params: Params, *, corpus: Path, out: Path, metrics: Path, plots: Path, 
         description="pretrain", evaluate=evaluate, eval_every=params.eval_every, dist=dist, device=device,
     )
     train_s = time.time() - t_train
+    model = gather_model(model, dist, device)  # sharded: whole on rank 0 (None elsewhere)
     if dist.is_main:
         live.end()
         save_model(model, tokenizer, out)
     result = {
         **({"source": params.base_model, "continued_on_corpus": True} if params.base_model else {}),
-        "parameter_count": param_count(model),
+        "parameter_count": n_params,
         "vocab_size": len(tokenizer),
         "train_blocks": len(train),
         "trained_steps": params.max_steps,
@@ -249,12 +255,12 @@ def run(params: Params, *, corpus: Path, out: Path, metrics: Path, plots: Path, 
         "val_loss": round(last["val_loss"], 4),
         "processes": dist.world_size,
     }
+    start = last["resumed_from"]
+    result["timing"] = timing(t0, train_s=train_s, done=(params.max_steps - start) * params.batch_size * seq_len,
+                              unit="tokens", resumed_from=start)
     if dist.is_main:
         write_metrics(metrics, result, settings=["source"])  # written last: its presence marks a finished run
         checkpointer.clear()  # only now: a kill before this point still resumes
-    # Timings vary run to run: shown in the summary, kept out of the metrics file (which is byte-stable).
-    result["timing"] = {"tokens_per_s": round(params.max_steps * params.batch_size * seq_len / max(train_s, 1e-9)),
-                        "wall_s": round(time.time() - t0, 1)}
     return result
 
 
@@ -264,4 +270,4 @@ def summary(m: dict[str, Any]) -> str:
     t = m["timing"]
     took = f"{m['source']} continued on the corpus: " if "source" in m else ""
     return (f"{took}{m['parameter_count']:,} parameters, {m['trained_steps']} steps, val loss {m['val_loss']}, "
-            f"{t['tokens_per_s']:,} tokens/s, {t['wall_s']} s")
+            f"{t['tokens_per_s']:,.0f} tokens/s, {t['wall_s']} s")

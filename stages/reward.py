@@ -35,7 +35,7 @@ from typing import Any, Literal
 import torch
 
 from rlhf.errors import StageError
-from rlhf.io import DEMONSTRATION_SCHEMA, read_jsonl, write_json
+from rlhf.io import DEMONSTRATION_SCHEMA, read_jsonl, timing, write_json
 from rlhf.params import require, to_dict
 from rlhf.preferences import heldout_metrics, heldout_summary, read_groups, split_heldout
 
@@ -84,6 +84,10 @@ class Params:
     """torch CPU threads; 0 leaves torch's default."""
     device: str
     """'auto', 'cpu' or 'cuda'."""
+    fsdp: bool
+    """Under a multi-process launch, shard parameters, gradients and optimizer state across the processes
+    (FSDP2, rlhf/dist.py) instead of a whole copy on each; false: plain data parallel. No effect with one
+    process. docs/models.md, "When a model outgrows one device"."""
     lora_r: int
     """LoRA rank (rlhf/lora.py, docs/models.md); 0 trains every weight (the default). > 0: the SFT body's linear layers get adapters and the score head trains fully; merged into models/reward."""
     lora_alpha: float
@@ -236,6 +240,7 @@ def train_reward_model(params: Params, *, sft: Path, data: Path, tokenizer, trai
     have none; eval-mode forward). Returns (model, held-out encodings, last logged values, checkpointer,
     training seconds)."""
     from rlhf.devices import make_optimizer
+    from rlhf.dist import gather_model, shard_model
     from rlhf.lora import LoraSettings, add_adapters, trainable_parameters
     from rlhf.training import Checkpointer, cosine_lr, epoch_batches, file_digest, fingerprint, open_live, train_loop
 
@@ -243,6 +248,7 @@ def train_reward_model(params: Params, *, sft: Path, data: Path, tokenizer, trai
     model = build_reward_model(sft, tokenizer, params.head_init_std, params.seed).to(device)
     # LoRA (lora_r > 0): adapters on the SFT body, the new score head trained fully (rlhf/lora.py).
     model = add_adapters(model, LoraSettings.of(params, "reward"), seed=params.seed, train_head=True)
+    model = shard_model(model, dist, device)  # under `fsdp: true` and several processes; else the model itself
     optimizer = make_optimizer(trainable_parameters(model), params.lr, params.weight_decay, device)
     checkpointer = Checkpointer(checkpoints, fingerprint(to_dict(params), file_digest(sft), file_digest(data)))
     pad = tokenizer.pad_token_id
@@ -270,8 +276,9 @@ def train_reward_model(params: Params, *, sft: Path, data: Path, tokenizer, trai
         evaluate=evaluate, eval_every=params.eval_every or total_steps, device=device, dist=dist,
     )
     train_s = time.time() - t_train
-    model.eval()
+    model = gather_model(model, dist, device)  # sharded: whole on rank 0 (None elsewhere)
     if dist.is_main:
+        model.eval()
         live.end()
     return model, val_enc, last, checkpointer, train_s
 
@@ -310,7 +317,7 @@ def run(params: Params, *, sft: Path, data: Path, demos: Path, world: Path | Non
         params, sft=sft, data=data, tokenizer=tokenizer, train=train, val=val, train_enc=train_enc, val_enc=val_enc,
         per_step=per_step, dist=dist, device=device, plots=plots, checkpoints=checkpoints)
     if not dist.is_main:  # rank 0 evaluates, centers and writes
-        return {"timing": {"wall_s": round(time.time() - t0, 1)}, "rank": dist.rank}
+        return {"timing": timing(t0, resumed_from=last["resumed_from"]), "rank": dist.rank}
 
     # 4. Held-out evaluation against the labels and the gold judge.
     judge = load_judge(world)
@@ -337,9 +344,12 @@ def run(params: Params, *, sft: Path, data: Path, demos: Path, world: Path | Non
         "lengths": lengths.report("reward"),
         **lora,
     }
+    # Pairs per second: the C(K,2) comparisons of every epoch this invocation trained, over training time alone.
+    steps, start = result["train"]["steps"], last["resumed_from"]
+    result["timing"] = timing(t0, train_s=train_s, unit="pairs", resumed_from=start,
+                              done=result["train"]["pairs"] * params.epochs * (steps - start) / max(1, steps))
     write_json(metrics, result)  # written last: its presence marks a finished run
     checkpointer.clear()  # only now, so a kill before this point still resumes
-    result["timing"] = {"wall_s": round(time.time() - t0, 1), "train_s": round(train_s, 1)}
     return result
 
 

@@ -21,7 +21,7 @@ import torch
 
 from rlhf.errors import StageError
 from rlhf.gold import gold_compare
-from rlhf.io import DEMONSTRATION_SCHEMA, PROMPT_SCHEMA, read_jsonl, remove_outputs, write_json
+from rlhf.io import DEMONSTRATION_SCHEMA, PROMPT_SCHEMA, read_jsonl, remove_outputs, timing, write_json
 from rlhf.params import require, to_dict
 from rlhf.training import IGNORE_INDEX, build_example, collate
 
@@ -54,6 +54,10 @@ class Params:
     """torch CPU threads; 0 leaves torch's default."""
     device: str
     """'auto', 'cpu' or 'cuda'."""
+    fsdp: bool
+    """Under a multi-process launch, shard parameters, gradients and optimizer state across the processes
+    (FSDP2, rlhf/dist.py) instead of a whole copy on each; false: plain data parallel. No effect with one
+    process. docs/models.md, "When a model outgrows one device"."""
     lora_r: int
     """LoRA rank (rlhf/lora.py, docs/models.md); 0 trains every weight (the default). > 0: the causal LM's linear layers get adapters; merged into models/sft at the end."""
     lora_alpha: float
@@ -129,10 +133,20 @@ def save_merged(model, tokenizer, out: Path, lora, result: dict[str, Any]):
     return model
 
 
+def gold_test(params: Params, *, base: Path, sft, tokenizer, test: list[dict[str, Any]], judge, device) -> dict[str, Any]:
+    """Greedy answers of the base model and SFT on the test prompts (`eval_prompts` of them; 0 = all), scored
+    by the gold judge: evaluation only, never trained on."""
+    from rlhf.models import load_causal_lm
+
+    prompts = [r["prompt"] for r in test][: params.eval_prompts or None]
+    return gold_compare({"base": load_causal_lm(base).to(device), "sft": sft}, tokenizer, prompts, judge,
+                        max_new_tokens=params.eval_max_new_tokens, device=device)
+
+
 def run(params: Params, *, base: Path, data: Path, world: Path | None, out: Path, metrics: Path, plots: Path,
         checkpoints: Path | None) -> dict[str, Any]:
     from rlhf.devices import autocast, make_optimizer
-    from rlhf.dist import start_stage
+    from rlhf.dist import gather_model, shard_model, start_stage
     from rlhf.gold import load_judge
     from rlhf.lengths import length_tally
     from rlhf.lora import LoraSettings, add_adapters, trainable_parameters
@@ -140,9 +154,8 @@ def run(params: Params, *, base: Path, data: Path, world: Path | None, out: Path
     from rlhf.training import (Checkpointer, cosine_lr, epoch_batches, file_digest, fingerprint, masked_lm_loss, open_live,
                                train_loop, training_max_len)
 
-    t0 = time.time()
+    t0, data = time.time(), Path(data)
     dist, device = start_stage(params)
-    data = Path(data)
     tokenizer = load_tokenizer(base)
     lora = LoraSettings.of(params, "sft")
     model = add_adapters(load_causal_lm(base).to(device), lora, seed=params.seed)  # the model itself when lora_r is 0
@@ -165,6 +178,7 @@ def run(params: Params, *, base: Path, data: Path, world: Path | None, out: Path
     steps_per_epoch = len(train_ex) // params.batch_size
     total_steps = params.epochs * steps_per_epoch
 
+    model = shard_model(model, dist, device)  # under `fsdp: true` and several processes; else the model itself
     optimizer = make_optimizer(trainable_parameters(model), params.lr, params.weight_decay, device)
     checkpointer = Checkpointer(checkpoints, fingerprint(to_dict(params), file_digest(base), file_digest(data / "sft.jsonl")))
 
@@ -179,35 +193,35 @@ def run(params: Params, *, base: Path, data: Path, world: Path | None, out: Path
         return {"val_loss": validation_loss(model, val_ex, tokenizer.pad_token_id, device)} if val_ex else {}
 
     live = open_live(plots, resume=checkpointer.load() is not None) if dist.is_main else None
+    t_train = time.time()
     last = train_loop(
         model=model, optimizer=optimizer, loss_fn=loss_fn, total_steps=total_steps,
         lr_at=lambda s: cosine_lr(s, total_steps, lr=params.lr, warmup=params.warmup_steps),
         checkpointer=checkpointer, checkpoint_every=params.checkpoint_every, live=live,
         description="sft", evaluate=evaluate, eval_every=steps_per_epoch, dist=dist, device=device,
     )
+    train_s, start = time.time() - t_train, last["resumed_from"]
+    model = gather_model(model, dist, device)  # sharded: whole on rank 0 (None elsewhere)
     result: dict[str, Any] = {
         "demonstrations": len(train_ex), "val_demonstrations": len(val_ex), "steps": total_steps,
         "train_loss": round(last["train_loss"], 4), "processes": dist.world_size, "response_tokens_p95": p95,
+        **({"val_loss": round(last["val_loss"], 4)} if "val_loss" in last else {}),
     }
     if not dist.is_main:  # rank 0 writes the model and metrics and runs the gold comparison
-        result["timing"] = {"wall_s": round(time.time() - t0, 1)}
+        result["timing"] = timing(t0, resumed_from=start)
         return result
     live.end()
     model = save_merged(model, tokenizer, out, lora, result)
-    if "val_loss" in last:
-        result["val_loss"] = round(last["val_loss"], 4)
 
     # 2. Gold judge on held-out test prompts: base vs SFT, greedy (evaluation only, never trained on).
     if judge is not None:
-        prompts = [r["prompt"] for r in test][: params.eval_prompts or None]  # 0 = all
-        models = {"base": load_causal_lm(base).to(device), "sft": model}
-        scores = gold_compare(models, tokenizer, prompts, judge, max_new_tokens=params.eval_max_new_tokens, device=device)
-        result["test"] = scores
+        result["test"] = gold_test(params, base=base, sft=model, tokenizer=tokenizer, test=test, judge=judge, device=device)
     result["lengths"] = lengths.report("sft")
     check_response_budget(p95, params.eval_max_new_tokens)
+    # Demonstrations per second of the training loop (every rank's share of each batch).
+    result["timing"] = timing(t0, train_s=train_s, done=(total_steps - start) * params.batch_size, unit="examples", resumed_from=start)
     write_json(metrics, result)  # written last: its presence marks a finished run
     checkpointer.clear()  # only now: a kill during the gold comparison still resumes near the end
-    result["timing"] = {"wall_s": round(time.time() - t0, 1)}
     return result
 
 

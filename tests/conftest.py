@@ -7,6 +7,7 @@ tests extend it instead of training their own models.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -24,6 +25,14 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "profiles" / "tiny.yaml"
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+
+
+def without_timing(metrics: Path | dict) -> dict:
+    """A metrics file (path or parsed) without its `timing` block (rlhf.io.timing): the one part that differs
+    between two runs of the same params on the same machine (wall times, and where a resumed run started)."""
+    m = json.loads(Path(metrics).read_text()) if isinstance(metrics, (str, Path)) else dict(metrics)
+    m.pop("timing", None)
+    return m
 
 
 def kill_after_first_checkpoint(args: list[str], checkpoint: Path, log: Path, timeout: float = 300,

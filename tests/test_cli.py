@@ -1,8 +1,10 @@
 """CLI: instant help with examples, exit 0 / 1 / 2, one-line errors."""
 
+import os
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
@@ -216,3 +218,25 @@ def test_a_stage_logging_curves_runs_in_a_git_repository_with_no_commits(tmp_pat
     assert res.returncode == 0 and "Traceback" not in res.stderr, res.stderr[-2000:]
     assert list((tmp_path / "plots/pretrain").rglob("*.tsv")) and (tmp_path / "models/base/config.json").is_file()
     assert not (tmp_path / ".dvc").exists()  # no `dvc init` behind the user's back
+
+
+def test_rlhf_in_another_checkout_runs_that_checkouts_code(tmp_path):
+    """A DVC experiment's copy of the repository (or a git worktree) runs its own code, not the code of the
+    checkout `rlhf` was installed from (cli.run_this_checkout): dvc.lock hashes the copy's code."""
+    import shutil
+
+    script = Path(sys.executable).parent / "rlhf"
+    if not script.is_file():
+        pytest.skip("no rlhf console script next to this interpreter (the project is not installed)")
+    copy = tmp_path / "copy"
+    for package in ("cli", "stages", "rlhf"):
+        shutil.copytree(ROOT / package, copy / package, ignore=shutil.ignore_patterns("__pycache__"))
+    with (copy / "cli" / "__init__.py").open("a") as fh:
+        fh.write('\nprint("the copy\'s code")\n')
+    (copy / "docs").mkdir()
+    env = {k: v for k, v in os.environ.items() if k != "RLHF_CHECKOUT"}
+    for cwd in (copy, copy / "docs"):  # the copy itself, or a folder inside it
+        res = subprocess.run([str(script), "world", "--help"], cwd=cwd, env=env, capture_output=True, text=True)
+        assert res.returncode == 0 and "the copy's code" in res.stdout and "Usage: rlhf world" in res.stdout, res.stderr
+    res = subprocess.run([str(script), "world", "--help"], cwd=ROOT, env=env, capture_output=True, text=True)
+    assert res.returncode == 0 and "the copy's code" not in res.stdout

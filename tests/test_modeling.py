@@ -5,7 +5,7 @@ import json
 import torch
 
 from rlhf.batching import forward_logits, left_pad
-from rlhf.models import build_llama, load_causal_lm, save_model
+from rlhf.models import build_llama, load_causal_lm
 from rlhf.sampling import sample_tokens
 from rlhf.tokenization import encode_prompt, train_tokenizer
 

@@ -18,7 +18,7 @@ import pytest
 import torch
 import yaml
 
-from tests.conftest import ROOT, TINY, kill_after_first_checkpoint, tiny_params
+from tests.conftest import ROOT, TINY, kill_after_first_checkpoint, tiny_params, without_timing
 
 
 @dataclass(frozen=True)
@@ -83,7 +83,7 @@ def test_ppo_writes_models_metrics_and_plots(ppo_run):
     assert (ppo_run.out / "tokenizer.json").is_file()
 
     m = json.loads(ppo_run.metrics.read_text())
-    assert "timing" not in m  # metrics stay byte-identical between runs
+    assert m["timing"]["episodes_per_s"] > 0 and m["timing"]["wall_s"] > m["timing"]["train_s"] > 0
     for key in ("rm_score", "kl", "gold", "ended_with_eos", "response_length", "kl_coef"):
         assert key in m["final_rollout"], key
     for name in ("policy", "sft"):
@@ -153,7 +153,7 @@ def test_ppo_resumes_after_sigkill_with_identical_weights(ppo_run, tmp_path):
         assert ours.keys() == ref.keys()
         for k in ref:
             assert torch.equal(ours[k], ref[k]), (folder, k)
-    assert paths["metrics"].read_text() == ppo_run.metrics.read_text()
+    assert without_timing(paths["metrics"]) == without_timing(ppo_run.metrics)
     # The rebuilt dvclive curves hold each step once.
     rows = (paths["plots"] / "plots/metrics/objective/kl.tsv").read_text().strip().splitlines()
     assert [r.split("\t")[0] for r in rows[1:]] == [str(i) for i in range(tiny_params("ppo").steps)]
@@ -251,7 +251,6 @@ def test_ppo_steps_compose_on_an_explicit_state(ppo_run):
     step 4 penalizes responses without EOS and leaves nothing after EOS; one step updates
     both networks and β and reports item 22's metrics with ratio exactly 1 on the first minibatch.
     """
-    from rlhf import ppo as P
     from stages import ppo
 
     params = tiny_params("ppo", steps=2, minibatch_size=8, micro_batch_size=8, checkpoint_every=0)

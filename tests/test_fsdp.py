@@ -1,0 +1,151 @@
+"""Fully sharded data parallel (`fsdp: true`, rlhf/dist.py) for sft and reward under 2 CPU processes (gloo).
+
+Each rank holds half of every parameter, gradient and Adam moment; the batches and the global step are
+those of plain data parallel, so a 2-process FSDP run must land where one process does, within the same
+tolerance as the data-parallel tests (tests/test_multiprocess.py: each rank's loss is a mean over its own
+tokens, and the reductions sum in another order). The trained model is gathered whole on rank 0 and saved
+as an ordinary Hugging Face folder. Checkpoints are sharded (one folder of per-rank shards, named by
+checkpoint.pt): a run killed after its first checkpoint resumes to exactly the weights of a run that was
+never killed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from tests.conftest import ENV, ROOT, TINY, without_timing
+from tests.test_multiprocess import launcher, run_cli
+
+
+@pytest.fixture(scope="module")
+def fsdp_params(tmp_path_factory) -> Path:
+    params = yaml.safe_load(TINY.read_text())
+    for section in ("pretrain", "sft", "reward"):
+        params[section]["fsdp"] = True
+    path = tmp_path_factory.mktemp("fsdp") / "params.yaml"
+    path.write_text(yaml.safe_dump(params, sort_keys=False))
+    return path
+
+
+def sft_args(tiny_run, root: Path, params: Path) -> list[str]:
+    return ["sft", "--base", str(tiny_run.base), "--data", str(tiny_run.prepared), "--world", str(root / "no-world.json"),
+            "--out", str(root / "sft"), "--metrics", str(root / "sft.json"), "--plots", str(root / "plots"),
+            "--checkpoints", str(root / "ckpt"), "--params", str(params)]
+
+
+@pytest.fixture(scope="module")
+def fsdp_sft(tiny_run, fsdp_params, tmp_path_factory) -> Path:
+    """One uninterrupted 2-process FSDP run of sft on the tiny profile."""
+    root = tmp_path_factory.mktemp("fsdp_sft")
+    run_cli([*launcher(2), *sft_args(tiny_run, root, fsdp_params)])
+    return root
+
+
+def test_fsdp_sft_matches_one_process_and_saves_a_plain_model(tiny_run, fsdp_sft):
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    one, two = json.loads((tiny_run.metrics / "sft.json").read_text()), json.loads((fsdp_sft / "sft.json").read_text())
+    assert two["processes"] == 2 and one["steps"] == two["steps"]
+    assert abs(one["train_loss"] - two["train_loss"]) < 0.02 * one["train_loss"]
+    assert abs(one["val_loss"] - two["val_loss"]) < 0.02 * one["val_loss"]
+    w1, w2 = load_file(tiny_run.sft / "model.safetensors"), load_file(fsdp_sft / "sft/model.safetensors")
+    base = load_file(tiny_run.base / "model.safetensors")
+    assert w1.keys() == w2.keys()
+    for name in w1:  # the two runs agree far more closely than either moved away from the base model
+        assert (w1[name] - w2[name]).norm() <= 0.2 * (w1[name] - base[name]).norm() + 1e-6, name
+    model = AutoModelForCausalLM.from_pretrained(str(fsdp_sft / "sft"), use_safetensors=True)  # plain tensors, no shards
+    assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()  # tied weights stay tied
+    assert not (fsdp_sft / "ckpt").exists()
+
+
+def test_fsdp_reward_matches_one_process(tiny_rm, fsdp_params, tmp_path):
+    from transformers import AutoModelForSequenceClassification
+
+    out = tmp_path / "two"
+    run_cli([*launcher(2), "reward", "--sft", str(tiny_rm.sft), "--data", str(tiny_rm.rankings),
+             "--demos", str(tiny_rm.prepared / "sft.jsonl"), "--world", str(tiny_rm.world), "--out", str(out / "reward"),
+             "--metrics", str(out / "reward.json"), "--plots", str(out / "plots"), "--checkpoints", str(out / "ckpt"),
+             "--params", str(fsdp_params)])
+    one = json.loads((tiny_rm.metrics / "reward.json").read_text())
+    two = json.loads((out / "reward.json").read_text())
+    assert one["train"]["steps"] == two["train"]["steps"]
+    assert abs(one["train"]["train_loss"] - two["train"]["train_loss"]) < 0.05
+    assert abs(one["heldout"]["accuracy_labels"] - two["heldout"]["accuracy_labels"]) < 0.1
+    assert abs(one["bias"]["value"] - two["bias"]["value"]) < 0.05  # scored by the gathered model on rank 0
+    rm = AutoModelForSequenceClassification.from_pretrained(str(out / "reward"), use_safetensors=True)
+    assert rm.config.num_labels == 1 and not (out / "ckpt").exists()
+
+
+def kill_processes_naming(marker: str) -> None:
+    """SIGKILL every process whose command line contains `marker` (here: the launcher and both ranks), and
+    wait until none is left."""
+    def matching() -> list[int]:
+        pids = []
+        for entry in Path("/proc").iterdir():
+            try:
+                if entry.name.isdigit() and marker in (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode():
+                    pids.append(int(entry.name))
+            except OSError:  # the process ended meanwhile
+                pass
+        return pids
+
+    t0 = time.time()
+    while pids := matching():
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        assert time.time() - t0 < 30, f"processes {pids} survive SIGKILL"
+        time.sleep(0.05)
+
+
+def test_fsdp_sft_resumes_from_sharded_checkpoints(tiny_run, fsdp_params, fsdp_sft, tmp_path):
+    from safetensors.torch import load_file
+
+    cmd = [*launcher(2), *sft_args(tiny_run, tmp_path, fsdp_params)]
+    ckpt = tmp_path / "ckpt" / "checkpoint.pt"
+    with (tmp_path / "killed.log").open("w") as log:
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=ENV, stdout=log, stderr=subprocess.STDOUT)
+        t0 = time.time()
+        try:
+            while not ckpt.is_file():
+                assert proc.poll() is None, (tmp_path / "killed.log").read_text()
+                assert time.time() - t0 < 300, "no checkpoint after 300 s"
+                time.sleep(0.01)
+        finally:
+            # The launcher starts its ranks in sessions of their own: kill every process of this run.
+            kill_processes_naming(str(ckpt.parent))
+            proc.wait()
+    state = torch.load(ckpt, map_location="cpu", weights_only=True)
+    step = state["step"]
+    assert 0 < step < json.loads((fsdp_sft / "sft.json").read_text())["steps"] and not (tmp_path / "sft.json").exists()
+    assert "model" not in state and state["shards"] == f"sharded-{step}"  # the weights live in the shards only
+    assert list((tmp_path / "ckpt" / state["shards"]).glob("*.distcp"))
+
+    res, _ = run_cli(cmd)
+    assert f"resuming from {ckpt} at step {step}" in " ".join((res.stdout + res.stderr).split())
+    ours, ref = load_file(tmp_path / "sft/model.safetensors"), load_file(fsdp_sft / "sft/model.safetensors")
+    assert ours.keys() == ref.keys() and all(torch.equal(ours[k], ref[k]) for k in ref)
+    assert without_timing(tmp_path / "sft.json") == without_timing(fsdp_sft / "sft.json")
+    assert not (tmp_path / "ckpt").exists()
+
+
+def test_fsdp_with_lora_is_refused_by_name():
+    from rlhf.errors import StageError
+    from tests.conftest import tiny_params
+
+    for stage in ("sft", "reward"):
+        tiny_params(stage, fsdp=True).validate()  # alone, or LoRA alone, is fine
+        tiny_params(stage, lora_r=4).validate()
+        with pytest.raises(StageError, match=f"params key '{stage}.fsdp': FSDP with LoRA is not supported yet"):
+            tiny_params(stage, fsdp=True, lora_r=4).validate()
