@@ -54,6 +54,10 @@ HEADLINE = (
     "ppo.test.*.gold.total",
     "ppo.final_rollout.kl",
     "ppo.corpus_logprob.tax",
+    "evaluate.models.*.kl.mean",
+    "reward_round2.heldout.accuracy_gold",
+    "*.timing.wall_s",
+    "*.timing.*_per_s",
 )
 
 
@@ -91,7 +95,7 @@ def run_sweep(seeds: Sequence[int], *, params: Path, prefix: str, jobs: int, cwd
         raise StageError(f"{params}: no section outside {', '.join(FIXED_SECTIONS)} has a 'seed' key; nothing to vary")
     for cmd in queue_commands(seeds, keys, prefix=prefix, jobs=jobs):
         echo("$ " + " ".join(cmd))
-        res = subprocess.run(cmd, cwd=cwd)
+        res = subprocess.run([dvc_executable(), *cmd[1:]], cwd=cwd)
         if res.returncode != 0:
             hint = "see `dvc queue logs <name>`" if "--run-all" in cmd else "is this a git repository with DVC?"
             raise StageError(f"`{' '.join(cmd[:4])}` exited with {res.returncode}; {hint}")
@@ -102,9 +106,21 @@ def run_sweep(seeds: Sequence[int], *, params: Path, prefix: str, jobs: int, cwd
     return [f"{prefix}-{s}" for s in seeds]
 
 
+def dvc_executable() -> str:
+    """The `dvc` command: on PATH, or beside this Python (a virtual environment run without activating it)."""
+    import shutil
+    import sys
+
+    found = shutil.which("dvc") or shutil.which("dvc", path=str(Path(sys.executable).parent))
+    if found is None:
+        raise StageError("dvc not found on PATH or beside this Python; install it (pip install dvc, or `make setup`) "
+                         "or activate the environment that has it")
+    return found
+
+
 def failed_experiments(cwd: Path, names: Sequence[str]) -> list[str]:
     """Names among `names` whose queue task ended in failure (`dvc queue status`)."""
-    res = subprocess.run(["dvc", "queue", "status"], cwd=cwd, capture_output=True, text=True)
+    res = subprocess.run([dvc_executable(), "queue", "status"], cwd=cwd, capture_output=True, text=True)
     failed = []
     for line in res.stdout.splitlines():
         parts = line.split()
@@ -180,7 +196,8 @@ def read_experiments(cwd: Path, names: Sequence[str] | None, prefix: str) -> lis
 
     `--all-commits`: experiments queued on an earlier commit (the sweep ran, then something was
     committed) are still found; without it `dvc exp show` lists only those based on HEAD."""
-    res = subprocess.run(["dvc", "exp", "show", "--json", "--all-commits"], cwd=cwd, capture_output=True, text=True)
+    res = subprocess.run([dvc_executable(), "exp", "show", "--json", "--all-commits"], cwd=cwd, capture_output=True,
+                         text=True)
     if res.returncode != 0:
         raise StageError(f"`dvc exp show --json` failed in {cwd}: {(res.stderr.strip().splitlines() or ['?'])[-1]}")
     exps = experiments_from_show(json.loads(res.stdout), names)

@@ -237,3 +237,70 @@ def test_sft_with_lora_resumes_after_sigkill_to_the_same_weights(tiny_run, tmp_p
     ours, theirs = load_file(str(paths["out"] / "model.safetensors")), load_file(str(ref / "sft/model.safetensors"))
     assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
     assert without_timing(paths["metrics"]) == without_timing(ref / "sft.json")
+
+
+def test_ppo_with_lora_resumes_after_sigkill_to_the_same_weights(tiny_rm, tmp_path):
+    """PPO with adapters on policy and value model: killed after its first checkpoint, the rerun resumes
+    (adapters, optimizers, sampling stream) and ends with the merged weights of a run never killed."""
+    from safetensors.torch import load_file
+
+    from stages import ppo
+    from tests.conftest import kill_after_first_checkpoint
+
+    changes = {**LORA, "steps": 4, "checkpoint_every": 1, "eval_prompts": 2, "heldout_corpus": 4}
+    ref = tmp_path / "ref"
+    ppo.run(tiny_params("ppo", **changes), sft=tiny_rm.sft, reward=tiny_rm.reward, data=tiny_rm.prepared,
+            world=tiny_rm.world, out=ref / "policy", value_out=ref / "value", metrics=ref / "ppo.json",
+            plots=ref / "plots", checkpoints=ref / "ckpt")
+    params = yaml.safe_load(TINY.read_text())
+    params["ppo"].update(changes)
+    params_path = tmp_path / "params.yaml"
+    params_path.write_text(yaml.safe_dump(params))
+    run = tmp_path / "run"
+    args = ["ppo", "--params", str(params_path), "--sft", str(tiny_rm.sft), "--reward", str(tiny_rm.reward),
+            "--data", str(tiny_rm.prepared), "--world", str(tiny_rm.world), "--out", str(run / "policy"),
+            "--value-out", str(run / "value"), "--metrics", str(run / "ppo.json"), "--plots", str(run / "plots"),
+            "--checkpoints", str(run / "ckpt")]
+    step = kill_after_first_checkpoint(args, run / "ckpt" / "checkpoint.pt", tmp_path / "killed.log")
+    assert 0 < step < changes["steps"] and not (run / "ppo.json").exists()
+
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    done = subprocess.run([sys.executable, "-m", "cli", *args], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert f"resumed from step {step}" in " ".join(done.stdout.split())
+    for folder in ("policy", "value"):
+        ours, theirs = load_file(str(run / folder / "model.safetensors")), load_file(str(ref / folder / "model.safetensors"))
+        assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours), folder
+    assert without_timing(run / "ppo.json") == without_timing(ref / "ppo.json")
+
+
+def test_sft_with_lora_under_two_processes_matches_one(tiny_run, tmp_path):
+    """LoRA and data parallel together: each rank trains the adapters on its half of every batch and only the
+    adapters' gradients are averaged; the merged model lands where one process's does."""
+    from safetensors.torch import load_file
+
+    from stages import sft
+    from tests.test_multiprocess import launcher, run_cli
+
+    changes = {**LORA, "eval_prompts": 2}
+    one = tmp_path / "one"
+    m1 = sft.run(tiny_params("sft", **changes), base=tiny_run.base, data=tiny_run.prepared, world=tmp_path / "none.json",
+                 out=one / "sft", metrics=one / "sft.json", plots=one / "plots", checkpoints=one / "ckpt")
+    params = yaml.safe_load(TINY.read_text())
+    params["sft"].update(changes)
+    params_path = tmp_path / "params.yaml"
+    params_path.write_text(yaml.safe_dump(params))
+    two = tmp_path / "two"
+    run_cli([*launcher(2), "sft", "--params", str(params_path), "--base", str(tiny_run.base), "--data",
+             str(tiny_run.prepared), "--world", str(tmp_path / "none.json"), "--out", str(two / "sft"),
+             "--metrics", str(two / "sft.json"), "--plots", str(two / "plots"), "--checkpoints", str(two / "ckpt")])
+    m2 = json.loads((two / "sft.json").read_text())
+    assert m2["processes"] == 2 and m2["lora"] == m1["lora"] and m2["steps"] == m1["steps"]
+    assert abs(m1["train_loss"] - m2["train_loss"]) < 0.02 * m1["train_loss"]
+    w1, w2 = load_file(one / "sft/model.safetensors"), load_file(two / "sft/model.safetensors")
+    base = load_file(tiny_run.base / "model.safetensors")
+    moved = [k for k in w1 if not torch.equal(w1[k], base[k])]
+    assert moved  # the merged adapters changed the linear layers
+    for k in moved:  # the two runs agree far more closely than either moved away from the base model
+        assert (w1[k] - w2[k]).norm() <= 0.2 * (w1[k] - base[k]).norm() + 1e-6, k

@@ -163,3 +163,14 @@ def test_seeds_help_has_examples():
     for args in (["seeds", "--help"], ["seeds", "run", "--help"], ["seeds", "summarize", "--help"]):
         res = CliRunner().invoke(app, args)
         assert res.exit_code == 0 and "Example" in res.output, args
+
+
+def test_cli_run_without_dvc_says_how_to_get_it(tmp_path, monkeypatch):
+    import shutil
+
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump({"world": {"seed": 0}, "sft": {"seed": 0}}))
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(shutil, "which", lambda *a, **k: None)
+    res = CliRunner().invoke(app, ["seeds", "run", "--seeds", "1", "--no-summarize"])
+    assert res.exit_code == 1 and "dvc not found on PATH or beside this Python" in res.output
+    assert "Traceback" not in res.output
