@@ -510,6 +510,8 @@ def stage_cost(m: dict[str, Any]) -> tuple[Any, Any, str | None, str | None]:
         work = f"{m['train']['pairs']:,} pairs"
     elif "best_of" in m and "prompts" in m and "samples" in m:
         work = f"{m['prompts'] * m['samples']:,} samples"
+    elif "trained_steps" in m or "steps" in m:  # pretrain, sft, the SFT + ptx control
+        work = f"{m.get('trained_steps', m.get('steps')):,} steps"
     for key, value in timing.items():
         if key.endswith("_per_s"):
             rate = f"{value:,.1f} {key[: -len('_per_s')].replace('_', ' ')}/s"

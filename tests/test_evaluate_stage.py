@@ -111,12 +111,14 @@ def test_stage_cost_reads_every_training_stages_metrics():
                                                           "reference_s": 3.0, "resumed_from": 0}},
              "bestofn": {"best_of": {}, "prompts": 3, "samples": 16, "timing": {"wall_s": 9.0, "train_s": 5.0,
                                                                               "samples_per_s": 10.2}},
+             "sft": {"steps": 96, "timing": {"wall_s": 11.2, "train_s": 6.9, "examples_per_s": 277.9}},
              "old": {"steps": 5}}
     assert stage_cost(timed["rloo"]) == (66.0, 60.2, "7,680 episodes", "127.6 episodes/s")
     assert stage_cost(timed["dpo"]) == (59.1, 40.0, "1,234 pairs", "86.4 pairs/s")
     assert stage_cost(timed["bestofn"]) == (9.0, 5.0, "48 samples", "10.2 samples/s")
+    assert stage_cost(timed["sft"]) == (11.2, 6.9, "96 steps", "277.9 examples/s")
     head, rows = cost_rows(timed)
-    assert rows[-1] == ["old", "not recorded", None, None, None] and len(head) == len(rows[0])
+    assert rows[-1] == ["old", "not recorded", None, "5 steps", None] and len(head) == len(rows[0])
     stages, missing = read_stage_metrics([ROOT / "metrics" / "sft.json", ROOT / "metrics" / "no_such_stage.json"])
     assert list(stages) == ["sft"] and missing == [f"{ROOT / 'metrics' / 'no_such_stage.json'}: not found"]
 
