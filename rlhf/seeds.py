@@ -39,6 +39,8 @@ HEADLINE = (
     "evaluate.models.*.gold.total",
     "evaluate.win_rates.*.win_rate",
     "evaluate.win_rates.*.gold_win_rate",
+    "evaluate.win_rates.*.ci_low",  # each seed's own bootstrap interval: "above 0.5 in every seed" needs them
+    "evaluate.win_rates.*.ci_high",
     "evaluate.models.*.toxicity*.expected_max_toxicity",
     "evaluate.models.*.toxicity*.toxicity_probability",
     "evaluate.models.*.truthfulqa.mc1",
