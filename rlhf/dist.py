@@ -6,7 +6,7 @@ the same stage code runs alone, under `accelerate launch --multi_gpu --num_proce
 machine, or on a multi-GPU node. Only rank 0 writes files; every rank computes on its shard of the
 same global batch, so the global batch (and the results) do not depend on the number of processes.
 
-Fully sharded data parallel (`fsdp: true` in a stage's params; pretrain, sft and reward): every rank holds
+Fully sharded data parallel (`fsdp: true` in a stage's params; pretrain, sft, reward and ppo): every rank holds
 1/world_size of the parameters, gradients and Adam state instead of a whole copy (torch's FSDP2
 `fully_shard`, one unit per transformer block and one for the rest; gloo on CPU, NCCL on GPUs). The
 batches, the loss and the global step are the same as under plain data parallel; FSDP's reduce-scatter
@@ -88,6 +88,16 @@ class Dist:
             return x
         mean = self.all_sum(x.to(torch.float64)) / self.world_size
         return mean.to(x.dtype if x.is_floating_point() else torch.get_default_dtype())
+
+    def all_true(self, flag: bool, device: torch.device | None = None) -> bool:
+        """Whether `flag` holds on every rank (`flag` itself with one process). Under FSDP every forward is a
+        collective, so a loop that may stop early (sampling until every sequence has ended) stops on all ranks
+        together or on none."""
+        if not self.enabled:
+            return flag
+        t = torch.tensor([int(flag)], device=device)
+        tdist.all_reduce(t, op=tdist.ReduceOp.MIN)
+        return bool(t.item())
 
     def gather(self, obj: Any) -> list[Any]:
         """Every rank's `obj`, in rank order, on every rank ([obj] with one process)."""
@@ -175,14 +185,22 @@ def transformer_blocks(model: torch.nn.Module) -> list[torch.nn.Module]:
     return list(max(lists, key=len)) if lists else []
 
 
-def shard_model(model: torch.nn.Module, dist: Dist, device: torch.device) -> torch.nn.Module:
+def is_sharded(model: torch.nn.Module) -> bool:
+    """Whether `model` holds FSDP-sharded parameters (DTensors): such a model runs only through its modules'
+    forwards, on every rank at once."""
+    return any(hasattr(p, "device_mesh") for p in model.parameters())
+
+
+def shard_model(model: torch.nn.Module, dist: Dist, device: torch.device, *, by_child: bool = True) -> torch.nn.Module:
     """`model` sharded across the processes when `dist.fsdp` (else `model` itself). Every rank must call it
     with the same model, before its optimizer is built. The FSDP units:
     - every transformer block;
-    - every direct child that shares no parameter with another (a reward model's backbone and score head,
-      which rlhf.rm calls one after the other, so each must gather its own weights);
+    - (`by_child`) every direct child that shares no parameter with another (a reward model's backbone and
+      score head, which rlhf.rm calls one after the other, so each must gather its own weights);
     - the whole model, for what is left: tied input and output embeddings, which must stay one parameter
-      (a causal LM, always called through its own forward)."""
+      (a causal LM, always called through its own forward), or, without `by_child`, everything outside the
+      blocks (PPO's value model, whose own forward runs the backbone and then reads the score head's weight).
+    """
     if not (dist.fsdp and dist.enabled):
         return model
     from torch.distributed.device_mesh import init_device_mesh
@@ -192,7 +210,7 @@ def shard_model(model: torch.nn.Module, dist: Dist, device: torch.device) -> tor
     plain_class = type(model)
     for block in transformer_blocks(model):
         fully_shard(block, mesh=mesh)
-    children = [c for c in model.children() if any(True for _ in c.parameters())]
+    children = [c for c in model.children() if any(True for _ in c.parameters())] if by_child else []
     owners: dict[int, int] = {}
     for i, child in enumerate(children):
         for p in child.parameters():
@@ -208,18 +226,22 @@ def shard_model(model: torch.nn.Module, dist: Dist, device: torch.device) -> tor
     return model
 
 
-def gather_model(model: torch.nn.Module, dist: Dist, device: torch.device) -> torch.nn.Module | None:
+def gather_model(model: torch.nn.Module, dist: Dist, device: torch.device, *, part: str = "") -> torch.nn.Module | None:
     """The trained model whole: `model` itself unless it is sharded; for a sharded model, a collective (every
-    rank calls it) that returns, on rank 0, an unsharded copy holding the full weights, and None elsewhere."""
+    rank calls it) that returns, on rank 0, an unsharded copy holding the full weights, and None elsewhere.
+    `part`: return that submodule of `model` instead (PPO's value model wraps the reward model as `model`)."""
     if not (dist.fsdp and dist.enabled):
-        return model
+        return model.get_submodule(part) if part else model
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if not dist.is_main:
         return None
-    plain = model.plain_class(model.config)
+    target = model.get_submodule(part) if part else model
+    if part:
+        state = {k[len(part) + 1:]: v for k, v in state.items() if k.startswith(part + ".")}
+    plain = getattr(target, "plain_class", type(target))(target.config)
     plain.load_state_dict(state)
-    if getattr(model, "generation_config", None) is not None:  # causal LMs carry one, classifiers do not
-        plain.generation_config = model.generation_config
+    if getattr(target, "generation_config", None) is not None:  # causal LMs carry one, classifiers do not
+        plain.generation_config = target.generation_config
     return plain.to(device).eval()

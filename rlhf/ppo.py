@@ -241,7 +241,7 @@ def response_logits(model, query_responses: torch.Tensor, mask: torch.Tensor, co
     # context_len - 1 .. T - 2 are needed. `logits_to_keep` runs the LM head on the last R + 1 positions
     # alone (not on the query's); the last one, which predicts past the response, is dropped.
     n_response = query_responses.shape[1] - context_len
-    if torch.is_autocast_enabled(query_responses.device.type) and plain_lm_head(model):
+    if torch.is_autocast_enabled(query_responses.device.type) and plain_lm_head(model) and not head_sharded(model):
         # Under bf16 autocast (CUDA) the LM head's output would be bf16: 8 bits of mantissa round logits of
         # magnitude 8-32 by up to 0.06 nats, more than the log-ratios PPO clips at 0.2 and the per-token KL
         # it penalizes. The backbone keeps autocast; the head runs in fp32 on the last R positions.
@@ -262,6 +262,22 @@ def plain_lm_head(model) -> bool:
     cfg = model.config
     return (model.get_output_embeddings() is not None and getattr(cfg, "final_logit_softcapping", None) is None
             and getattr(cfg, "logit_scale", None) is None and hasattr(model, model.base_model_prefix))
+
+
+def head_sharded(model) -> bool:
+    """Whether the output head's weight is FSDP-sharded (rlhf.dist): it is whole only inside the model's own
+    forward, so the model must run through it (with `head_in_fp32` for fp32 logits)."""
+    return hasattr(model.get_output_embeddings().weight, "device_mesh")
+
+
+def head_in_fp32(model) -> None:
+    """Make the causal LM's own forward compute its output head with `fp32_linear`, whatever autocast is
+    active. For a sharded policy (`head_sharded`), which response_logits cannot split into body and head:
+    its logits, log-probs and KL stay fp32 under bf16 autocast. On fp32 the result is the same op."""
+    import functools
+
+    head = model.get_output_embeddings()
+    head.forward = functools.partial(fp32_linear, head)
 
 
 def fp32_linear(linear: torch.nn.Module, hidden: torch.Tensor) -> torch.Tensor:

@@ -275,6 +275,11 @@ class PolicyState:
         """The objects with a state_dict that a checkpoint saves, by name."""
         return {"policy": self.policy, "policy_opt": self.policy_opt}
 
+    def sharded(self) -> dict[str, tuple[Any, Any]]:
+        """Under FSDP, the (model, optimizer) pairs whose state every rank saves as its own shards (their
+        names in `stateful` are <name> and <name>_opt); {} otherwise."""
+        return {"policy": (self.policy, self.policy_opt)} if self.dist.fsdp and self.dist.enabled else {}
+
 
 def base_state(params, *, sft: Path, reward: Path, files: DataFiles, world: Path | None, checkpoints: Path | None,
                need: tuple[str, int], doc_len: int, with_value: bool, shuffle: bool,
@@ -282,7 +287,7 @@ def base_state(params, *, sft: Path, reward: Path, files: DataFiles, world: Path
     """The shared fields of a state at step 0 (`PolicyState`'s, plus `value` when `with_value`); `lora`: the
     stage's rlhf.lora.LoraSettings (`load_models`)."""
     from rlhf.devices import make_optimizer
-    from rlhf.dist import start_stage
+    from rlhf.dist import shard_model, start_stage
     from rlhf.lora import trainable_parameters
     from rlhf.gold import load_judge
     from rlhf.lengths import length_tally, position_limit
@@ -290,8 +295,14 @@ def base_state(params, *, sft: Path, reward: Path, files: DataFiles, world: Path
     from rlhf.training import Checkpointer, file_digest, fingerprint
 
     dist, device = start_stage(params)
-    # 1. Models and data.
+    # 1. Models and data. Under `fsdp: true` the trained networks are sharded (before their optimizers exist);
+    #    the frozen reference and reward model, which only run forwards, stay whole on every rank.
     tokenizer, policy, ref, value, rm = load_models(sft, reward, device, with_value=with_value, lora=lora, seed=params.seed)
+    policy = shard_model(policy, dist, device)
+    if P.plain_lm_head(policy) and P.head_sharded(policy):
+        P.head_in_fp32(policy)  # it runs through its own forward now: keep its logits fp32 under autocast
+    if value is not None:
+        value = shard_model(value, dist, device, by_child=False)  # its forward reads the score head's weight
     length_tally()  # prompts cut to fit the model: counted from here, reported in the metrics' `lengths`
     max_pos = min(position_limit(policy) or 10**9, position_limit(rm) or 10**9)
     corpus = load_data(params, files, tokenizer, max_pos, need=need, doc_len=doc_len, ptx_batch_size=ptx_batch_size)
@@ -306,7 +317,7 @@ def base_state(params, *, sft: Path, reward: Path, files: DataFiles, world: Path
     fields = dict(
         params=params, dist=dist, device=device, tokenizer=tokenizer, policy=policy, ref=ref, rm=rm,
         policy_opt=make_optimizer(trainable_parameters(policy), params.lr, 0.0, device, betas=(params.adam_beta1, params.adam_beta2),
-                                  eps=params.adam_eps, fused_on_cpu=True),  # item 24
+                                  eps=params.adam_eps, fused_on_cpu=not dist.fsdp),  # item 24
         sample_gen=torch.Generator(device=device).manual_seed(P.rank_seed(params.seed, dist.rank)),
         shuffle_gen=torch.Generator().manual_seed(params.seed + 1) if shuffle else None,
         data=corpus, judge=judge, checkpointer=checkpointer,
@@ -316,17 +327,23 @@ def base_state(params, *, sft: Path, reward: Path, files: DataFiles, world: Path
 
 def save_checkpoint(state: PolicyState) -> None:
     """Weights, optimizers and the shuffle are the same on every rank; the sampling streams are not (item 21),
-    so rank 0 saves all of them (a collective: every rank takes part)."""
+    so rank 0 saves all of them (a collective: every rank takes part). Under FSDP every rank writes its shards
+    of the trained networks and their optimizers, and rank 0 the rest (rlhf.training.Checkpointer)."""
     gens = state.dist.gather(state.sample_gen.get_state())
-    if not state.dist.is_main:
+    sharded = state.sharded()
+    in_shards = {n for name in sharded for n in (name, f"{name}_opt")}
+    if not (state.dist.is_main or sharded):
         return
-    out = {name: obj.state_dict() for name, obj in state.stateful().items()}
+    out = {name: obj.state_dict() for name, obj in state.stateful().items() if name not in in_shards}
     out.update(sample_gen=gens[0], step=state.step, history=state.history)
     if state.shuffle_gen is not None:
         out["shuffle_gen"] = state.shuffle_gen.get_state()
     if state.dist.enabled:
         out["sample_gens"] = gens
-    state.checkpointer.save(out)
+    if sharded:
+        state.checkpointer.save_sharded(sharded, out, state.dist)
+    else:
+        state.checkpointer.save(out)
 
 
 def restore_checkpoint(state: PolicyState) -> None:
@@ -334,9 +351,17 @@ def restore_checkpoint(state: PolicyState) -> None:
     saved = state.checkpointer.load()
     if saved is None:
         return
-    dist = state.dist
+    dist, sharded = state.dist, state.sharded()
+    if ("shards" in saved) != bool(sharded):
+        raise StageError(f"{state.checkpointer.path}: written by a {'sharded (FSDP)' if 'shards' in saved else 'replicated'} "
+                         f"run; relaunch it the same way (processes and fsdp), or delete {state.checkpointer.directory} "
+                         "to start over")
+    if sharded:
+        state.checkpointer.load_sharded(sharded, saved)
+    in_shards = {n for name in sharded for n in (name, f"{name}_opt")}
     for name, obj in state.stateful().items():
-        obj.load_state_dict(saved[name])
+        if name not in in_shards:
+            obj.load_state_dict(saved[name])
     # Each rank continues its own sampling stream (item 21): a one-process checkpoint holds one state
     # under "sample_gen", a multi-process one every rank's under "sample_gens" too.
     gens = saved.get("sample_gens", [saved["sample_gen"]])
@@ -383,9 +408,10 @@ def sample_rollout(state: PolicyState, idx: list[int]) -> Rollout:
 
     params, device, tok = state.params, state.device, state.tokenizer
     batch_queries = [state.data.queries[i] for i in idx]
+    together = (lambda ended: state.dist.all_true(ended, device)) if state.sharded() else None
     responses = sample_tokens(state.policy, batch_queries, pad_id=tok.pad_token_id, eos_id=tok.eos_token_id,
                               max_new_tokens=params.max_new_tokens, temperature=params.temperature,
-                              generator=state.sample_gen, device=device)  # (B, R)
+                              generator=state.sample_gen, device=device, stop_together=together)  # (B, R)
     q_ids, q_mask = left_pad(batch_queries, tok.pad_token_id)  # (B, Q)
     r_mask, ended = P.response_mask(responses, tok.eos_token_id)  # (B, R), (B,)
     return Rollout(idx=idx, ids=torch.cat([q_ids, responses], 1).to(device),
@@ -546,9 +572,28 @@ def start_live(state: PolicyState, plots: Path):
 
 
 def check_same_weights(state: PolicyState, name: str, *models: torch.nn.Module) -> None:
-    if not all(state.dist.same_weights(m) for m in models):
+    """Replicated models only: a sharded one holds a different piece on every rank by design."""
+    from rlhf.dist import is_sharded
+
+    if not all(state.dist.same_weights(m) for m in models if not is_sharded(m)):
         raise StageError(f"{name}: the ranks' weights drifted apart during data-parallel training (a bug, not your "
                          "input); rerun with one process and report it")
+
+
+def gather_trained(state: PolicyState) -> None:
+    """Under FSDP, a collective: the policy (and PPO's value model) whole on rank 0, in place of the sharded
+    ones, for the held-out evaluation and the saved folders. Nothing otherwise."""
+    from rlhf.dist import gather_model
+
+    if not state.sharded():
+        return
+    policy = gather_model(state.policy, state.dist, state.device)
+    value = getattr(state, "value", None)
+    value = gather_model(value, state.dist, state.device, part="model") if value is not None else None
+    if state.dist.is_main:
+        state.policy = policy
+        if value is not None:
+            state.value = P.ValueModel(value)
 
 
 def final_rollout(last: dict[str, float]) -> dict[str, float]:

@@ -72,6 +72,7 @@ def sample_tokens(
     generator: torch.Generator | None,
     device: torch.device,
     top_p: float = 1.0,
+    stop_together: Callable[[bool], bool] | None = None,
 ) -> torch.Tensor:
     """Sample responses for a batch of queries with the KV cache; returns (B, max_new_tokens) ids.
 
@@ -79,7 +80,12 @@ def sample_tokens(
     protocols that ask for nucleus sampling (RealToxicityPrompts: 0.9). Positions after
     a sequence's first EOS are filled with PAD. The loop stops early once every sequence has ended.
     A query too long for the model's positions with `max_new_tokens` is cut on the left (`fit_queries`).
+    `stop_together(all_ended)`: for an FSDP-sharded model (rlhf.dist), whose every forward is a collective,
+    whether every rank's batch has ended (Dist.all_true), so that all ranks stop at the same step.
     """
+    from rlhf.dist import is_sharded
+
+    sharded = is_sharded(model)
     ids, mask = left_pad(fit_queries(model, queries, max_new_tokens), pad_id)
     ids, mask = ids.to(device), mask.to(device)
     batch, width = ids.shape
@@ -91,11 +97,13 @@ def sample_tokens(
     past = None
     step_ids = ids
     # inference_mode rather than no_grad: a step is ~100 small ops on (B, 1) tokens, and leaving out
-    # autograd's view and version tracking makes a rollout ~8% faster here (bench/README.md).
-    with torch.inference_mode():
-        # Llama models take the lean incremental forward of rlhf.decode (same logits, less overhead).
+    # autograd's view and version tracking makes a rollout ~8% faster here (bench/README.md). Not for a
+    # sharded model: FSDP would gather its weights into inference tensors that training cannot use after.
+    with torch.no_grad() if sharded else torch.inference_mode():
+        # Llama models take the lean incremental forward of rlhf.decode (same logits, less overhead); it reads
+        # the weights directly, which a sharded model holds in pieces.
         decoder = (LlamaDecoder(model, full_mask, weight_dtype=autocast_dtype(device))
-                   if decode_supports(model) else None)
+                   if decode_supports(model) and not sharded else None)
         for t in range(max_new_tokens):
             with autocast(device):
                 if decoder is not None:
@@ -115,7 +123,7 @@ def sample_tokens(
             nxt = torch.where(done, torch.full_like(nxt, pad_id), nxt)
             out[:, t] = nxt
             done |= nxt == eos_id
-            if bool(done.all()):
+            if stop_together(bool(done.all())) if stop_together is not None else bool(done.all()):
                 break
             step_ids = nxt.unsqueeze(-1)
             pos = pos[:, -1:] + 1

@@ -158,7 +158,7 @@ class Checkpointer:
     def save_training(self, model, optimizer, rest: dict[str, Any], dist) -> None:
         """Called by every rank at the same step."""
         if dist.fsdp and dist.enabled:
-            self.save_sharded(model, optimizer, rest, dist)
+            self.save_sharded({"model": (model, optimizer)}, rest, dist)
         elif dist.is_main:
             self.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), **rest})
 
@@ -176,22 +176,21 @@ class Checkpointer:
             return None
         if state is not None:
             if sharded:
-                self.load_sharded(model, optimizer, state)
+                self.load_sharded({"model": (model, optimizer)}, state)
             else:
                 model.load_state_dict(state["model"])
                 optimizer.load_state_dict(state["optimizer"])
         return state
 
-    def save_sharded(self, model, optimizer, state: dict[str, Any], dist) -> None:
-        """Every rank calls it (a collective): shards first, then checkpoint.pt, then older shards go."""
+    def save_sharded(self, pairs: dict[str, tuple[Any, Any]], state: dict[str, Any], dist) -> None:
+        """Every rank calls it (a collective): the shards of each named (model, optimizer) pair first, then
+        checkpoint.pt with `state`, then older shards go."""
         if self.directory is None:
             return
         import torch.distributed.checkpoint as dcp
-        from torch.distributed.checkpoint.state_dict import get_state_dict
 
         name = f"sharded-{state['step']}"
-        model_state, optim_state = get_state_dict(model, optimizer)
-        dcp.save({"model": model_state, "optimizer": optim_state}, checkpoint_id=self.directory / name)
+        dcp.save(sharded_states(pairs), checkpoint_id=self.directory / name)
         dist.barrier()
         if dist.is_main:
             self.save({**state, "shards": name})
@@ -200,15 +199,25 @@ class Checkpointer:
                     shutil.rmtree(old, ignore_errors=True)
         dist.barrier()
 
-    def load_sharded(self, model, optimizer, state: dict[str, Any]) -> None:
-        """Model and optimizer shards of `state` (what `load` returned) into a sharded model and its optimizer."""
+    def load_sharded(self, pairs: dict[str, tuple[Any, Any]], state: dict[str, Any]) -> None:
+        """The shards named by `state` (what `load` returned) into each sharded model and its optimizer."""
         import torch.distributed.checkpoint as dcp
-        from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+        from torch.distributed.checkpoint.state_dict import set_state_dict
 
-        model_state, optim_state = get_state_dict(model, optimizer)
-        shards = {"model": model_state, "optimizer": optim_state}
+        shards = sharded_states(pairs)
         dcp.load(shards, checkpoint_id=self.directory / state["shards"])
-        set_state_dict(model, optimizer, model_state_dict=shards["model"], optim_state_dict=shards["optimizer"])
+        for key, (model, optimizer) in pairs.items():
+            set_state_dict(model, optimizer, model_state_dict=shards[key]["model"],
+                           optim_state_dict=shards[key]["optimizer"])
+
+
+def sharded_states(pairs: dict[str, tuple[Any, Any]]) -> dict[str, dict[str, Any]]:
+    """{name: {"model": ..., "optimizer": ...}}: each sharded pair's state dicts, as torch.distributed.checkpoint
+    saves and loads them (each rank its own shards)."""
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    return {key: dict(zip(("model", "optimizer"), get_state_dict(model, optimizer), strict=True))
+            for key, (model, optimizer) in pairs.items()}
 
 
 def quiet_live_class():

@@ -112,6 +112,10 @@ class Params:
     """torch CPU threads; 0 leaves torch's default."""
     device: str
     """'auto', 'cpu' or 'cuda'."""
+    fsdp: bool
+    """Under a multi-process launch, shard the policy, the value model and their gradients and Adam state across
+    the processes (FSDP, rlhf/dist.py) instead of a whole copy on each; the frozen reference and reward model
+    stay whole. Checkpoints are sharded; the outputs are ordinary folders. Ignored with one process."""
     lora_r: int
     """LoRA rank (rlhf/lora.py, docs/models.md); 0 trains every weight (the default). > 0: the policy and the value model get adapters (the value's score head trains fully), the reference is the policy with its adapters off; both merged into models/policy and models/value."""
     lora_alpha: float
@@ -203,6 +207,10 @@ class PPOState(PolicyState):
         return {"policy": self.policy, "value": self.value, "policy_opt": self.policy_opt,
                 "value_opt": self.value_opt, "kl_ctl": self.kl_ctl}
 
+    def sharded(self) -> dict[str, tuple[Any, Any]]:
+        pairs = super().sharded()
+        return {**pairs, "value": (self.value, self.value_opt)} if pairs else {}
+
     @property
     def local_batch(self) -> int:
         """This rank's share of every rollout; the global sizes do not depend on the number of processes."""
@@ -241,7 +249,8 @@ def setup(params: Params, *, sft: Path, reward: Path, data: Path, world: Path | 
     state = PPOState(
         **fields,
         value_opt=make_optimizer(trainable_parameters(fields["value"]), params.value_lr, 0.0, fields["device"],
-                                 betas=(params.adam_beta1, params.adam_beta2), eps=params.adam_eps, fused_on_cpu=True),
+                                 betas=(params.adam_beta1, params.adam_beta2), eps=params.adam_eps,
+                                 fused_on_cpu=not fields["dist"].fsdp),
         kl_ctl=P.make_kl_controller(params.kl_coef, params.target_kl, params.kl_horizon), reuse=False,
     )
     # One minibatch per PPO epoch, in one micro-batch: epoch 0's update forward comes before any optimizer
@@ -583,8 +592,10 @@ def run(params: Params, *, sft: Path, reward: Path, data: Path, world: Path | No
     RO.train(state, ppo_step, live, "ppo", progress_info, on_step)
     t_train = time.time() - t_train
     RO.check_same_weights(state, "ppo", state.policy, state.value)
+    sharded = bool(state.sharded())
+    RO.gather_trained(state)  # under FSDP: the whole policy and value model on rank 0
     if not dist.is_main:  # rank 0 saves the models, runs the held-out evaluation and writes the metrics
-        return {"rank": dist.rank, "timing": timing(t0, train_s=t_train, resumed_from=start)}
+        return {"rank": dist.rank, "sharded": sharded, "timing": timing(t0, train_s=t_train, resumed_from=start)}
     live.end()
     RO.write_overoptimization(state.history, Path(plots))
     t_eval = time.time()
@@ -600,6 +611,8 @@ def run(params: Params, *, sft: Path, reward: Path, data: Path, world: Path | No
         warn_rarely_ended("ppo", state.history[0]["val/eos_share"], params.max_new_tokens, "ppo.max_new_tokens")
     if dist.enabled:  # absent with one process, whose metrics file stays as it always was
         result["processes"] = dist.world_size
+        if sharded:
+            result["fsdp"] = True
     # Episodes (sampled responses) per second of the training loop; the SFT + ptx control samples none: steps/s.
     rl = params.rl_coef > 0
     result["timing"] = {**timing(t0, train_s=t_train, done=(params.steps - start) * (params.batch_size if rl else 1),
@@ -612,7 +625,8 @@ def run(params: Params, *, sft: Path, reward: Path, data: Path, world: Path | No
 
 def summary(m: dict[str, Any]) -> str:
     if "rank" in m:  # a data-parallel rank other than 0: it trained, rank 0 reports
-        return f"rank {m['rank']} done, weights identical to rank 0's ({m['timing']['wall_s']} s)"
+        held = "its shards gathered on rank 0" if m.get("sharded") else "weights identical to rank 0's"
+        return f"rank {m['rank']} done, {held} ({m['timing']['wall_s']} s)"
     r = m.get("final_rollout", {})
     if "control" in m:
         text = f"{m['steps']} steps of ptx alone (SFT + ptx control); ptx loss {m['final_ptx_loss']}"

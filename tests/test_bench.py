@@ -127,3 +127,31 @@ def test_rm_curve_scripts(tmp_path):
     assert out[3].startswith("| double |") and "0.740" in out[3]
     written = json.loads((tmp_path / "r.json").read_text())
     assert [r["variant"] for r in written["variants"]] == ["base", "double"] and "cpu" in written["machine"]
+
+
+def test_kl_leash_scripts(tmp_path):
+    """bench/kl_leash.sh parses; bench/kl_leash.py puts each seed's run beside the sweep's β = 0.2 numbers."""
+    import json
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    assert subprocess.run(["bash", "-n", str(ROOT / "bench" / "kl_leash.sh")]).returncode == 0
+    for seed, gold in (("seed-1", 0.65), ("seed-2", 0.60)):
+        run = tmp_path / seed / "kl-0.4"
+        run.mkdir(parents=True)
+        family = {"arith": 0.5, "fact": 0.3}
+        (run / "evaluate.json").write_text(json.dumps({
+            "models": {"policy_noptx": {"gold": {"total": gold, "by_family": family}, "kl": {"mean": 1.1}},
+                       "sft": {"gold": {"total": 0.6, "by_family": family}, "kl": {"mean": 0.0}}},
+            "win_rates": {"policy_noptx_vs_sft": {"win_rate": 0.55, "ci_low": 0.51, "ci_high": 0.6,
+                                                  "gold_win_rate": 0.57}}}))
+        (run / "ppo.json").write_text(json.dumps({"final_rollout": {"kl": 1.0}, "timing": {"wall_s": 100.0}}))
+    out = subprocess.run([sys.executable, str(ROOT / "bench" / "kl_leash.py"), str(tmp_path), "--write", str(tmp_path / "k.json")],
+                         capture_output=True, text=True, check=True).stdout.splitlines()
+    row = next(line for line in out if line.startswith("| ppo_noptx, kl 0.4 |"))
+    assert "| 1, 2 | +0.050 / +0.000 | +0.025 |" in row and "0.550 [0.51, 0.60]" in row
+    written = json.loads((tmp_path / "k.json").read_text())
+    assert set(written["rows"]["ppo_noptx, kl 0.4"]) == {"seed-1", "seed-2"} and "cpu" in written["machine"]
+    assert set(written["rows"]["ppo_noptx, kl 0.2 (sweep)"]) == {"seed-0", "seed-1", "seed-2"}

@@ -1,4 +1,4 @@
-"""Fully sharded data parallel (`fsdp: true`, rlhf/dist.py) for sft and reward under 2 CPU processes (gloo).
+"""Fully sharded data parallel (`fsdp: true`, rlhf/dist.py) for sft, reward and ppo under 2 CPU processes (gloo).
 
 Each rank holds half of every parameter, gradient and Adam moment; the batches and the global step are
 those of plain data parallel, so a 2-process FSDP run must land where one process does, within the same
@@ -6,7 +6,9 @@ tolerance as the data-parallel tests (tests/test_multiprocess.py: each rank's lo
 tokens, and the reductions sum in another order). The trained model is gathered whole on rank 0 and saved
 as an ordinary Hugging Face folder. Checkpoints are sharded (one folder of per-rank shards, named by
 checkpoint.pt): a run killed after its first checkpoint resumes to exactly the weights of a run that was
-never killed.
+never killed. ppo shards its policy and value model (and their Adam state) and samples its rollouts through
+the sharded policy, every rank stopping at the same token; it is compared with one process at T = 0.001, as in
+tests/test_multiprocess.py.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ import torch
 import yaml
 
 from tests.conftest import ENV, ROOT, TINY, without_timing
-from tests.test_multiprocess import launcher, run_cli
+from tests.test_multiprocess import launch_ppo, launcher, run_cli
 
 
 @pytest.fixture(scope="module")
@@ -109,24 +111,29 @@ def kill_processes_naming(marker: str) -> None:
         time.sleep(0.05)
 
 
-def test_fsdp_sft_resumes_from_sharded_checkpoints(tiny_run, fsdp_params, fsdp_sft, tmp_path):
-    from safetensors.torch import load_file
-
-    cmd = [*launcher(2), *sft_args(tiny_run, tmp_path, fsdp_params)]
-    ckpt = tmp_path / "ckpt" / "checkpoint.pt"
-    with (tmp_path / "killed.log").open("w") as log:
+def kill_after_first_checkpoint(cmd: list[str], ckpt: Path, log_path: Path) -> dict:
+    """Start `cmd`, SIGKILL the launcher and every rank as soon as `ckpt` exists, and return the checkpoint."""
+    with log_path.open("w") as log:
         proc = subprocess.Popen(cmd, cwd=ROOT, env=ENV, stdout=log, stderr=subprocess.STDOUT)
         t0 = time.time()
         try:
             while not ckpt.is_file():
-                assert proc.poll() is None, (tmp_path / "killed.log").read_text()
+                assert proc.poll() is None, log_path.read_text()
                 assert time.time() - t0 < 300, "no checkpoint after 300 s"
                 time.sleep(0.01)
         finally:
             # The launcher starts its ranks in sessions of their own: kill every process of this run.
             kill_processes_naming(str(ckpt.parent))
             proc.wait()
-    state = torch.load(ckpt, map_location="cpu", weights_only=True)
+    return torch.load(ckpt, map_location="cpu", weights_only=True)
+
+
+def test_fsdp_sft_resumes_from_sharded_checkpoints(tiny_run, fsdp_params, fsdp_sft, tmp_path):
+    from safetensors.torch import load_file
+
+    cmd = [*launcher(2), *sft_args(tiny_run, tmp_path, fsdp_params)]
+    ckpt = tmp_path / "ckpt" / "checkpoint.pt"
+    state = kill_after_first_checkpoint(cmd, ckpt, tmp_path / "killed.log")
     step = state["step"]
     assert 0 < step < json.loads((fsdp_sft / "sft.json").read_text())["steps"] and not (tmp_path / "sft.json").exists()
     assert "model" not in state and state["shards"] == f"sharded-{step}"  # the weights live in the shards only
@@ -140,11 +147,80 @@ def test_fsdp_sft_resumes_from_sharded_checkpoints(tiny_run, fsdp_params, fsdp_s
     assert not (tmp_path / "ckpt").exists()
 
 
+@pytest.fixture(scope="module")
+def fsdp_ppo_params(tmp_path_factory) -> Path:
+    params = yaml.safe_load(TINY.read_text())
+    # Greedy-in-effect sampling and one minibatch per epoch: both runs see the same episodes (test_multiprocess).
+    params["ppo"].update(temperature=0.001, minibatch_size=params["ppo"]["batch_size"], eval_prompts=2, steps=4,
+                         fsdp=True)
+    path = tmp_path_factory.mktemp("fsdp_ppo") / "params.yaml"
+    path.write_text(yaml.safe_dump(params, sort_keys=False))
+    return path
+
+
+@pytest.fixture(scope="module")
+def fsdp_ppo(tiny_rm, fsdp_ppo_params, tmp_path_factory) -> tuple[Path, dict, str]:
+    """One uninterrupted 2-process FSDP run of ppo on the tiny profile: (its folder, metrics, log)."""
+    root = tmp_path_factory.mktemp("fsdp_ppo_run")
+    metrics, log, _ = launch_ppo(tiny_rm, fsdp_ppo_params, root, 2)
+    return root, metrics, log
+
+
+def test_fsdp_ppo_matches_one_process_and_saves_plain_models(tiny_rm, fsdp_ppo_params, fsdp_ppo, tmp_path):
+    import math
+
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    one, _, _ = launch_ppo(tiny_rm, fsdp_ppo_params, tmp_path / "one", 1)  # fsdp is ignored with one process
+    root, two, log = fsdp_ppo
+    assert "processes" not in one and two["processes"] == 2 and two["fsdp"] is True
+    assert one["steps"] == two["steps"] and one["episodes"] == two["episodes"]
+    for key, v in one["final_rollout"].items():  # global means over both ranks' episodes
+        assert math.isfinite(two["final_rollout"][key]) and abs(v - two["final_rollout"][key]) <= 2e-3, key
+    for name, init in (("policy", tiny_rm.sft), ("value", tiny_rm.reward)):
+        w1, w2 = load_file(tmp_path / f"one/{name}/model.safetensors"), load_file(root / f"{name}/model.safetensors")
+        w0 = load_file(init / "model.safetensors")
+        assert w1.keys() == w2.keys()
+        for k in w1:  # reduce-scatter sums in another order: rounding, far below how far the weights moved
+            assert (w1[k] - w2[k]).norm() <= 1e-2 * (w1[k] - w0[k]).norm() + 1e-6, (name, k)
+    assert "rank 1 done, its shards gathered on rank 0" in log
+    policy = AutoModelForCausalLM.from_pretrained(str(root / "policy"), use_safetensors=True)  # whole, plain tensors
+    assert policy.lm_head.weight.data_ptr() == policy.model.embed_tokens.weight.data_ptr()
+    value = AutoModelForSequenceClassification.from_pretrained(str(root / "value"), use_safetensors=True)
+    assert value.config.num_labels == 1
+    assert sorted(p.name for p in root.iterdir()) == ["plots", "policy", "ppo.json", "value"]  # no checkpoint left
+
+
+def test_fsdp_ppo_resumes_from_sharded_checkpoints(tiny_rm, fsdp_ppo_params, fsdp_ppo, tmp_path):
+    from safetensors.torch import load_file
+
+    root, two, _ = fsdp_ppo
+    cmd = [*launcher(2), "ppo", "--sft", str(tiny_rm.sft), "--reward", str(tiny_rm.reward), "--data",
+           str(tiny_rm.prepared), "--world", str(tiny_rm.world), "--out", str(tmp_path / "policy"), "--value-out",
+           str(tmp_path / "value"), "--metrics", str(tmp_path / "ppo.json"), "--plots", str(tmp_path / "plots"),
+           "--checkpoints", str(tmp_path / "ckpt"), "--params", str(fsdp_ppo_params)]
+    ckpt = tmp_path / "ckpt" / "checkpoint.pt"
+    state = kill_after_first_checkpoint(cmd, ckpt, tmp_path / "killed.log")
+    step = state["step"]
+    assert 0 < step < two["steps"] and not (tmp_path / "ppo.json").exists()
+    # Policy, value model and both optimizers live in the shards; the KL controller and generators in the file.
+    assert not {"policy", "value", "policy_opt", "value_opt"} & set(state) and "kl_ctl" in state
+    assert state["shards"] == f"sharded-{step}" and list((tmp_path / "ckpt" / state["shards"]).glob("*.distcp"))
+
+    run_cli(cmd)
+    assert json.loads((tmp_path / "ppo.json").read_text())["timing"]["resumed_from"] == step
+    for name in ("policy", "value"):
+        ours, ref = load_file(tmp_path / f"{name}/model.safetensors"), load_file(root / f"{name}/model.safetensors")
+        assert ours.keys() == ref.keys() and all(torch.equal(ours[k], ref[k]) for k in ref), name
+    assert without_timing(tmp_path / "ppo.json") == without_timing(root / "ppo.json")
+
+
 def test_fsdp_with_lora_is_refused_by_name():
     from rlhf.errors import StageError
     from tests.conftest import tiny_params
 
-    for stage in ("sft", "reward"):
+    for stage in ("sft", "reward", "ppo"):
         tiny_params(stage, fsdp=True).validate()  # alone, or LoRA alone, is fine
         tiny_params(stage, lora_r=4).validate()
         with pytest.raises(StageError, match=f"params key '{stage}.fsdp': FSDP with LoRA is not supported yet"):

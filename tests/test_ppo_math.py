@@ -222,20 +222,33 @@ def test_response_logits_equal_the_full_forward(temperature):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
+def large_logit_llama():
+    """A tiny Llama whose logits have the magnitude (~10-30) of a trained LM's, where bf16 rounding shows."""
+    policy = tiny_llama(0)
+    with torch.no_grad():
+        policy.lm_head.weight.mul_(300.0)
+    return policy
+
+
+def padded_episodes():
+    """The left-padded queries and responses of `queries_and_responses` as one batch:
+    (ids, mask, context length, responses, response mask)."""
+    from rlhf.batching import left_pad
+
+    queries, responses = queries_and_responses()
+    q_ids, q_mask = left_pad(queries, PAD)
+    r_mask, _ = ppo.response_mask(responses, EOS)
+    return torch.cat([q_ids, responses], 1), torch.cat([q_mask, r_mask], 1), q_ids.shape[1], responses, r_mask
+
+
 def test_logprobs_under_autocast_come_from_fp32_logits():
     """Under bf16 autocast the backbone runs in bf16 but the LM head in fp32: the logits equal a float64
     head on the same hidden states to fp32 rounding, where a bf16 head is off by more than 0.01 nats
     (logits of magnitude ~10-30, as trained LMs produce). The value head likewise."""
-    from rlhf.batching import left_pad, position_ids
+    from rlhf.batching import position_ids
 
-    policy = tiny_llama(0)
-    with torch.no_grad():
-        policy.lm_head.weight.mul_(300.0)
-    queries, responses = queries_and_responses()
-    q_ids, q_mask = left_pad(queries, PAD)
-    r_mask, _ = ppo.response_mask(responses, EOS)
-    ids, mask = torch.cat([q_ids, responses], 1), torch.cat([q_mask, r_mask], 1)
-    ctx = q_ids.shape[1]
+    policy = large_logit_llama()
+    ids, mask, ctx, responses, r_mask = padded_episodes()
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         logits = ppo.response_logits(policy, ids, mask, ctx, 1.0)
         hidden = policy.model(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask)).last_hidden_state
@@ -259,6 +272,25 @@ def test_logprobs_under_autocast_come_from_fp32_logits():
     assert values.dtype == torch.float32
     torch.testing.assert_close(values.double(), (hidden.double() @ rm.score.weight.detach().double().T).squeeze(-1),
                                rtol=1e-5, atol=1e-4)
+
+
+def test_head_in_fp32_gives_a_models_own_forward_fp32_logits():
+    """A sharded policy runs through its own forward (FSDP gathers the head's weight only there): with
+    `head_in_fp32` that forward's logits match response_logits' fp32 head under bf16 autocast, and without
+    autocast they are the unpatched model's exactly."""
+    from rlhf.batching import position_ids
+
+    policy, plain = large_logit_llama(), large_logit_llama()
+    ids, mask, ctx, _, _ = padded_episodes()
+    ppo.head_in_fp32(policy)
+    with torch.no_grad():
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            split = ppo.response_logits(plain, ids, mask, ctx, 1.0)  # body, then the fp32 head
+            own = policy(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask)).logits[:, ctx - 1: -1]
+        assert own.dtype == torch.float32
+        torch.testing.assert_close(own, split, rtol=0, atol=0)
+        assert torch.equal(policy(input_ids=ids, attention_mask=mask).logits, plain(input_ids=ids, attention_mask=mask).logits)
+    assert not ppo.head_sharded(policy)
 
 
 def test_first_minibatch_ratio_is_one():
