@@ -71,14 +71,24 @@ def test_fsdp_sft_matches_one_process_and_saves_a_plain_model(tiny_run, fsdp_sft
     assert not (fsdp_sft / "ckpt").exists()
 
 
-def test_fsdp_reward_matches_one_process(tiny_rm, fsdp_params, tmp_path):
+def reward_args(tiny_rm, out: Path, params: Path) -> list[str]:
+    return ["reward", "--sft", str(tiny_rm.sft), "--data", str(tiny_rm.rankings), "--demos", str(tiny_rm.prepared / "sft.jsonl"),
+            "--world", str(tiny_rm.world), "--out", str(out / "reward"), "--metrics", str(out / "reward.json"),
+            "--plots", str(out / "plots"), "--checkpoints", str(out / "ckpt"), "--params", str(params)]
+
+
+@pytest.fixture(scope="module")
+def fsdp_reward(tiny_rm, fsdp_params, tmp_path_factory) -> Path:
+    """One uninterrupted 2-process FSDP run of reward on the tiny profile."""
+    out = tmp_path_factory.mktemp("fsdp_reward")
+    run_cli([*launcher(2), *reward_args(tiny_rm, out, fsdp_params)])
+    return out
+
+
+def test_fsdp_reward_matches_one_process(tiny_rm, fsdp_reward):
     from transformers import AutoModelForSequenceClassification
 
-    out = tmp_path / "two"
-    run_cli([*launcher(2), "reward", "--sft", str(tiny_rm.sft), "--data", str(tiny_rm.rankings),
-             "--demos", str(tiny_rm.prepared / "sft.jsonl"), "--world", str(tiny_rm.world), "--out", str(out / "reward"),
-             "--metrics", str(out / "reward.json"), "--plots", str(out / "plots"), "--checkpoints", str(out / "ckpt"),
-             "--params", str(fsdp_params)])
+    out = fsdp_reward
     one = json.loads((tiny_rm.metrics / "reward.json").read_text())
     two = json.loads((out / "reward.json").read_text())
     assert one["train"]["steps"] == two["train"]["steps"]
@@ -145,6 +155,21 @@ def test_fsdp_sft_resumes_from_sharded_checkpoints(tiny_run, fsdp_params, fsdp_s
     assert ours.keys() == ref.keys() and all(torch.equal(ours[k], ref[k]) for k in ref)
     assert without_timing(tmp_path / "sft.json") == without_timing(fsdp_sft / "sft.json")
     assert not (tmp_path / "ckpt").exists()
+
+
+def test_fsdp_reward_resumes_from_sharded_checkpoints(tiny_rm, fsdp_params, fsdp_reward, tmp_path):
+    from safetensors.torch import load_file
+
+    cmd = [*launcher(2), *reward_args(tiny_rm, tmp_path, fsdp_params)]
+    ckpt = tmp_path / "ckpt" / "checkpoint.pt"
+    state = kill_after_first_checkpoint(cmd, ckpt, tmp_path / "killed.log")
+    step = state["step"]
+    assert 0 < step < json.loads((fsdp_reward / "reward.json").read_text())["train"]["steps"]
+    assert "model" not in state and state["shards"] == f"sharded-{step}"
+    run_cli(cmd)
+    ours, ref = load_file(tmp_path / "reward/model.safetensors"), load_file(fsdp_reward / "reward/model.safetensors")
+    assert ours.keys() == ref.keys() and all(torch.equal(ours[k], ref[k]) for k in ref)
+    assert without_timing(tmp_path / "reward.json") == without_timing(fsdp_reward / "reward.json")
 
 
 @pytest.fixture(scope="module")
