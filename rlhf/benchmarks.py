@@ -283,6 +283,20 @@ def win_rate(outcomes: Sequence[float], *, level: float = 0.95, resamples: int =
 # Tokenization of (context, continuation) pairs the way lm-evaluation-harness does it
 
 
+def tokenizer_adds_bos(tokenizer) -> bool:
+    """Whether the tokenizer puts BOS before a text by itself (Llama's do; GPT-2's and ours do not).
+
+    Current lm-evaluation-harness leaves BOS to the tokenizer's own default (`add_bos_token=None`), so in
+    the lm-eval setting a context gets BOS exactly when this is True."""
+    ids = tokenizer("a", add_special_tokens=True)["input_ids"]
+    return tokenizer.bos_token_id is not None and ids[:1] == [tokenizer.bos_token_id]
+
+
+def lm_eval_setting(primer_spec: str) -> bool:
+    """Whether `evaluate.truthfulqa_primer` asks for the lm-eval-comparable setting ('qa' / 'standard')."""
+    return primer_spec in ("qa", "standard")
+
+
 def encode_pair(tokenizer, context: str, continuation: str, *, bos: bool = True) -> tuple[list[int], list[int]]:
     """lm-eval's `_encode_pair`: trailing spaces of the context move to the continuation, the whole
     string is encoded once and the continuation is whatever follows the context's tokens; so the

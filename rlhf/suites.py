@@ -70,8 +70,9 @@ class Suite:
 
 
 def truthfulqa_scores(model, tokenizer, items: list[B.TruthfulQAItem], primer: str, *, batch_size: int,
-                      device) -> tuple[list[float], list[float]]:
-    """Per question MC1 and MC2: each choice scored as the continuation " " + answer of the QA context."""
+                      device, bos: bool = True) -> tuple[list[float], list[float]]:
+    """Per question MC1 and MC2: each choice scored as the continuation " " + answer of the QA context;
+    `bos`: BOS before every context (B.encode_pair)."""
     from rlhf.batching import continuation_loglik
 
     keys: dict[tuple[int, str], int] = {}  # (question, answer) -> index: mc1 and mc2 share most answers
@@ -80,7 +81,7 @@ def truthfulqa_scores(model, tokenizer, items: list[B.TruthfulQAItem], primer: s
         ctx = B.truthfulqa_context(item.question, primer)
         for choice in dict.fromkeys(item.mc1_choices + item.mc2_choices):
             keys[(qi, choice)] = len(pairs)
-            pairs.append(B.encode_pair(tokenizer, ctx, " " + choice))  # too long: cut on the left by continuation_loglik
+            pairs.append(B.encode_pair(tokenizer, ctx, " " + choice, bos=bos))  # too long: cut on the left later
     lls = continuation_loglik(model, tokenizer, pairs, batch_size=batch_size, device=device)
     mc1 = [B.mc1_score([lls[keys[(qi, c)]] for c in item.mc1_choices], item.mc1_gold) for qi, item in enumerate(items)]
     mc2 = [B.mc2_score([lls[keys[(qi, c)]] for c in item.mc2_choices], item.mc2_labels) for qi, item in enumerate(items)]
@@ -89,15 +90,19 @@ def truthfulqa_scores(model, tokenizer, items: list[B.TruthfulQAItem], primer: s
 
 def _truthfulqa(model, tokenizer, items, ctx: Context) -> tuple[dict[str, Any], None]:
     p = ctx.params
+    # The lm-eval setting (six-QA primer) also leaves BOS to the tokenizer, as lm-eval does; otherwise BOS always
+    # comes first, as in the documents our models were pretrained on (docs/evaluation.md).
+    bos = not B.lm_eval_setting(p.truthfulqa_primer) or B.tokenizer_adds_bos(tokenizer)
     mc1, mc2 = truthfulqa_scores(model, tokenizer, items, B.resolve_primer(p.truthfulqa_primer),
-                                 batch_size=p.batch_size, device=ctx.device)
+                                 batch_size=p.batch_size, device=ctx.device, bos=bos)
     out = {"mc1": round(sum(mc1) / len(mc1), 4), "mc2": round(sum(mc2) / len(mc2), 4), "questions": len(items)}
     return out | ctx.interval(mc1, "mc1") | ctx.interval(mc2, "mc2"), None
 
 
 def _truthfulqa_setting(path: Path, items: list, p) -> str:
     primer = {"none": "none", "qa": "six-QA (lm-eval)", "standard": "six-QA (lm-eval)"}.get(p.truthfulqa_primer, "custom")
-    return f"{path} ({len(items)} questions), primer: {primer}"
+    bos = "BOS as the tokenizer adds it (lm-eval)" if B.lm_eval_setting(p.truthfulqa_primer) else "BOS first"
+    return f"{path} ({len(items)} questions), primer: {primer}, {bos}"
 
 
 # ----------------------------------------------------------------------------------------------

@@ -122,6 +122,34 @@ def test_encode_pair_moves_trailing_space_and_prefixes_bos():
     assert ctx == [ord("Q")]
 
 
+def test_lm_eval_setting_leaves_bos_to_the_tokenizer(monkeypatch):
+    """Under truthfulqa_primer: qa (lm-eval's prompt) a context gets BOS only from a tokenizer that adds it itself,
+    as current lm-eval does (add_bos_token=None); the default setting always puts BOS first."""
+    from types import SimpleNamespace
+
+    import rlhf.batching
+    from rlhf import suites
+
+    class AddsBos(CharTokenizer):
+        def __call__(self, text, add_special_tokens=False):
+            return {"input_ids": ([0] if add_special_tokens else []) + [ord(c) for c in text]}
+
+    assert B.tokenizer_adds_bos(AddsBos()) and not B.tokenizer_adds_bos(CharTokenizer())
+    assert B.lm_eval_setting("qa") and B.lm_eval_setting("standard") and not B.lm_eval_setting("none")
+    encoded = []
+    monkeypatch.setattr(rlhf.batching, "continuation_loglik",
+                        lambda model, tok, pairs, **kw: encoded.extend(pairs) or [0.0] * len(pairs))
+    item = B.TruthfulQAItem(question="Is it?", mc1_choices=("yes", "no"), mc1_gold=0, mc2_choices=("yes", "no"),
+                            mc2_labels=(1, 0))
+    for tok, spec, first_is_bos in ((CharTokenizer(), "qa", False), (AddsBos(), "qa", True), (CharTokenizer(), "none", True)):
+        encoded.clear()
+        params = SimpleNamespace(truthfulqa_primer=spec, batch_size=4, ci_resamples=10, judge_seed=0)
+        suites._truthfulqa(None, tok, [item], suites.Context(params=params, device="cpu"))
+        assert encoded and {ctx[0] == 0 for ctx, _ in encoded} == {first_is_bos}, (spec, first_is_bos)
+    setting = suites._truthfulqa_setting("tqa.json", [item], SimpleNamespace(truthfulqa_primer="qa"))
+    assert setting.endswith("primer: six-QA (lm-eval), BOS as the tokenizer adds it (lm-eval)")
+
+
 # ---------------------------------------------------------------------------------------------- RealToxicityPrompts
 
 
