@@ -1,4 +1,5 @@
-"""The user-data pipeline (examples/hh): its lineage, and `dvc repro` on the shipped sample in a fresh copy.
+"""The user-data pipeline (examples/hh): its lineage, and `dvc repro` in a fresh copy on the shipped sample and on a
+larger generated file of the same format.
 
 The example is a DVC project of its own (`dvc init --subdir`) whose code deps point at the repository
 (`../../rlhf/...`); tests/test_contract.py checks its names and params, this file its deps and a full run:
@@ -15,6 +16,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import yaml
 
 from tests.conftest import ROOT
@@ -60,18 +62,24 @@ def fresh_copy(tmp: Path) -> Path:
     return tmp / "examples" / "hh"
 
 
-def test_dvc_repro_runs_the_user_data_pipeline(tmp_path):
+@pytest.mark.parametrize("records", [60, 400], ids=["shipped sample", "a larger file"])
+def test_dvc_repro_runs_the_user_data_pipeline(tmp_path, records):
+    """The shipped 60-record sample, and a larger file of the same format put in its place: `dvc repro` with no
+    other edit."""
     work = fresh_copy(tmp_path)
     bin_dir = Path(sys.executable).parent
     env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}", "PYTHONPATH": str(ROOT),
            "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    if records != 60:
+        subprocess.run([sys.executable, str(HH / "generate.py"), "--n", str(records), "--out",
+                        str(work / "data" / "hh_sample.jsonl")], check=True, capture_output=True)
     dvc = shutil.which("dvc", path=str(bin_dir)) or "dvc"
     run = subprocess.run([dvc, "repro"], cwd=work, env=env, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
-    assert "skipped 2 of 60 malformed records (2 empty final assistant turn)" in run.stdout + run.stderr
-
     metrics = {p.stem: json.loads(p.read_text()) for p in (work / "metrics").glob("*.json")}
-    assert metrics["ingest"]["skipped_by_reason"] == {"empty final assistant turn": 2}
+    skipped = metrics["ingest"]["skipped_by_reason"]["empty final assistant turn"]
+    assert f"skipped {skipped} of {records} malformed records ({skipped} empty final assistant turn)" in run.stdout + run.stderr
+    assert records == 60 and skipped == 2 or records > 60 and skipped > 2
     assert metrics["ingest"]["written"]["rankings"] == metrics["reward"]["read"]["data"]["records"] > 0
     assert metrics["prepare"]["split_sizes"]["test"] > 0 and metrics["prepare"]["split_sizes"]["rm"] == 0
     ev = metrics["evaluate"]
