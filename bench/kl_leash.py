@@ -1,9 +1,9 @@
-"""Tabulate bench/kl_leash.sh: PPO without ptx at several kl_coef values, per training seed.
+"""Tabulate bench/kl_leash.sh: PPO without ptx (and PPO-ptx) at several kl_coef values, per training seed.
 
     python bench/kl_leash.py OUT [--write PATH]   # writes bench/results/kl_leash.json (or PATH), prints a table
 
-β = 0.2 (the default) comes from the 3-seed sweep (results/seeds.json: the pipeline's own ppo_noptx and rloo
-for the same seeds); the other rows from OUT/seed-N/kl-<β>/{ppo.json,evaluate.json}.
+β = 0.2 (the default) comes from the 3-seed sweep (results/seeds.json: the pipeline's own ppo_noptx, ppo and
+rloo for the same seeds); the other rows from OUT/seed-N/{kl,ptx-kl}-<β>/{ppo.json,evaluate.json}.
 """
 
 from __future__ import annotations
@@ -19,7 +19,8 @@ ROOT = Path(__file__).resolve().parents[1]
 def run_row(run: Path) -> dict:
     ev = json.loads((run / "evaluate.json").read_text())
     ppo = json.loads((run / "ppo.json").read_text())
-    model, win = ev["models"]["policy_noptx"], ev["win_rates"]["policy_noptx_vs_sft"]
+    name = next(m for m in ev["models"] if m != "sft")  # policy_noptx, or policy for a PPO-ptx run
+    model, win = ev["models"][name], ev["win_rates"][f"{name}_vs_sft"]
     return {"gold": model["gold"]["total"], "sft_gold": ev["models"]["sft"]["gold"]["total"],
             "by_family": model["gold"]["by_family"], "sft_by_family": ev["models"]["sft"]["gold"]["by_family"],
             "win_rate": win["win_rate"], "ci": [win["ci_low"], win["ci_high"]], "gold_win_rate": win["gold_win_rate"],
@@ -43,10 +44,12 @@ def main(out: Path, write: Path) -> None:
     from rlhf.seeds import machine
 
     table: dict[str, dict[str, dict]] = {"ppo_noptx, kl 0.2 (sweep)": sweep_rows("policy_noptx"),
-                                         "rloo, kl 0.2 (sweep)": sweep_rows("rloo")}
-    for run in sorted(out.glob("seed-*/kl-*")):
-        if (run / "evaluate.json").is_file():
-            table.setdefault(f"ppo_noptx, kl {run.name[3:]}", {})[run.parent.name] = run_row(run)
+                                         "rloo, kl 0.2 (sweep)": sweep_rows("rloo"),
+                                         "ppo (ptx), kl 0.2 (sweep)": sweep_rows("policy")}
+    for pattern, label in (("kl-*", "ppo_noptx"), ("ptx-kl-*", "ppo (ptx)")):
+        for run in sorted(out.glob(f"seed-*/{pattern}")):
+            if (run / "evaluate.json").is_file():
+                table.setdefault(f"{label}, kl {run.name.rsplit('-', 1)[1]}", {})[run.parent.name] = run_row(run)
     result = {"machine": machine(), "rows": table}
     write.write_text(json.dumps(result, indent=2) + "\n")
     print("| variant | seeds | gold − SFT per seed | mean | win rate vs SFT per seed | gold win rate | KL from SFT |")

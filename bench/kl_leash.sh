@@ -9,18 +9,22 @@
 #
 #   bash bench/kl_leash.sh OUT [SEED ...]     # OUT: a scratch folder; SEEDS default 0 1 2
 #   KL="0.4" bash bench/kl_leash.sh OUT 0     # the kl_coef values to run (default "0.3 0.5")
+#   PTX=1 KL="0.4" bash bench/kl_leash.sh OUT  # PPO-ptx (ptx_coef 1, the default) at that kl_coef instead
 #
 # Seed 0 uses the workspace's models (run `dvc repro reward` first). Any other seed N builds its own
 # pretrain -> sft -> sample -> rank -> reward in OUT/seed-N with every training seed = N, as `rlhf seeds
 # run` does (world, splits and evaluation fixed), so its reward model is the sweep's seed-N one: the
 # reward metrics let you check that. Each variant is judged by `rlhf evaluate` against that seed's SFT
 # (held-out labelers, gold, KL from SFT) with the benchmarks off.
-# Results: OUT/seed-N/kl-<beta>/{ppo.json,evaluate.json}; `python bench/kl_leash.py OUT` tabulates them.
+# Results: OUT/seed-N/kl-<beta>/ (PPO-ptx: ptx-kl-<beta>/) {ppo.json,evaluate.json}; `python bench/kl_leash.py OUT`
+# tabulates them.
 set -euo pipefail
 OUT=${1:?usage: bash bench/kl_leash.sh OUT [SEED ...]}
 shift
 SEEDS=${*:-0 1 2}
 KL=${KL:-0.3 0.5}
+PTX=${PTX:-0}
+if [ "$PTX" = 0 ]; then name=policy_noptx; prefix=kl; else name=policy; prefix=ptx-kl; fi
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 mkdir -p "$OUT"
 
@@ -59,16 +63,16 @@ for seed in $SEEDS; do
     fi
   fi
   for beta in $KL; do
-    run="$dir/kl-$beta"
+    run="$dir/$prefix-$beta"
     mkdir -p "$run"
     if [ ! -f "$run/ppo.json" ]; then
-      rlhf ppo --params "$dir/params.yaml" --set ptx_coef=0 --set "kl_coef=$beta" --sft "$models/sft" --reward "$models/reward" \
+      rlhf ppo --params "$dir/params.yaml" --set "ptx_coef=$PTX" --set "kl_coef=$beta" --sft "$models/sft" --reward "$models/reward" \
         --data data/prepared --world data/raw/world.json --out "$run/policy" --value-out "$run/value" \
         --metrics "$run/ppo.json" --plots "$run/plots" --checkpoints "$run/ckpt"
     fi
     if [ ! -f "$run/evaluate.json" ]; then
-      params "$run/eval.yaml" "$seed" "evaluate.models={sft: $models/sft, policy_noptx: $run/policy}" \
-        "evaluate.pairs=[[policy_noptx, sft]]" "evaluate.suites=[]"
+      params "$run/eval.yaml" "$seed" "evaluate.models={sft: $models/sft, $name: $run/policy}" \
+        "evaluate.pairs=[[$name, sft]]" "evaluate.suites=[]"
       rlhf evaluate --params "$run/eval.yaml" --plots "$run/plots" --stage-metrics "$run/ppo.json" \
         --reports "$run/reports" --metrics "$run/evaluate.json" --headline "$run/headline.json"
     fi
