@@ -328,7 +328,7 @@ def run_ours(fx: Fixture, s: Settings, work: Path) -> dict[str, Any]:
         kl_coef=s.kl_coef, target_kl=0.0, kl_horizon=10000, gamma=1.0, lam=0.95, clip_range=0.2,
         clip_range_value=0.2, whiten_rewards=False, missing_eos_penalty=-1.0, rl_coef=1.0, ptx_coef=0.0, ptx_batch_size=1,
         ptx_max_len=64, heldout_corpus=0, eval_prompts=0, checkpoint_every=0, seed=s.seed, threads=s.threads,
-        device=s.device, lora_r=0, lora_alpha=16.0, lora_dropout=0.0, lora_targets=["all-linear"],
+        device=s.device, fsdp=False, lora_r=0, lora_alpha=16.0, lora_dropout=0.0, lora_targets=["all-linear"],
     )
     params.validate()
     stamps: list[float] = []
