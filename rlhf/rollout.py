@@ -280,6 +280,10 @@ class PolicyState:
         names in `stateful` are <name> and <name>_opt); {} otherwise."""
         return {"policy": (self.policy, self.policy_opt)} if self.dist.fsdp and self.dist.enabled else {}
 
+    def in_shards(self) -> set[str]:
+        """The `stateful` names that `sharded` covers: checkpoint.pt leaves them to the shards."""
+        return {n for name in self.sharded() for n in (name, f"{name}_opt")}
+
 
 def base_state(params, *, sft: Path, reward: Path, files: DataFiles, world: Path | None, checkpoints: Path | None,
                need: tuple[str, int], doc_len: int, with_value: bool, shuffle: bool,
@@ -330,8 +334,7 @@ def save_checkpoint(state: PolicyState) -> None:
     so rank 0 saves all of them (a collective: every rank takes part). Under FSDP every rank writes its shards
     of the trained networks and their optimizers, and rank 0 the rest (rlhf.training.Checkpointer)."""
     gens = state.dist.gather(state.sample_gen.get_state())
-    sharded = state.sharded()
-    in_shards = {n for name in sharded for n in (name, f"{name}_opt")}
+    sharded, in_shards = state.sharded(), state.in_shards()
     if not (state.dist.is_main or sharded):
         return
     out = {name: obj.state_dict() for name, obj in state.stateful().items() if name not in in_shards}
@@ -358,7 +361,7 @@ def restore_checkpoint(state: PolicyState) -> None:
                          "to start over")
     if sharded:
         state.checkpointer.load_sharded(sharded, saved)
-    in_shards = {n for name in sharded for n in (name, f"{name}_opt")}
+    in_shards = state.in_shards()
     for name, obj in state.stateful().items():
         if name not in in_shards:
             obj.load_state_dict(saved[name])
