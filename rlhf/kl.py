@@ -72,3 +72,42 @@ def sampled_kl(policy, ref, tokenizer, prompts: Sequence[str], *, samples: int, 
             out.tokens.append(row[:n])
             out.responses.append(decode_response(tokenizer, row)[0])
     return out
+
+
+@torch.no_grad()
+def tempering_log_ratio(model, tokenizer, prompts: Sequence[str], responses: Sequence[Sequence[int]], *,
+                        temperature: float, max_new_tokens: int, batch_size: int, device: torch.device) -> list[float]:
+    """Per response: Σ_t log π_T(y_t | x, y_<t) − log π(y_t | x, y_<t) over its tokens up to and including EOS,
+    where π_T samples from softmax(logits / T) as `rlhf.sampling.sample_tokens` does.
+
+    For responses drawn from π_T its mean estimates KL(π_T ‖ π). `responses` are the sampled rows (B, R) as
+    `sample_tokens` returns them (PAD after EOS); prompts are cut on the left exactly as the sampler cut them.
+    At T = 1 every value is 0 exactly and nothing is computed.
+    """
+    from rlhf.batching import left_pad
+    from rlhf.devices import autocast
+    from rlhf.lengths import fit_prompt, prompt_budget
+    from rlhf.ppo import response_logits, response_mask
+    from rlhf.tokenization import encode_prompt
+
+    if len(prompts) != len(responses):
+        raise ValueError("one response per prompt")
+    if temperature == 1.0:
+        return [0.0] * len(prompts)
+    budget = prompt_budget(model, max_new_tokens)
+    out: list[float] = []
+    for start in range(0, len(prompts), batch_size):
+        queries = [encode_prompt(tokenizer, p) for p in prompts[start: start + batch_size]]
+        queries = [list(q) if budget is None else fit_prompt(q, budget) for q in queries]
+        q_ids, q_mask = left_pad(queries, tokenizer.pad_token_id)
+        rows = torch.tensor([list(r) for r in responses[start: start + batch_size]], dtype=torch.long, device=device)
+        r_mask, _ = response_mask(rows, tokenizer.eos_token_id)
+        ids = torch.cat([q_ids.to(device), rows], 1)
+        mask = torch.cat([q_mask.to(device), r_mask], 1)
+        with autocast(device):
+            logits = response_logits(model, ids, mask, q_ids.shape[1], 1.0).float()
+        token = rows.unsqueeze(-1)
+        lp_t = torch.log_softmax(logits / temperature, dim=-1).gather(-1, token).squeeze(-1)
+        lp_1 = torch.log_softmax(logits, dim=-1).gather(-1, token).squeeze(-1)
+        out += ((lp_t - lp_1) * r_mask).sum(1).tolist()
+    return out

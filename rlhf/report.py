@@ -143,8 +143,8 @@ def read_stage_metrics(files: Sequence[Path]) -> tuple[dict[str, dict[str, Any]]
 
 def gold_kl_points(models: dict[str, Any], bestofn: dict[str, Any] | None) -> list[dict[str, Any]]:
     """Gao et al. (2022)'s points: each model whose KL evaluate measured (its greedy test gold, and the gold
-    of the temperature-1 samples the KL was measured on), and best-of-n at its analytic KL with the gold of
-    its pick among n temperature-1 samples from SFT (metrics/bestofn.json), when it carries gold per n."""
+    of the temperature-1 samples the KL was measured on), and best-of-n at its KL from SFT with the gold of
+    its pick among n samples from SFT (metrics/bestofn.json, at its own temperature), when it carries gold per n."""
     points = []
     for name, m in models.items():
         kl = m.get("kl")
@@ -551,10 +551,12 @@ def section_gold_kl(doc: _Doc, result: dict[str, Any], stages: dict[str, dict[st
     if not any("gold" in p or "gold_sampled" in p for p in points):
         return
     reference = next((m["kl"]["reference"] for m in result["models"].values() if "kl" in m), "sft")
+    bon_t = (stages.get("bestofn") or {}).get("temperature", 1.0)
     doc.h("Gold against KL (Gao et al. 2022)")
     doc.p(f"How far each model moved from {reference}, and what it bought. KL: {settings.get('KL', 'not recorded')}. "
-          "Best-of-n: the reward model's pick among n temperature-1 samples from SFT on the test prompts "
-          "(metrics/bestofn.json), at its analytic KL log n − (n−1)/n (Gao et al. 2022); compare it with the "
+          f"Best-of-n: the reward model's pick among n samples from SFT at temperature {bon_t} on the test "
+          "prompts (metrics/bestofn.json), at its KL from SFT: at most log n − (n−1)/n from the sampler (Gao et al. "
+          "2022), plus, below temperature 1, the sampler's own distance from SFT over the pick. Compare it with the "
           "rings (each model's own temperature-1 samples), not with the greedy dots.", "note")
     doc.figure("gold_vs_kl", fig_gold_vs_kl(points, reference), f"gold against sqrt KL from {reference}")
     doc.table(["model", f"KL from {reference} (nats)", "√KL", "gold, greedy ↑", "gold, temperature-1 samples ↑"],

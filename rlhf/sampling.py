@@ -142,8 +142,12 @@ def generate_responses(
     seed: int,
     device: torch.device,
     on_batch: Callable[[int], None] | None = None,
+    keep_tokens: bool = False,
 ) -> list[dict[str, Any]]:
-    """Responses (text cut at EOS, and whether it ended) for `prompts`, in order, reproducible from `seed`."""
+    """Responses (text cut at EOS, and whether it ended) for `prompts`, in order, reproducible from `seed`.
+
+    `keep_tokens`: each result also holds the sampled ids under "tokens" (max_new_tokens of them, PAD after EOS).
+    """
     model.eval()
     gen = torch.Generator(device=device.type if device.type != "cuda" else device)
     gen.manual_seed(seed)
@@ -157,7 +161,7 @@ def generate_responses(
         )
         for row in toks.tolist():
             text, ended = decode_response(tokenizer, row)
-            results.append({"response": text, "ended": ended})
+            results.append({"response": text, "ended": ended, **({"tokens": row} if keep_tokens else {})})
         if on_batch:
             on_batch(len(chunk))
     return results

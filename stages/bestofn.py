@@ -4,15 +4,24 @@ Reads  models/sft, models/reward, data/prepared/test.jsonl, data/raw/world.json 
 Writes metrics/bestofn.json, plots/bestofn/bestofn.csv (n, kl, sqrt_kl, proxy, gold)
 Run    rlhf bestofn
 
-No training. For each held-out test prompt the SFT model samples N responses at temperature 1; the
+No training. For each held-out test prompt the SFT model samples N responses at temperature T; the
 reward model (with its demonstration bias, rlhf.rm.score_texts) and the gold judge score each one. For
 n = 1, 2, 4, ..., N the stage reports the expected proxy and gold score of the response the RM picks
 out of n samples, estimated without bias from all n-subsets of the N (Gao et al. 2022, "Scaling Laws
-for Reward Model Overoptimization", appendix), against the analytic KL of best-of-n from the sampling
-policy, KL = log n - (n-1)/n (Stiennon et al. 2020, appendix G.3; Gao et al. 2022, sec. 2). This is the
+for Reward Model Overoptimization", appendix), against the KL of best-of-n from SFT. This is the
 same gold-vs-sqrt(KL) chart as PPO's (plots/ppo/overoptimization.csv): if best-of-n's gold does not
 rise with n, the reward model cannot tell better answers from worse ones among SFT's own samples, and
 no RL step against it can either.
+
+The KL from SFT has two parts. KL(best-of-n || π_T) to the sampler π_T is at most log n - (n-1)/n
+(Stiennon et al. 2020, appendix G.3; Gao et al. 2022, sec. 2; equal when no two samples tie), reported
+as `kl_sampling`. Sampling below T = 1 moves away from SFT's own distribution π by E[log π_T - log π]
+over the picked response, estimated with the same subset weights from each sample's log-ratio
+(rlhf.kl.tempering_log_ratio). `kl` is their sum; at T = 1 the second part is 0.
+
+Why T = 0.5 by default: at T = 1 the small SFT model's samples score far below its greedy answer (test
+gold 0.33 against 0.57, seed 0), so the RM's pick of 8 first has to make up the sampling noise and ends
+below greedy in every seed; at T = 0.5 it ends above it in every seed (docs/world.md, "Best of n").
 
 SFT's greedy answer to the same prompts is scored too (what `evaluate` reports for SFT), so
 "the RM's best-of-8 beats SFT's greedy answer on test gold" reads off `vs_greedy` with a paired
@@ -43,7 +52,8 @@ class Params:
     max_new_tokens: int
     """Response length cap in tokens, for the samples and the greedy answer alike."""
     temperature: float
-    """Sampling temperature of the N responses (1.0: SFT's own distribution, the one the KL formula assumes)."""
+    """Sampling temperature T of the N responses (1.0: SFT's own distribution; below 1 the KL from SFT adds
+    E[log π_T - log π] over the pick to log n - (n-1)/n)."""
     batch_size: int
     """Sequences per generation and scoring batch."""
     ci_resamples: int
@@ -137,16 +147,24 @@ def curve_rows(per_n: dict[int, dict[str, Any]]) -> list[str]:
 
 
 def best_of_curve(proxy: list[float], gold: list[float] | None, greedy_gold: list[float] | None,
-                  families: list[str], *, samples: int, ci: dict[str, Any]) -> dict[int, dict[str, Any]]:
-    """For each n of n_values(samples): the analytic KL, and the expected proxy and gold score (mean and
+                  families: list[str], *, samples: int, ci: dict[str, Any],
+                  tempering: list[float] | None = None) -> dict[int, dict[str, Any]]:
+    """For each n of n_values(samples): the KL from SFT, and the expected proxy and gold score (mean and
     interval over prompts) of the RM's pick among n of each prompt's `samples` samples (laid out prompt
-    by prompt), with gold by family and paired against SFT's greedy answer."""
+    by prompt), with gold by family and paired against SFT's greedy answer.
+
+    `kl_sampling` is the analytic log n - (n-1)/n to the sampler; `kl` adds the expected tempering log-ratio
+    log π_T - log π of the pick (`tempering`, one per sample; None or zeros at temperature 1)."""
     chunks = [slice(i * samples, (i + 1) * samples) for i in range(len(proxy) // samples)]
     per_n: dict[int, dict[str, Any]] = {}
     for n in n_values(samples):
         px = [best_of_n_expectation(proxy[c], proxy[c], n) for c in chunks]
-        kl = best_of_n_kl(n)
-        entry: dict[str, Any] = {"kl": round(kl, 6), "sqrt_kl": round(math.sqrt(kl), 6), "proxy": mean_ci(px, **ci)}
+        kl_sampling = best_of_n_kl(n)
+        shift = (sum(best_of_n_expectation(proxy[c], tempering[c], n) for c in chunks) / len(chunks)
+                 if tempering is not None else 0.0)
+        kl = max(kl_sampling + shift, 0.0)  # an estimate; a KL is never below 0
+        entry: dict[str, Any] = {"kl": round(kl, 6), "sqrt_kl": round(math.sqrt(kl), 6),
+                                 "kl_sampling": round(kl_sampling, 6), "proxy": mean_ci(px, **ci)}
         if gold is not None:
             gd = [best_of_n_expectation(proxy[c], gold[c], n) for c in chunks]
             entry["gold"] = mean_ci(gd, **ci)
@@ -161,6 +179,7 @@ def run(params: Params, *, sft: Path, reward: Path, test: Path, world: Path | No
         plots: Path) -> dict[str, Any]:
     from rlhf.devices import pick_device, setup_torch
     from rlhf.gold import load_judge
+    from rlhf.kl import tempering_log_ratio
     from rlhf.lengths import length_tally
     from rlhf.models import check_model_dir, load_causal_lm, load_reward_model, load_tokenizer
     from rlhf.progress import progress
@@ -193,7 +212,7 @@ def run(params: Params, *, sft: Path, reward: Path, test: Path, world: Path | No
         task = bar.add_task("bestofn sample", total=len(flat) + len(prompts), info=f"N={N}")
         sampled = generate_responses(policy, tokenizer, flat, max_new_tokens=params.max_new_tokens,
                                      temperature=params.temperature, batch_size=params.batch_size, seed=params.seed,
-                                     device=device, on_batch=lambda n: bar.update(task, advance=n))
+                                     device=device, on_batch=lambda n: bar.update(task, advance=n), keep_tokens=True)
         greedy = generate_responses(policy, tokenizer, prompts, max_new_tokens=params.max_new_tokens, temperature=0.0,
                                     batch_size=params.batch_size, seed=params.seed, device=device,
                                     on_batch=lambda n: bar.update(task, advance=n))
@@ -201,20 +220,26 @@ def run(params: Params, *, sft: Path, reward: Path, test: Path, world: Path | No
     texts = [g["response"] for g in sampled]
     greedy_texts = [g["response"] for g in greedy]
 
-    # 2. Proxy (RM, centered by the demonstration bias) and gold score of every sample and greedy answer.
+    # 2. Each sample's log π_T - log π under SFT (0 at T = 1), for the KL from SFT.
+    tempering = tempering_log_ratio(policy, tokenizer, flat, [g["tokens"] for g in sampled],
+                                    temperature=params.temperature, max_new_tokens=params.max_new_tokens,
+                                    batch_size=params.batch_size, device=device)
+
+    # 3. Proxy (RM, centered by the demonstration bias) and gold score of every sample and greedy answer.
     proxy = score_texts(rm, tokenizer, flat + prompts, texts + greedy_texts, max_len=10**9,
                         batch_size=params.batch_size, device=device)
     proxy, greedy_proxy = proxy[: len(flat)], proxy[len(flat):]
     gold = [judge.score(p, r)["total"] for p, r in zip(flat, texts, strict=True)] if judge else None
     greedy_gold = [judge.score(p, r)["total"] for p, r in zip(prompts, greedy_texts, strict=True)] if judge else None
 
-    # 3. Per prompt and n: expected proxy and gold of the RM's pick among n of its N samples.
+    # 4. Per prompt and n: expected proxy and gold of the RM's pick among n of its N samples.
     ci = {"resamples": params.ci_resamples, "seed": params.seed}
     families = [judge.family(p) for p in prompts] if judge else []
-    per_n = best_of_curve(proxy, gold, greedy_gold, families, samples=N, ci=ci)
+    per_n = best_of_curve(proxy, gold, greedy_gold, families, samples=N, ci=ci, tempering=tempering)
 
     result: dict[str, Any] = {
         "prompts": len(prompts), "samples": N, "temperature": params.temperature,
+        "tempering_kl": round(sum(tempering) / len(tempering), 6),  # KL(π_T || π) per response, estimated
         "distinct_per_prompt": round(sum(len(set(texts[i * N:(i + 1) * N])) for i in range(len(prompts)))
                                      / len(prompts), 3),
         "best_of": {str(n): m for n, m in per_n.items()},

@@ -68,6 +68,24 @@ def test_kl_formula_and_n_values():
     assert n_values(1) == [1]
 
 
+def test_curve_kl_adds_the_picks_tempering_log_ratio():
+    """kl = log n − (n−1)/n to the sampler, plus the expected log π_T − log π of the RM's pick."""
+    from stages.bestofn import best_of_curve
+
+    proxy = [0.1, 0.9, 0.5, 0.3, 0.2, 0.8, 0.4, 0.7]  # two prompts, four samples each
+    tempering = [1.0, 3.0, 2.0, 0.5, 0.0, 4.0, 1.0, 2.0]
+    ci = {"resamples": 50, "seed": 0}
+    curve = best_of_curve(proxy, None, None, [], samples=4, ci=ci, tempering=tempering)
+    plain = best_of_curve(proxy, None, None, [], samples=4, ci=ci)
+    for n, entry in curve.items():
+        shift = (best_of_n_expectation(proxy[:4], tempering[:4], n) + best_of_n_expectation(proxy[4:], tempering[4:], n)) / 2
+        assert entry["kl_sampling"] == plain[n]["kl"] == pytest.approx(best_of_n_kl(n), abs=1e-6)
+        assert entry["kl"] == pytest.approx(best_of_n_kl(n) + shift, abs=1e-6)
+        assert entry["sqrt_kl"] == pytest.approx(math.sqrt(entry["kl"]), abs=1e-6)
+    assert curve[1]["kl"] == pytest.approx(sum(tempering) / 8, abs=1e-6)  # n = 1: KL(π_T ‖ π), estimated
+    assert curve[4]["kl"] == pytest.approx(best_of_n_kl(4) + (3.0 + 4.0) / 2, abs=1e-6)  # the argmax's log-ratio
+
+
 def test_curve_rows_drop_gold_without_a_judge():
     with_gold = {1: {"kl": 0.0, "sqrt_kl": 0.0, "proxy": {"mean": 0.1}, "gold": {"mean": 0.2}}}
     assert curve_rows(with_gold) == ["n,kl,sqrt_kl,proxy,gold", "1,0.000000,0.000000,0.1000,0.2000"]
@@ -99,10 +117,13 @@ def test_bestofn_writes_metrics_and_curve(bon_run):
     assert m["prompts"] == params.prompts and m["samples"] == params.samples
     assert list(m["best_of"]) == [str(n) for n in n_values(params.samples)]
     for n, entry in m["best_of"].items():
-        assert entry["kl"] == pytest.approx(best_of_n_kl(int(n)), abs=1e-6)
+        assert entry["kl_sampling"] == pytest.approx(best_of_n_kl(int(n)), abs=1e-6)
+        assert entry["kl"] >= 0 and entry["sqrt_kl"] == pytest.approx(math.sqrt(entry["kl"]), abs=1e-6)
         for key in ("proxy", "gold", "vs_greedy"):
             assert entry[key]["ci_low"] <= entry[key]["mean"] <= entry[key]["ci_high"], (n, key)
         assert 0 <= entry["gold"]["mean"] <= 1
+    assert params.temperature < 1  # the tiny profile samples below 1: the KL from SFT adds the sampler's distance
+    assert m["tempering_kl"] > 0 and m["best_of"]["1"]["kl"] == pytest.approx(m["tempering_kl"], abs=1e-5)
     proxies = [e["proxy"]["mean"] for e in m["best_of"].values()]
     assert proxies == sorted(proxies)  # the RM's own score of its pick cannot fall as n grows
     assert 0 <= m["sft_greedy"]["gold"]["mean"] <= 1 and m["sft_greedy"]["gold"]["by_family"]

@@ -84,3 +84,47 @@ def test_samples_are_seeded_and_follow_the_policy(tiny):
     mean = sum(out.kl) / len(out.kl)
     spread = math.sqrt(sum((k - mean) ** 2 for k in out.kl) / len(out.kl) / len(out.kl))
     assert exact > 0 and abs(mean - exact) < 4 * spread + 1e-6, (mean, exact, spread)
+
+
+def test_tempering_log_ratio_matches_a_plain_loop_and_estimates_kl_of_the_tempered_sampler(tiny):
+    """log π_T − log π per sampled response, against one unpadded forward per token; its mean over draws
+    from π_T estimates KL(π_T ‖ π), checked exactly in a one-token world; at T = 1 it is 0 without a forward."""
+    from rlhf.kl import tempering_log_ratio
+    from rlhf.sampling import generate_responses
+    from rlhf.tokenization import encode_prompt
+
+    tok, a, _ = tiny
+    cpu = torch.device("cpu")
+    prompts = [p for p in PROMPTS for _ in range(3)]
+    drawn = generate_responses(a, tok, prompts, max_new_tokens=6, temperature=0.5, batch_size=5, seed=0, device=cpu,
+                               keep_tokens=True)
+    rows = [d["tokens"] for d in drawn]
+    got = tempering_log_ratio(a, tok, prompts, rows, temperature=0.5, max_new_tokens=6, batch_size=4, device=cpu)
+    eos = tok.eos_token_id
+    for prompt, row, value in zip(prompts, rows, got, strict=True):
+        response = row[: row.index(eos) + 1] if eos in row else row
+        context = encode_prompt(tok, prompt)
+        tempered = 0.0
+        for t, token in enumerate(response):
+            with torch.no_grad():
+                logits = a(input_ids=torch.tensor([context + response[:t]])).logits[0, -1].double()
+            tempered += float(torch.log_softmax(logits / 0.5, -1)[token])
+        assert value == pytest.approx(tempered - plain_logprob(a, context, response), abs=1e-4)
+    assert any(abs(v) > 1e-2 for v in got)
+    assert tempering_log_ratio(None, tok, prompts, rows, temperature=1.0, max_new_tokens=6, batch_size=4,
+                               device=cpu) == [0.0] * len(prompts)
+    # One token per response: the mean over 400 draws per prompt against the exact KL(π_T ‖ π).
+    many = [p for p in PROMPTS for _ in range(400)]
+    one = generate_responses(a, tok, many, max_new_tokens=1, temperature=0.5, batch_size=400, seed=0, device=cpu,
+                             keep_tokens=True)
+    vals = tempering_log_ratio(a, tok, many, [d["tokens"] for d in one], temperature=0.5, max_new_tokens=1,
+                               batch_size=400, device=cpu)
+    exact = 0.0
+    for p in PROMPTS:
+        with torch.no_grad():
+            logits = a(input_ids=torch.tensor([encode_prompt(tok, p)])).logits[0, -1].double()
+        lt, l1 = torch.log_softmax(logits / 0.5, -1), torch.log_softmax(logits, -1)
+        exact += float((lt.exp() * (lt - l1)).sum()) / len(PROMPTS)
+    mean = sum(vals) / len(vals)
+    spread = math.sqrt(sum((v - mean) ** 2 for v in vals) / len(vals) / len(vals))
+    assert exact > 0 and abs(mean - exact) < 4 * spread + 1e-6, (mean, exact, spread)
