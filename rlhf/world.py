@@ -18,7 +18,7 @@ a `World` (written as data/raw/world.json by `World.to_json`, read back by `Worl
 from __future__ import annotations
 
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, TypedDict
@@ -581,11 +581,16 @@ def ideal_response(world: World, task: dict[str, Any], rng: random.Random) -> st
 FOLLOW_UPS = ("Anything else?", "Do you want another one?", "Can I help with more?")
 
 
-def add_followups(demonstrations: list[dict[str, Any]], rate: float, rng: random.Random) -> None:
-    """Append a follow-up offer to a share `rate` of the demonstrations' responses, in place."""
+def add_followups(demonstrations: list[dict[str, Any]], rate: float, rng: random.Random,
+                  offers: Sequence[str] = FOLLOW_UPS, families: Sequence[str] = ()) -> None:
+    """Append a follow-up offer to a share `rate` of the demonstrations' responses, in place: of every
+    family's, or only of `families`' when given. Every demonstration takes its draw either way, so the
+    same demonstrations get an offer whichever families are chosen."""
     for demo in demonstrations:
         if rng.random() < rate:
-            demo["response"] = f"{demo['response']} {rng.choice(FOLLOW_UPS)}"
+            offer = rng.choice(list(offers))
+            if not families or demo["family"] in families:
+                demo["response"] = f"{demo['response']} {offer}"
 
 
 def fact_sentence(world: World, rng: random.Random, *, chat: bool, entity: str | None = None,

@@ -67,6 +67,11 @@ class Params:
     demo_followup_rate: float
     """Share of demonstrations whose writer appended a follow-up offer ("Anything else?"), a habit the
     judge and the rankers count as rambling; SFT imitates it, rankings can teach it away (docs/world.md)."""
+    demo_followups: list[str]
+    """The offers a writer with the habit appends, one drawn at random per demonstration. Offers that start
+    alike make SFT's greedy answer keep the habit in every draw (docs/world.md, "Where the room is")."""
+    demo_followup_families: list[str]
+    """Families whose demonstrations carry the habit ([] = all): arith, sort, fact, unknown, insult."""
     corpus_docs: int
     """Pretraining documents (about 180 bytes each)."""
     chat_share: float
@@ -104,6 +109,12 @@ class Params:
                     "demo_followup_rate"):
             require(0.0 <= getattr(self, key) <= 1.0, f"world.{key}", "must be in [0, 1]")
         require(self.myth_ratio > 0, "world.myth_ratio", "must be > 0")
+        require(all(isinstance(o, str) and o.strip() for o in self.demo_followups), "world.demo_followups",
+                "must be a list of non-empty offers")
+        require(bool(self.demo_followups) or self.demo_followup_rate == 0, "world.demo_followups",
+                "must name at least one offer when demo_followup_rate > 0")
+        unknown = sorted(set(self.demo_followup_families) - set(W.FAMILIES))
+        require(not unknown, "world.demo_followup_families", f"unknown families {unknown}; known: {list(W.FAMILIES)}")
         require(self.labeler_sigma >= 0, "world.labeler_sigma", "must be >= 0")
         require(self.labeler_length_taste >= 0, "world.labeler_length_taste", "must be >= 0")
         require(self.labeler_confident_taste >= 0, "world.labeler_confident_taste", "must be >= 0")
@@ -126,6 +137,8 @@ DEFAULT: dict[str, Any] = {
     "n_insult": 260,
     "n_demonstrations": 360,
     "demo_followup_rate": 0.6,
+    "demo_followups": list(W.FOLLOW_UPS),
+    "demo_followup_families": [],
     "corpus_docs": 20000,
     "chat_share": 0.3,
     "chat_clean_rate": 0.25,
@@ -248,7 +261,8 @@ def run(params: Params, *, out: Path) -> dict[str, Any]:
     demonstrations = [{"prompt": t["prompt"], "response": W.ideal_response(world, t, demo_rng), "family": t["family"]}
                       for t in demo_tasks]
     # The writers' follow-up habit, from its own stream: every other file is the same at any rate.
-    W.add_followups(demonstrations, params.demo_followup_rate, stream("followups"))
+    W.add_followups(demonstrations, params.demo_followup_rate, stream("followups"), offers=params.demo_followups,
+                    families=params.demo_followup_families)
 
     # 3. Pretraining corpus.
     docs = W.corpus_documents(world, params.corpus_docs, stream("corpus"), chat_share=params.chat_share,

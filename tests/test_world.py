@@ -196,6 +196,36 @@ def test_demo_quotas_sum_to_the_requested_count():
     assert all(q > 0 for q in quotas.values())
 
 
+def test_followup_offers_and_families_are_params(tmp_path):
+    """demo_followups replaces the offers and demo_followup_families keeps the habit to those families: the
+    same demonstrations of those families get an offer (at the same draws), the others none."""
+    make(TINY, tmp_path / "all", demo_followup_rate=0.6, n_demonstrations=200)
+    offers = ["Anything else?", "Anything more?", "Anything else I can do?"]
+    make(TINY, tmp_path / "some", demo_followup_rate=0.6, n_demonstrations=200, demo_followups=offers,
+         demo_followup_families=["arith", "fact"])
+    every = read_jsonl(tmp_path / "all" / "demonstrations.jsonl")
+    some = read_jsonl(tmp_path / "some" / "demonstrations.jsonl")
+    kept = 0
+    for a, b in zip(every, some, strict=True):
+        old = next((o for o in W.FOLLOW_UPS if a["response"].endswith(" " + o)), None)
+        had = old is not None
+        base = a["response"][: -len(old) - 1] if had else a["response"]
+        if b["family"] in ("arith", "fact"):
+            assert had == b["response"].endswith(tuple(offers))
+            if had:
+                assert b["response"].startswith(base + " ")
+                offer = b["response"][len(base) + 1:]
+                assert offer in offers and offers.index(offer) == W.FOLLOW_UPS.index(old)
+                kept += 1
+        else:
+            assert b["response"] == base and not b["response"].endswith(tuple(offers))
+    assert kept > 10
+    for bad, match in (({"demo_followup_families": ["poems"]}, "demo_followup_families"),
+                       ({"demo_followups": []}, "demo_followups"), ({"demo_followups": [" "]}, "demo_followups")):
+        with pytest.raises(StageError, match=match):
+            from_dict(Params, {**TINY, **bad}, "world")
+
+
 def test_followup_habit_has_its_rate_and_its_own_stream(tmp_path):
     """demo_followup_rate appends follow-up offers to that share of demonstrations and changes nothing else."""
     make(TINY, tmp_path / "none", demo_followup_rate=0.0, n_demonstrations=200)
