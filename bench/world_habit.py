@@ -1,0 +1,192 @@
+"""Does the RL step find room in every draw? The demonstration writers' habit, varied (issue "The RL step must
+earn its gain").
+
+The default world's room for RL is the writers' follow-up habit (docs/world.md, "Where the room is"): SFT
+imitates it and the rankers prefer answers without it. Whether SFT's *greedy* answer keeps the habit is a
+threshold. After the answer, SFT puts about 0.4 on EOS and about 0.6 on an offer, split over three offers
+that start with different words (`Anything`, `Do`, `Can`), so greedy decoding usually ends the answer. How
+often it does not (the room) varies from 0.05 to 0.29 with the world's and the training's seed, and so does
+the gain of PPO without ptx. This runs the core of the pipeline (world -> prepare -> pretrain -> sft ->
+sample -> rank -> reward -> ppo, sft_ptx, ppo_noptx -> bestofn -> evaluate) with world params overridden, for
+several (world seed, training seed) pairs, each in its own folder, and tabulates what evaluate measured.
+
+    python bench/world_habit.py run OUT/NAME --world-seed 1 --seed 0 [--set world.KEY=VALUE ...] [--base DIR]
+    python bench/world_habit.py table OUT [--json bench/results/world_habit.json]
+
+`--base DIR` reuses a pretrained model instead of running pretrain. That is only valid when DIR was pretrained
+on the same corpus with the same pretrain params and seed: the run checks that the corpus it generates is
+byte-identical to `--corpus` (the corpus DIR was trained on). The habit's params change the demonstrations
+only, never the corpus. Every command is an ordinary `rlhf <stage>` call with its paths in OUT/NAME; the
+held-out labelers, the gold judge and the splits come from the run's own world.
+"""
+
+from __future__ import annotations
+
+import argparse
+import filecmp
+import json
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+TRAINING = ("pretrain", "sft", "sample", "rank", "reward", "ppo", "bestofn")
+MODELS = ("base", "sft", "policy", "sft_ptx", "policy_noptx")
+PAIRS = [["policy", "sft"], ["policy", "sft_ptx"], ["policy_noptx", "sft"], ["sft", "base"], ["policy", "base"]]
+
+
+def write_params(path: Path, *, world_seed: int, seed: int, sets: list[str], d: Path) -> None:
+    """params.yaml with the world's seed, every training seed and the overrides; evaluate on the core models."""
+    p = yaml.safe_load((ROOT / "params.yaml").read_text())
+    p["world"]["seed"] = world_seed
+    for section in TRAINING:
+        p[section]["seed"] = seed
+    for item in sets:
+        key, value = item.split("=", 1)
+        section, name = key.split(".")
+        if name not in p[section]:
+            sys.exit(f"unknown params key {key}")
+        p[section][name] = yaml.safe_load(value)
+    p["evaluate"]["models"] = {m: str(d / "models" / m) for m in MODELS}
+    p["evaluate"]["pairs"] = PAIRS
+    path.write_text(yaml.safe_dump(p, sort_keys=False))
+
+
+def run(args: argparse.Namespace) -> None:
+    d = Path(args.dir).resolve()
+    d.mkdir(parents=True, exist_ok=True)
+    params = d / "params.yaml"
+    write_params(params, world_seed=args.world_seed, seed=args.seed, sets=args.set, d=d)
+    raw, prep, m = d / "raw", d / "prepared", d / "models"
+    world = ["--world", str(raw / "world.json")]
+
+    def rlhf(stage: str, *argv: str, out: str) -> None:
+        if (d / "metrics" / f"{out}.json").exists():
+            return  # done in an earlier call
+        cmd = ["rlhf", stage, "--params", str(params), *argv, "--metrics", str(d / "metrics" / f"{out}.json")]
+        t = time.time()
+        res = subprocess.run(cmd, cwd=ROOT)
+        print(f"[{d.name}] {out}: rc {res.returncode}, {time.time() - t:.0f} s", flush=True)
+        if res.returncode:
+            sys.exit(res.returncode)
+
+    if not (raw / "world.json").exists():
+        subprocess.run(["rlhf", "world", "--params", str(params), "--out", str(raw)], cwd=ROOT, check=True)
+    rlhf("prepare", "--raw", str(raw), "--out", str(prep), out="prepare")
+    if args.base:
+        if not filecmp.cmp(raw / "corpus.jsonl", args.corpus, shallow=False):
+            sys.exit(f"{raw / 'corpus.jsonl'} differs from {args.corpus}: {args.base} was pretrained on another corpus")
+        if not (m / "base").exists():
+            shutil.copytree(args.base, m / "base")
+    else:
+        rlhf("pretrain", "--corpus", str(prep / "corpus.jsonl"), "--out", str(m / "base"), "--plots",
+             str(d / "plots/pretrain"), "--checkpoints", str(d / "ckpt/pretrain"), out="pretrain")
+    rlhf("sft", "--base", str(m / "base"), "--data", str(prep), *world, "--out", str(m / "sft"), "--plots",
+         str(d / "plots/sft"), "--checkpoints", str(d / "ckpt/sft"), out="sft")
+    rlhf("sample", "--model", str(m / "sft"), "--prompts", str(prep / "rm.jsonl"), "--out", str(d / "candidates.jsonl"),
+         out="sample")
+    rlhf("rank", "--candidates", str(d / "candidates.jsonl"), *world, "--labels", "labels/human.jsonl", "--out",
+         str(d / "rankings.jsonl"), out="rank")
+    rlhf("reward", "--sft", str(m / "sft"), "--data", str(d / "rankings.jsonl"), "--demos", str(prep / "sft.jsonl"),
+         *world, "--out", str(m / "reward"), "--plots", str(d / "plots/reward"), "--checkpoints",
+         str(d / "ckpt/reward"), out="reward")
+    for out, model, override in (("ppo", "policy", []), ("sft_ptx", "sft_ptx", ["--set", "rl_coef=0"]),
+                                 ("ppo_noptx", "policy_noptx", ["--set", "ptx_coef=0"])):
+        rlhf("ppo", *override, "--sft", str(m / "sft"), "--reward", str(m / "reward"), "--data", str(prep), *world,
+             "--out", str(m / model), "--value-out", str(m / f"value_{model}"), "--plots", str(d / "plots" / out),
+             "--checkpoints", str(d / "ckpt" / out), out=out)
+    rlhf("bestofn", "--sft", str(m / "sft"), "--reward", str(m / "reward"), "--test", str(prep / "test.jsonl"), *world,
+         "--plots", str(d / "plots/bestofn"), out="bestofn")
+    rlhf("evaluate", "--test", str(prep / "test.jsonl"), *world, "--truthfulqa", str(raw / "eval/truthfulqa_mc.json"),
+         "--crows-pairs", str(raw / "eval/crows_pairs.csv"), "--rtp", str(raw / "eval/rtp.jsonl"), "--reports",
+         str(d / "reports"), "--headline", str(d / "metrics/headline.json"), out="evaluate")
+
+
+def row(d: Path) -> dict:
+    """The numbers issue 13 asks for, from one run's metrics (and, when evaluate ran in a checkout, its folders)."""
+    metrics = d / "metrics"
+    e = json.loads((metrics / "evaluate.json").read_text())
+    b = json.loads((metrics / "bestofn.json").read_text())
+    p = yaml.safe_load((d / "params.yaml").read_text())
+    gold = {k: v["gold"]["total"] for k, v in e["models"].items() if "gold" in v}
+    win = {k: [v["win_rate"], v["ci_low"], v["ci_high"]] for k, v in e["win_rates"].items()}
+    tox = {k: {"raw": v["toxicity"]["expected_max_toxicity"],
+               "instructed": v["toxicity_respectful"]["expected_max_toxicity"]}
+           for k, v in e["models"].items() if "toxicity" in v and "toxicity_respectful" in v}
+    kl = {k: v["kl"]["mean"] for k, v in e["models"].items() if "kl" in v}
+    return {"world_seed": p["world"]["seed"], "seed": p["sft"]["seed"],
+            "habit": {k: p["world"].get(k) for k in ("demo_followup_rate", "demo_followups", "demo_followup_families")},
+            "gold": gold, "win_rates": win, "kl": kl, "toxicity": tox,
+            "best_of_8_minus_greedy": b["best_of"]["8"]["vs_greedy"], "bestofn_temperature": b["temperature"]}
+
+
+def offer_rate(d: Path) -> dict[str, float]:
+    """Share of SFT's greedy test answers that end with one of the writers' offers, overall and per family:
+    the room the rankings can teach (docs/world.md, "Where the room is")."""
+    import torch
+
+    from rlhf.models import load_causal_lm, load_tokenizer
+    from rlhf.sampling import generate_responses
+    from rlhf.world import FOLLOW_UPS
+
+    p = yaml.safe_load((d / "params.yaml").read_text())
+    offers = tuple(p["world"].get("demo_followups") or FOLLOW_UPS)
+    prep = d / "prepared" if (d / "prepared").exists() else d / "data" / "prepared"
+    raw = d / "raw" if (d / "raw").exists() else d / "data" / "raw"
+    rows = [json.loads(line) for line in (prep / "test.jsonl").read_text().splitlines()]
+    family = {json.loads(line)["prompt"]: json.loads(line)["family"] for line in (raw / "prompts.jsonl").read_text().splitlines()}
+    sft = d / "models" / "sft"
+    out = generate_responses(load_causal_lm(sft).eval(), load_tokenizer(sft), [r["prompt"] for r in rows],
+                             max_new_tokens=p["evaluate"]["max_new_tokens"], temperature=0.0, batch_size=128, seed=0,
+                             device=torch.device("cpu"))
+    hits: dict[str, list[bool]] = {}
+    for r, o in zip(rows, out, strict=True):
+        hits.setdefault(family[r["prompt"]], []).append(o["response"].rstrip().endswith(offers))
+    every = [h for v in hits.values() for h in v]
+    return {"all": round(sum(every) / len(every), 3), **{f: round(sum(v) / len(v), 3) for f, v in sorted(hits.items())}}
+
+
+def table(args: argparse.Namespace) -> None:
+    runs = sorted(p.parent.parent for p in Path(args.out).glob("*/metrics/evaluate.json"))
+    rows = {d.name: row(d) for d in runs}
+    for d in runs:
+        rows[d.name]["sft_greedy_offer_rate"] = offer_rate(d)
+    head = ("| run | SFT offers | SFT | PPO-ptx | SFT+ptx | PPO no ptx | noptx − SFT | noptx vs SFT | PPO-ptx vs SFT | SFT vs base "
+            "| bo8 − greedy |")
+    print(head)
+    print("|" + "---|" * (head.count("|") - 1))
+    for name, r in rows.items():
+        g, w = r["gold"], r["win_rates"]
+        f = lambda k: f"{w[k][0]:.2f} [{w[k][1]:.2f}, {w[k][2]:.2f}]"  # noqa: E731
+        print(f"| {name} | {r['sft_greedy_offer_rate']['all']:.2f} | {g['sft']:.3f} | {g['policy']:.3f} | {g.get('sft_ptx', float('nan')):.3f} | "
+              f"{g['policy_noptx']:.3f} | {g['policy_noptx'] - g['sft']:+.3f} | {f('policy_noptx_vs_sft')} | "
+              f"{f('policy_vs_sft')} | {f('sft_vs_base')} | {r['best_of_8_minus_greedy']['mean']:+.3f} |")
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=1) + "\n")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    r = sub.add_parser("run")
+    r.add_argument("dir")
+    r.add_argument("--world-seed", type=int, default=0)
+    r.add_argument("--seed", type=int, default=0)
+    r.add_argument("--set", action="append", default=[], help="world.KEY=VALUE (YAML value)")
+    r.add_argument("--base", help="a pretrained model folder to reuse (see the module's help)")
+    r.add_argument("--corpus", help="the corpus --base was pretrained on")
+    t = sub.add_parser("table")
+    t.add_argument("out")
+    t.add_argument("--json")
+    args = ap.parse_args()
+    if args.cmd == "run" and bool(args.base) != bool(args.corpus):
+        ap.error("--base and --corpus go together")
+    (run if args.cmd == "run" else table)(args)
+
+
+if __name__ == "__main__":
+    main()
