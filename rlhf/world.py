@@ -578,7 +578,10 @@ def ideal_response(world: World, task: dict[str, Any], rng: random.Random) -> st
 # Follow-up offers some demonstration writers append out of habit. The judge's form factor counts them
 # as rambling (an extra sentence and a question), so the rankers, noisy copies of the judge, prefer the
 # answer without one; SFT, which imitates the demonstrations, picks the habit up.
-FOLLOW_UPS = ("Anything else?", "Do you want another one?", "Can I help with more?")
+FOLLOW_UPS = ("Anything else?", "Anything else I can do?", "Anything more?")
+# Until 2026-12-03 the offers began with three different words ("Anything else?", "Do you want another
+# one?", "Can I help with more?"): after the answer SFT then put more on EOS than on any one offer's first
+# token, and whether its greedy answer kept the habit varied from draw to draw (docs/world.md).
 
 
 def add_followups(demonstrations: list[dict[str, Any]], rate: float, rng: random.Random,

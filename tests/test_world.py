@@ -199,8 +199,8 @@ def test_demo_quotas_sum_to_the_requested_count():
 def test_followup_offers_and_families_are_params(tmp_path):
     """demo_followups replaces the offers and demo_followup_families keeps the habit to those families: the
     same demonstrations of those families get an offer (at the same draws), the others none."""
-    make(TINY, tmp_path / "all", demo_followup_rate=0.6, n_demonstrations=200)
-    offers = ["Anything else?", "Anything more?", "Anything else I can do?"]
+    make(TINY, tmp_path / "all", demo_followup_rate=0.6, n_demonstrations=200, demo_followup_families=[])
+    offers = ["Sure?", "More?", "Is that all?"]
     make(TINY, tmp_path / "some", demo_followup_rate=0.6, n_demonstrations=200, demo_followups=offers,
          demo_followup_families=["arith", "fact"])
     every = read_jsonl(tmp_path / "all" / "demonstrations.jsonl")
@@ -229,7 +229,7 @@ def test_followup_offers_and_families_are_params(tmp_path):
 def test_followup_habit_has_its_rate_and_its_own_stream(tmp_path):
     """demo_followup_rate appends follow-up offers to that share of demonstrations and changes nothing else."""
     make(TINY, tmp_path / "none", demo_followup_rate=0.0, n_demonstrations=200)
-    make(TINY, tmp_path / "some", demo_followup_rate=0.6, n_demonstrations=200)
+    make(TINY, tmp_path / "some", demo_followup_rate=0.6, n_demonstrations=200, demo_followup_families=[])
     plain = read_jsonl(tmp_path / "none" / "demonstrations.jsonl")
     habit = read_jsonl(tmp_path / "some" / "demonstrations.jsonl")
     assert not any(d["response"].endswith(tuple(W.FOLLOW_UPS)) for d in plain)
