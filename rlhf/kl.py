@@ -86,7 +86,7 @@ def tempering_log_ratio(model, tokenizer, prompts: Sequence[str], responses: Seq
     """
     from rlhf.batching import left_pad
     from rlhf.devices import autocast
-    from rlhf.lengths import fit_prompt, prompt_budget
+    from rlhf.lengths import fit_queries
     from rlhf.ppo import response_logits, response_mask
     from rlhf.tokenization import encode_prompt
 
@@ -94,11 +94,10 @@ def tempering_log_ratio(model, tokenizer, prompts: Sequence[str], responses: Seq
         raise ValueError("one response per prompt")
     if temperature == 1.0:
         return [0.0] * len(prompts)
-    budget = prompt_budget(model, max_new_tokens)
     out: list[float] = []
     for start in range(0, len(prompts), batch_size):
-        queries = [encode_prompt(tokenizer, p) for p in prompts[start: start + batch_size]]
-        queries = [list(q) if budget is None else fit_prompt(q, budget) for q in queries]
+        queries = fit_queries(model, [encode_prompt(tokenizer, p) for p in prompts[start: start + batch_size]],
+                              max_new_tokens, count=False)  # the sampler counted these cuts
         q_ids, q_mask = left_pad(queries, tokenizer.pad_token_id)
         rows = torch.tensor([list(r) for r in responses[start: start + batch_size]], dtype=torch.long, device=device)
         r_mask, _ = response_mask(rows, tokenizer.eos_token_id)

@@ -142,12 +142,13 @@ def prompt_budget(model, max_new_tokens: int) -> int | None:
     return limit - max_new_tokens
 
 
-def fit_queries(model, queries: Sequence[Sequence[int]], max_new_tokens: int) -> list[list[int]]:
-    """Prompts cut on the left so each plus `max_new_tokens` fits the model (counted in the open tally)."""
+def fit_queries(model, queries: Sequence[Sequence[int]], max_new_tokens: int, *, count: bool = True) -> list[list[int]]:
+    """Prompts cut on the left so each plus `max_new_tokens` fits the model (counted in the open tally unless
+    `count` is False: a second pass over prompts whose cuts were already counted)."""
     budget = prompt_budget(model, max_new_tokens)
     if budget is None:
         return [list(q) for q in queries]
     cut = sum(len(q) > budget for q in queries)
-    if cut:
+    if cut and count:
         note_lengths(budget + max_new_tokens, truncated=cut)
     return [fit_prompt(q, budget) for q in queries]

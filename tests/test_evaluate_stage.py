@@ -98,7 +98,8 @@ def test_kl_from_sft_of_every_model(evaluated):
         got = by_name[f"best-of-{k}"]
         assert float(got[2]) == pytest.approx(row["kl"], abs=1e-4)  # best-of-n's KL from SFT (stages/bestofn.py)
         assert float(got[5]) == row["gold"]["mean"] and got[4] == ""  # sampled gold only: no greedy answer
-    assert result["timing"]["kl_s"] > 0
+    # KL's share of the wall time (0.1 s resolution: the tiny profile can measure it in under 0.05 s).
+    assert 0 <= result["timing"]["kl_s"] <= result["timing"]["wall_s"]
 
 
 def test_stage_cost_reads_every_training_stages_metrics():

@@ -25,7 +25,7 @@ import pytest
 import torch
 import yaml
 
-from tests.conftest import ENV, ROOT, TINY, without_timing
+from tests.conftest import ENV, ROOT, TINY, assert_runs_agree, without_timing
 from tests.test_multiprocess import launch_ppo, launcher, run_cli
 
 
@@ -54,18 +54,13 @@ def fsdp_sft(tiny_run, fsdp_params, tmp_path_factory) -> Path:
 
 
 def test_fsdp_sft_matches_one_process_and_saves_a_plain_model(tiny_run, fsdp_sft):
-    from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
 
     one, two = json.loads((tiny_run.metrics / "sft.json").read_text()), json.loads((fsdp_sft / "sft.json").read_text())
     assert two["processes"] == 2 and one["steps"] == two["steps"]
     assert abs(one["train_loss"] - two["train_loss"]) < 0.02 * one["train_loss"]
     assert abs(one["val_loss"] - two["val_loss"]) < 0.02 * one["val_loss"]
-    w1, w2 = load_file(tiny_run.sft / "model.safetensors"), load_file(fsdp_sft / "sft/model.safetensors")
-    base = load_file(tiny_run.base / "model.safetensors")
-    assert w1.keys() == w2.keys()
-    for name in w1:  # the two runs agree far more closely than either moved away from the base model
-        assert (w1[name] - w2[name]).norm() <= 0.2 * (w1[name] - base[name]).norm() + 1e-6, name
+    assert_runs_agree(tiny_run.sft, fsdp_sft / "sft", tiny_run.base)
     model = AutoModelForCausalLM.from_pretrained(str(fsdp_sft / "sft"), use_safetensors=True)  # plain tensors, no shards
     assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()  # tied weights stay tied
     assert not (fsdp_sft / "ckpt").exists()

@@ -58,20 +58,25 @@ def _preference_group(rng: random.Random, k: int = 4) -> tuple[dict, list[list[i
     return group, seqs
 
 
-def test_reward_model_learns_a_separable_preference():
+def toy_reward_model():
+    """A one-layer random Llama with a score head over the toy vocabulary (seeded)."""
     from transformers import LlamaConfig, LlamaForSequenceClassification
 
+    config = LlamaConfig(vocab_size=12, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=16,
+                         pad_token_id=PAD, num_labels=1)
+    torch.manual_seed(0)
+    return LlamaForSequenceClassification(config)
+
+
+def separable_preference_accuracy(model, lr: float) -> tuple[float, float]:
+    """Held-out accuracy on the toy preference before and after 60 steps of the reward stage's loss on it."""
     from rlhf.preferences import heldout_metrics
     from stages.reward import batch_loss, score_groups
 
     rng = random.Random(0)
     train = [_preference_group(rng) for _ in range(200)]
     val = [_preference_group(rng) for _ in range(50)]
-    config = LlamaConfig(vocab_size=12, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                         num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=16,
-                         pad_token_id=PAD, num_labels=1)
-    torch.manual_seed(0)
-    model = LlamaForSequenceClassification(config)
 
     def heldout_accuracy() -> float:
         scores = score_groups(model, [seqs for _, seqs in val], PAD, CPU, batch_size=256)
@@ -83,8 +88,12 @@ def test_reward_model_learns_a_separable_preference():
 
     model.eval()
     before = heldout_accuracy()
-    _train(model, loss_fn, steps=60, lr=3e-3)
-    after = heldout_accuracy()
+    _train(model, loss_fn, steps=60, lr=lr)
+    return before, heldout_accuracy()
+
+
+def test_reward_model_learns_a_separable_preference():
+    before, after = separable_preference_accuracy(toy_reward_model(), lr=3e-3)
     assert before < 0.75, before  # an untrained head is near chance
     assert after >= 0.95, (before, after)
 
