@@ -1,14 +1,16 @@
 """Does the RL step find room in every draw? The demonstration writers' habit, varied (issue "The RL step must
 earn its gain").
 
-The default world's room for RL is the writers' follow-up habit (docs/world.md, "Where the room is"): SFT
-imitates it and the rankers prefer answers without it. Whether SFT's *greedy* answer keeps the habit is a
-threshold. After the answer, SFT puts about 0.4 on EOS and about 0.6 on an offer, split over three offers
-that start with different words (`Anything`, `Do`, `Can`), so greedy decoding usually ends the answer. How
-often it does not (the room) varies from 0.05 to 0.29 with the world's and the training's seed, and so does
-the gain of PPO without ptx. This runs the core of the pipeline (world -> prepare -> pretrain -> sft ->
-sample -> rank -> reward -> ppo, sft_ptx, ppo_noptx -> bestofn -> evaluate) with world params overridden, for
-several (world seed, training seed) pairs, each in its own folder, and tabulates what evaluate measured.
+The world's room for RL is the writers' follow-up habit (docs/world.md, "Where the room is"): SFT imitates
+it and the rankers prefer answers without it. Whether SFT's *greedy* answer keeps the habit is a threshold.
+With offers that start with different words (`Anything`, `Do`, `Can`: the world before 2026-12-03), SFT put
+about 0.4 on EOS after the answer and about 0.2 on each offer, so greedy decoding usually ended the answer;
+how often it did not (0.05 to 0.29, with the world's and the training's seed) set the gain of PPO without
+ptx. The default world's offers start alike and the habit sits on 0.8 of the arith/fact/unknown/insult
+demonstrations, so SFT's greedy answer keeps it in every draw (docs/world.md, "Where the room is, draw by
+draw"). This runs the core of the pipeline (world -> prepare -> pretrain -> sft -> sample -> rank -> reward
+-> ppo, sft_ptx, ppo_noptx -> bestofn -> evaluate) with world params overridden, for several (world seed,
+training seed) pairs, each in its own folder, and tabulates what evaluate measured.
 
     python bench/world_habit.py run OUT/NAME --world-seed 1 --seed 0 [--set world.KEY=VALUE ...] [--base DIR]
     python bench/world_habit.py table OUT [--json bench/results/world_habit.json]
@@ -107,7 +109,7 @@ def run(args: argparse.Namespace) -> None:
 
 
 def row(d: Path) -> dict:
-    """The numbers issue 13 asks for, from one run's metrics (and, when evaluate ran in a checkout, its folders)."""
+    """The numbers issue 13 asks for, from one run's metrics/evaluate.json, metrics/bestofn.json and params.yaml."""
     metrics = d / "metrics"
     e = json.loads((metrics / "evaluate.json").read_text())
     b = json.loads((metrics / "bestofn.json").read_text())
@@ -165,8 +167,30 @@ def table(args: argparse.Namespace) -> None:
         print(f"| {name} | {r['sft_greedy_offer_rate']['all']:.2f} | {g['sft']:.3f} | {g['policy']:.3f} | {g.get('sft_ptx', float('nan')):.3f} | "
               f"{g['policy_noptx']:.3f} | {g['policy_noptx'] - g['sft']:+.3f} | {f('policy_noptx_vs_sft')} | "
               f"{f('policy_vs_sft')} | {f('sft_vs_base')} | {r['best_of_8_minus_greedy']['mean']:+.3f} |")
+    if len(rows) > 1:
+        print(spread(rows))
     if args.json:
-        Path(args.json).write_text(json.dumps(rows, indent=1) + "\n")
+        from rlhf.seeds import machine
+
+        Path(args.json).write_text(json.dumps({"machine": machine(), "runs": rows}, indent=1) + "\n")
+
+
+def spread(rows: dict[str, dict]) -> str:
+    """Mean ± sd over the runs (sample sd) of the table's numbers, one line."""
+    import statistics
+
+    cols = {"SFT offers": lambda r: r["sft_greedy_offer_rate"]["all"], "SFT": lambda r: r["gold"]["sft"],
+            "PPO-ptx": lambda r: r["gold"]["policy"], "PPO no ptx": lambda r: r["gold"]["policy_noptx"],
+            "noptx − SFT": lambda r: r["gold"]["policy_noptx"] - r["gold"]["sft"],
+            "noptx vs SFT": lambda r: r["win_rates"]["policy_noptx_vs_sft"][0],
+            "PPO-ptx vs SFT": lambda r: r["win_rates"]["policy_vs_sft"][0],
+            "SFT vs base": lambda r: r["win_rates"]["sft_vs_base"][0],
+            "bo8 − greedy": lambda r: r["best_of_8_minus_greedy"]["mean"]}
+    parts = []
+    for name, get in cols.items():
+        v = [get(r) for r in rows.values()]
+        parts.append(f"{name} {statistics.mean(v):.3f} ± {statistics.stdev(v):.3f}")
+    return f"mean ± sd over {len(rows)} runs: " + "; ".join(parts)
 
 
 def main() -> None:

@@ -155,3 +155,38 @@ def test_kl_leash_scripts(tmp_path):
     written = json.loads((tmp_path / "k.json").read_text())
     assert set(written["rows"]["ppo_noptx, kl 0.4"]) == {"seed-1", "seed-2"} and "cpu" in written["machine"]
     assert set(written["rows"]["ppo_noptx, kl 0.2 (sweep)"]) == {"seed-0", "seed-1", "seed-2"}
+
+
+def test_world_habit_params_rows_and_spread(tmp_path, bench_path):
+    """bench/world_habit.py: one draw's params.yaml (the world's seed, every training seed, world overrides, an
+    unknown key refused), and the table's row and mean ± sd from a run's metrics."""
+    import yaml
+    from world_habit import TRAINING, row, spread, write_params
+
+    d = tmp_path / "w1s2"
+    (d / "metrics").mkdir(parents=True)
+    write_params(d / "params.yaml", world_seed=1, seed=2, sets=["world.demo_followup_rate=0.5",
+                                                               "world.demo_followup_families=[arith]"], d=d)
+    p = yaml.safe_load((d / "params.yaml").read_text())
+    assert p["world"]["seed"] == 1 and {p[s]["seed"] for s in TRAINING} == {2}
+    assert p["world"]["demo_followup_rate"] == 0.5 and p["world"]["demo_followup_families"] == ["arith"]
+    assert p["evaluate"]["models"]["policy_noptx"] == str(d / "models" / "policy_noptx")
+    with pytest.raises(SystemExit, match="unknown params key world.nope"):
+        write_params(tmp_path / "bad.yaml", world_seed=0, seed=0, sets=["world.nope=1"], d=d)
+
+    def fake(noptx: float) -> dict:
+        win = lambda w: {"win_rate": w, "ci_low": round(w - 0.05, 2), "ci_high": round(w + 0.05, 2)}  # noqa: E731
+        (d / "metrics" / "evaluate.json").write_text(json.dumps({
+            "models": {"sft": {"gold": {"total": 0.5}}, "policy": {"gold": {"total": 0.6}},
+                       "policy_noptx": {"gold": {"total": noptx}, "kl": {"mean": 0.8}}},
+            "win_rates": {"policy_noptx_vs_sft": win(0.58), "policy_vs_sft": win(0.6), "sft_vs_base": win(0.7)}}))
+        (d / "metrics" / "bestofn.json").write_text(json.dumps({"temperature": 0.5, "best_of": {"8": {
+            "vs_greedy": {"mean": 0.03, "ci_low": 0.0, "ci_high": 0.06}}}}))
+        return {**row(d), "sft_greedy_offer_rate": {"all": 0.7}}
+
+    one = fake(0.62)
+    assert (one["world_seed"], one["seed"]) == (1, 2) and one["habit"]["demo_followup_rate"] == 0.5
+    assert one["gold"]["policy_noptx"] == 0.62 and one["win_rates"]["policy_noptx_vs_sft"] == [0.58, 0.53, 0.63]
+    assert one["kl"] == {"policy_noptx": 0.8} and one["best_of_8_minus_greedy"]["mean"] == 0.03
+    line = spread({"a": one, "b": fake(0.66)})
+    assert line.startswith("mean ± sd over 2 runs:") and "noptx − SFT 0.140 ± 0.028" in line
