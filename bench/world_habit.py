@@ -12,7 +12,7 @@ draw"). This runs the core of the pipeline (world -> prepare -> pretrain -> sft 
 -> ppo, sft_ptx, ppo_noptx -> bestofn -> evaluate) with world params overridden, for several (world seed,
 training seed) pairs, each in its own folder, and tabulates what evaluate measured.
 
-    python bench/world_habit.py run OUT/NAME --world-seed 1 --seed 0 [--set world.KEY=VALUE ...] [--base DIR]
+    python bench/world_habit.py run OUT/NAME --world-seed 1 --seed 0 [--set SECTION.KEY=VALUE ...] [--base DIR]
     python bench/world_habit.py table OUT [--json bench/results/world_habit.json]
 
 `--base DIR` reuses a pretrained model instead of running pretrain. That is only valid when DIR was pretrained
@@ -200,7 +200,8 @@ def main() -> None:
     r.add_argument("dir")
     r.add_argument("--world-seed", type=int, default=0)
     r.add_argument("--seed", type=int, default=0)
-    r.add_argument("--set", action="append", default=[], help="world.KEY=VALUE (YAML value)")
+    r.add_argument("--set", action="append", default=[],
+                   help="SECTION.KEY=VALUE (YAML value), e.g. world.demo_followup_rate=0.6 or ppo.ptx_coef=0.3")
     r.add_argument("--base", help="a pretrained model folder to reuse (see the module's help)")
     r.add_argument("--corpus", help="the corpus --base was pretrained on")
     t = sub.add_parser("table")

@@ -165,11 +165,12 @@ def test_world_habit_params_rows_and_spread(tmp_path, bench_path):
 
     d = tmp_path / "w1s2"
     (d / "metrics").mkdir(parents=True)
-    write_params(d / "params.yaml", world_seed=1, seed=2, sets=["world.demo_followup_rate=0.5",
+    write_params(d / "params.yaml", world_seed=1, seed=2, sets=["world.demo_followup_rate=0.5", "ppo.ptx_coef=0.3",
                                                                "world.demo_followup_families=[arith]"], d=d)
     p = yaml.safe_load((d / "params.yaml").read_text())
     assert p["world"]["seed"] == 1 and {p[s]["seed"] for s in TRAINING} == {2}
     assert p["world"]["demo_followup_rate"] == 0.5 and p["world"]["demo_followup_families"] == ["arith"]
+    assert p["ppo"]["ptx_coef"] == 0.3
     assert p["evaluate"]["models"]["policy_noptx"] == str(d / "models" / "policy_noptx")
     with pytest.raises(SystemExit, match="unknown params key world.nope"):
         write_params(tmp_path / "bad.yaml", world_seed=0, seed=0, sets=["world.nope=1"], d=d)
