@@ -177,7 +177,7 @@ def table(args: argparse.Namespace) -> None:
 
 def spread(rows: dict[str, dict]) -> str:
     """Mean ± sd over the runs (sample sd) of the table's numbers, one line."""
-    import statistics
+    from rlhf.seeds import describe
 
     cols = {"SFT offers": lambda r: r["sft_greedy_offer_rate"]["all"], "SFT": lambda r: r["gold"]["sft"],
             "PPO-ptx": lambda r: r["gold"]["policy"], "PPO no ptx": lambda r: r["gold"]["policy_noptx"],
@@ -188,8 +188,8 @@ def spread(rows: dict[str, dict]) -> str:
             "bo8 − greedy": lambda r: r["best_of_8_minus_greedy"]["mean"]}
     parts = []
     for name, get in cols.items():
-        v = [get(r) for r in rows.values()]
-        parts.append(f"{name} {statistics.mean(v):.3f} ± {statistics.stdev(v):.3f}")
+        d = describe([get(r) for r in rows.values()])
+        parts.append(f"{name} {d['mean']:.3f} ± {d['sd']:.3f}")
     return f"mean ± sd over {len(rows)} runs: " + "; ".join(parts)
 
 
