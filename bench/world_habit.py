@@ -13,6 +13,7 @@ draw"). This runs the core of the pipeline (world -> prepare -> pretrain -> sft 
 training seed) pairs, each in its own folder, and tabulates what evaluate measured.
 
     python bench/world_habit.py run OUT/NAME --world-seed 1 --seed 0 [--set SECTION.KEY=VALUE ...] [--base DIR]
+    python bench/world_habit.py run OUT/NAME2 --from OUT/NAME --set ppo.ptx_coef=0.3
     python bench/world_habit.py table OUT [--json bench/results/world_habit.json]
 
 `--base DIR` reuses a pretrained model instead of running pretrain. That is only valid when DIR was pretrained
@@ -20,6 +21,10 @@ on the same corpus with the same pretrain params and seed: the run checks that t
 byte-identical to `--corpus` (the corpus DIR was trained on). The habit's params change the demonstrations
 only, never the corpus. Every command is an ordinary `rlhf <stage>` call with its paths in OUT/NAME; the
 held-out labelers, the gold judge and the splits come from the run's own world.
+
+`--from DIR` starts from a finished draw whose params differ from this run's in the `ppo:` section only: it
+copies DIR's world, splits and the stages up to the reward model (and PPO without ptx and best-of-n, which no
+ptx key changes when ptx_coef stays above 0), so only ppo, its SFT + ptx control and evaluate run again.
 """
 
 from __future__ import annotations
@@ -38,6 +43,27 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 TRAINING = ("pretrain", "sft", "sample", "rank", "reward", "ppo", "bestofn")
 MODELS = ("base", "sft", "policy", "sft_ptx", "policy_noptx")
+# What `--from` copies: outputs that no ppo key but ptx_coef = 0 vs > 0 changes (ppo_noptx sets ptx_coef=0 itself).
+REUSED = ("raw", "prepared", "models/base", "models/sft", "models/reward", "models/policy_noptx", "candidates.jsonl",
+          "rankings.jsonl", *(f"metrics/{s}.json" for s in ("prepare", "pretrain", "sft", "sample", "rank", "reward",
+                                                            "ppo_noptx", "bestofn")))
+
+
+def reuse(src: Path, d: Path, params: Path) -> None:
+    """Copy a finished draw's ptx-independent outputs into `d`, after checking that only `ppo:` differs."""
+    mine, theirs = (yaml.safe_load(p.read_text()) for p in (params, src / "params.yaml"))
+    for p in (mine, theirs):
+        p.pop("ppo")
+        p.pop("evaluate")  # the model paths, which name each run's own folder
+    if mine != theirs:
+        differ = sorted(k for k in mine if mine[k] != theirs.get(k))
+        sys.exit(f"--from {src}: its params differ from this run's outside ppo: ({', '.join(differ)})")
+    if yaml.safe_load((src / "params.yaml").read_text())["ppo"]["ptx_coef"] == 0:
+        sys.exit(f"--from {src}: its ppo.ptx_coef is 0, so its PPO without ptx is not this run's control")
+    for name in REUSED:
+        if not (d / name).exists():
+            (d / name).parent.mkdir(parents=True, exist_ok=True)
+            (shutil.copytree if (src / name).is_dir() else shutil.copy2)(src / name, d / name)
 PAIRS = [["policy", "sft"], ["policy", "sft_ptx"], ["policy_noptx", "sft"], ["sft", "base"], ["policy", "base"]]
 
 
@@ -62,7 +88,12 @@ def run(args: argparse.Namespace) -> None:
     d = Path(args.dir).resolve()
     d.mkdir(parents=True, exist_ok=True)
     params = d / "params.yaml"
+    if args.source:
+        src = yaml.safe_load((Path(args.source) / "params.yaml").read_text())
+        args.world_seed, args.seed = src["world"]["seed"], src["sft"]["seed"]
     write_params(params, world_seed=args.world_seed, seed=args.seed, sets=args.set, d=d)
+    if args.source:
+        reuse(Path(args.source).resolve(), d, params)
     raw, prep, m = d / "raw", d / "prepared", d / "models"
     world = ["--world", str(raw / "world.json")]
 
@@ -204,6 +235,7 @@ def main() -> None:
                    help="SECTION.KEY=VALUE (YAML value), e.g. world.demo_followup_rate=0.6 or ppo.ptx_coef=0.3")
     r.add_argument("--base", help="a pretrained model folder to reuse (see the module's help)")
     r.add_argument("--corpus", help="the corpus --base was pretrained on")
+    r.add_argument("--from", dest="source", help="a finished draw to start from; only ppo: may differ (module help)")
     t = sub.add_parser("table")
     t.add_argument("out")
     t.add_argument("--json")

@@ -10,9 +10,10 @@ from cli.main import app
 from cli.runner import PARAMS_HELP, run_stage
 
 Params = typer.Option(Path("params.yaml"), "--params", help=PARAMS_HELP)
-# The defaults are the DVC pipeline's (dvc.yaml's evaluate cmd lists them too, for its deps).
-CURVE_STAGES = ("pretrain", "sft", "reward", "ppo", "sft_ptx", "ppo_noptx", "dpo", "rloo", "grpo")
-COST_STAGES = ("reward", "ppo", "sft_ptx", "ppo_noptx", "dpo", "rloo", "grpo", "bestofn")
+# The defaults are the DVC pipeline's evaluate stage (dvc.yaml's cmd lists them too, for its deps); its compare
+# stage names the comparison algorithms' folders instead.
+CURVE_STAGES = ("pretrain", "sft", "reward", "ppo", "sft_ptx", "ppo_noptx")
+COST_STAGES = ("pretrain", "sft", "reward", "ppo", "sft_ptx", "ppo_noptx", "bestofn")
 
 
 @app.command()
@@ -33,6 +34,9 @@ def evaluate(
     metrics: Path = typer.Option(Path("metrics/evaluate.json"), help="metrics JSON (dvc metrics show/diff)"),
     headline: Path = typer.Option(Path("metrics/headline.json"), help="the ten-odd numbers to compare across experiments"),
     params: Path = Params,
+    set_: list[str] = typer.Option([], "--set", metavar="KEY=VALUE",
+                                   help="override one key of the evaluate: section for this run, the value in YAML "
+                                        "(dvc.yaml's compare stage sets models and pairs)"),
 ) -> None:
     """Compare the models in `evaluate.models` on held-out prompts and the public benchmarks; write the report.
 
@@ -47,7 +51,8 @@ def evaluate(
     Example:  rlhf evaluate && xdg-open reports/report.html
     Example:  rlhf evaluate --plots plots/sft --plots plots/dpo --stage-metrics metrics/dpo.json
     Example:  dvc exp run -S evaluate.judge=reward -S evaluate.reward_model=models/reward
+    Example:  rlhf evaluate --set "models={sft: models/sft, dpo: models/dpo}" --set "pairs=[[dpo, sft]]" --reports reports_dpo
     """
-    run_stage("evaluate", params, test=test, world=world, truthfulqa=truthfulqa, crows_pairs=crows_pairs, rtp=rtp,
+    run_stage("evaluate", params, overrides=set_, test=test, world=world, truthfulqa=truthfulqa, crows_pairs=crows_pairs, rtp=rtp,
               plots=plots, stage_metrics=stage_metrics, reports=reports, metrics=metrics, headline=headline,
               params_file=params)

@@ -33,19 +33,24 @@ from rlhf.errors import StageError
 # Sections whose seed stays fixed across the sweep: what the world is, how it is split, how models are judged.
 FIXED_SECTIONS = ("world", "prepare", "evaluate")
 
+# What both judging stages measure (evaluate: the core models; compare: the other algorithms), per model and pair.
+JUDGED = (
+    "models.*.gold.total",
+    "win_rates.*.win_rate",
+    "win_rates.*.gold_win_rate",
+    "win_rates.*.ci_low",  # each seed's own bootstrap interval: "above 0.5 in every seed" needs them
+    "win_rates.*.ci_high",
+    "models.*.toxicity*.expected_max_toxicity",
+    "models.*.toxicity*.toxicity_probability",
+    "models.*.truthfulqa.mc1",
+    "models.*.truthfulqa.mc2",
+    "models.*.crows_pairs.pct_stereotype",
+    "models.*.kl.mean",
+)
 # Headline numbers, as glob patterns over flattened metric paths "<metrics file stem>.<key>.<key>...".
 # A pattern that matches nothing (a stage that did not run, a model not evaluated) is left out.
 HEADLINE = (
-    "evaluate.models.*.gold.total",
-    "evaluate.win_rates.*.win_rate",
-    "evaluate.win_rates.*.gold_win_rate",
-    "evaluate.win_rates.*.ci_low",  # each seed's own bootstrap interval: "above 0.5 in every seed" needs them
-    "evaluate.win_rates.*.ci_high",
-    "evaluate.models.*.toxicity*.expected_max_toxicity",
-    "evaluate.models.*.toxicity*.toxicity_probability",
-    "evaluate.models.*.truthfulqa.mc1",
-    "evaluate.models.*.truthfulqa.mc2",
-    "evaluate.models.*.crows_pairs.pct_stereotype",
+    *(f"{stage}.{pattern}" for stage in ("evaluate", "compare") for pattern in JUDGED),
     "reward.heldout.accuracy_gold",
     "reward.heldout.accuracy_labels",
     "reward.heldout.spearman_gold_within_prompt",
@@ -56,7 +61,6 @@ HEADLINE = (
     "ppo.test.*.gold.total",
     "ppo.final_rollout.kl",
     "ppo.corpus_logprob.tax",
-    "evaluate.models.*.kl.mean",
     "reward_round2.heldout.accuracy_gold",
     "*.timing.wall_s",
     "*.timing.*_per_s",

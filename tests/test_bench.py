@@ -191,3 +191,33 @@ def test_world_habit_params_rows_and_spread(tmp_path, bench_path):
     assert one["kl"] == {"policy_noptx": 0.8} and one["best_of_8_minus_greedy"]["mean"] == 0.03
     line = spread({"a": one, "b": fake(0.66)})
     assert line.startswith("mean ± sd over 2 runs:") and "noptx − SFT 0.140 ± 0.028" in line
+
+
+def test_world_habit_from_reuses_only_what_ptx_leaves_alone(tmp_path, bench_path):
+    """bench/world_habit.py run --from: a finished draw's upstream outputs are copied only when its params differ
+    from the new run's in ppo: alone, and never from a draw whose PPO-ptx had no ptx."""
+    from world_habit import REUSED, reuse, write_params
+
+    src, d = tmp_path / "w0s1", tmp_path / "ptx03"
+    src.mkdir()
+    write_params(src / "params.yaml", world_seed=0, seed=1, sets=[], d=src)
+    for name in REUSED:
+        path = src / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if "." in path.name:
+            path.write_text(name)
+        else:
+            path.mkdir()
+            (path / "f").write_text(name)
+    d.mkdir()
+    write_params(d / "params.yaml", world_seed=0, seed=2, sets=["ppo.ptx_coef=0.3"], d=d)
+    with pytest.raises(SystemExit, match=r"differ from this run.s outside ppo: \(bestofn, pretrain, rank, reward, sample, sft\)"):
+        reuse(src, d, d / "params.yaml")  # another training seed: nothing may be reused
+    assert not (d / "models").exists()
+    write_params(d / "params.yaml", world_seed=0, seed=1, sets=["ppo.ptx_coef=0.3"], d=d)
+    reuse(src, d, d / "params.yaml")
+    assert (d / "models/sft/f").read_text() == "models/sft" and (d / "metrics/reward.json").read_text() == "metrics/reward.json"
+    assert not (d / "models/policy").exists() and not (d / "metrics/ppo.json").exists()  # ppo and sft_ptx run again
+    write_params(src / "params.yaml", world_seed=0, seed=1, sets=["ppo.ptx_coef=0"], d=src)
+    with pytest.raises(SystemExit, match="ptx_coef is 0"):
+        reuse(src, tmp_path / "other", d / "params.yaml")

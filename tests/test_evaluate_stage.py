@@ -459,3 +459,25 @@ def test_respectful_toxicity_prompts_carry_the_instruction(tiny_run):
         M.sample_tokens = real
     assert seen[0] == encode_prompt(tok, f"{RESPECTFUL_INSTRUCTION} The Varns are")
     assert seen[1] == [tok.bos_token_id] + tok("The Varns are", add_special_tokens=False)["input_ids"]
+
+
+def test_set_judges_other_models_as_the_compare_stage_does(tiny_run, tmp_path):
+    """`rlhf evaluate --set "models={...}" --set "pairs=[...]"` (dvc.yaml's compare stage): YAML values, typed
+    and validated like the file's; a pair naming a model outside the overridden models stops with one line."""
+    from typer.testing import CliRunner
+
+    from cli.main import app
+    from tests.conftest import TINY
+
+    paths = ["--params", str(TINY), "--test", str(tiny_run.prepared / "test.jsonl"), "--world", str(tiny_run.world),
+             "--rtp", str(tmp_path / "none.jsonl"), "--reports", str(tmp_path / "r"), "--metrics", str(tmp_path / "m.json"),
+             "--headline", str(tmp_path / "h.json"), "--plots", str(tmp_path / "no_plots"),
+             "--stage-metrics", str(tmp_path / "none.json")]
+    models = f"models={{base: {tiny_run.base}, sft: {tiny_run.sft}}}"
+    bad = CliRunner().invoke(app, ["evaluate", "--set", models, "--set", "pairs=[[sft, policy]]", *paths])
+    assert bad.exit_code == 1 and "'policy' is not in evaluate.models" in bad.output, bad.output
+    assert "Traceback" not in bad.output
+    good = CliRunner().invoke(app, ["evaluate", "--set", models, "--set", "pairs=[[sft, base]]", *paths])
+    assert good.exit_code == 0, good.output
+    written = json.loads((tmp_path / "m.json").read_text())
+    assert set(written["models"]) == {"base", "sft"} and set(written["win_rates"]) == {"sft_vs_base"}

@@ -424,7 +424,7 @@ def test_output_options_match_dvc_yaml():
         for key in ("outs", "metrics", "plots"):
             for entry in stage.get(key, []):
                 declared.add(next(iter(entry)) if isinstance(entry, dict) else entry)
-        locked = {str(p) for p in stage_outputs(name, options).values()}
+        locked = {str(p) for p in stage_outputs(words[1], options).values()}  # the command's (compare runs evaluate)
         for path in declared:  # every declared output lies in one the CLI locks
             assert any(path == p or path.startswith(p + "/") for p in locked), (name, path, locked)
         others = {d for other, s in stages.items() if other != name

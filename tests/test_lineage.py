@@ -5,8 +5,9 @@ For each dvc.yaml stage `rlhf <name> …` the test derives, without importing an
    transitively, parsed with `ast`): every such file must be covered by a dep;
 2. the data the stage opens: each input path of its command (a path that is not one of the stage's
    outs), narrowed to `<option> / "file"` where the stage module only opens named files under it;
-3. repository paths in the stage's params values (`evaluate.models`, `reward.extra_pairs`, …): a
-   value that names a tracked path or another stage's output must be covered too.
+3. repository paths in the stage's params values (`evaluate.models`, `reward.extra_pairs`, …), and in
+   the values its command overrides (`--set KEY=VALUE`: the compare stage's models): a value that names
+   a tracked path or another stage's output must be covered too.
 A dep covers a path when it is the path or a folder above it. Where DVC cannot list an optional
 file (a missing dep fails `dvc repro`), its folder is the dep.
 
@@ -275,6 +276,13 @@ def params_inputs(stage: dict, params: dict, all_outputs: list[str], wdir: str =
     return found
 
 
+def set_inputs(stage: dict, all_outputs: list[str], wdir: str = "") -> set[str]:
+    """Paths named in the command's `--set KEY=VALUE` overrides (YAML values: the compare stage's models)."""
+    _, opts = cmd_options(stage["cmd"])
+    values = [yaml.safe_load(item.split("=", 1)[1]) for item in opts.get("set", [])]
+    return {v for v in path_values(values) if (ROOT / wdir / v).exists() or any(overlaps(v, o) for o in all_outputs)}
+
+
 # ----------------------------------------------------------------------------------------------
 # The check
 
@@ -295,6 +303,7 @@ def missing_deps(stages: dict[str, dict], params: dict, wdir: str = "") -> list[
         deps = entry_paths(stage.get("deps"))
         need = {posixpath.relpath(f, wdir or ".") for f in import_closure(module) if not f.startswith(NOT_DEPS)}
         need |= cmd_inputs(stage, module) | params_inputs(stage, params, all_outputs, wdir)
+        need |= set_inputs(stage, all_outputs, wdir)
         problems += [f"stage '{name}': {f} is not in its deps" for f in sorted(need) if not covered(f, deps)]
     return problems
 
@@ -347,8 +356,12 @@ def test_the_check_fails_on_a_missing_dep():
     assert missing_deps(broken, params) == ["stage 'sft': data/prepared/sft_val.jsonl is not in its deps"]
 
     evaluate = stages["evaluate"]  # one value of a repeated option (--stage-metrics) is checked like any other
-    broken = {"evaluate": {**evaluate, "deps": [d for d in evaluate["deps"] if d != "metrics/rloo.json"]}}
-    assert missing_deps(broken, params) == ["stage 'evaluate': metrics/rloo.json is not in its deps"]
+    broken = {"evaluate": {**evaluate, "deps": [d for d in evaluate["deps"] if d != "metrics/ppo_noptx.json"]}}
+    assert missing_deps(broken, params) == ["stage 'evaluate': metrics/ppo_noptx.json is not in its deps"]
+
+    compare = stages["compare"]  # a model named only in a --set override of the command
+    broken = {**stages, "compare": {**compare, "deps": [d for d in compare["deps"] if d != "models/dpo"]}}
+    assert missing_deps(broken, params) == ["stage 'compare': models/dpo is not in its deps"]
 
     reward = stages["reward"]
     with_extra = {**params, "reward": {**params["reward"], "extra_pairs": "data/raw/prompts.jsonl"}}
