@@ -43,6 +43,7 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 TRAINING = ("pretrain", "sft", "sample", "rank", "reward", "ppo", "bestofn")
 MODELS = ("base", "sft", "policy", "sft_ptx", "policy_noptx")
+PAIRS = [["policy", "sft"], ["policy", "sft_ptx"], ["policy_noptx", "sft"], ["sft", "base"], ["policy", "base"]]
 # What `--from` copies: outputs that no ppo key but ptx_coef = 0 vs > 0 changes (ppo_noptx sets ptx_coef=0 itself).
 REUSED = ("raw", "prepared", "models/base", "models/sft", "models/reward", "models/policy_noptx", "candidates.jsonl",
           "rankings.jsonl", *(f"metrics/{s}.json" for s in ("prepare", "pretrain", "sft", "sample", "rank", "reward",
@@ -52,19 +53,19 @@ REUSED = ("raw", "prepared", "models/base", "models/sft", "models/reward", "mode
 def reuse(src: Path, d: Path, params: Path) -> None:
     """Copy a finished draw's ptx-independent outputs into `d`, after checking that only `ppo:` differs."""
     mine, theirs = (yaml.safe_load(p.read_text()) for p in (params, src / "params.yaml"))
+    their_ptx = theirs["ppo"]["ptx_coef"]
     for p in (mine, theirs):
         p.pop("ppo")
         p.pop("evaluate")  # the model paths, which name each run's own folder
     if mine != theirs:
         differ = sorted(k for k in mine if mine[k] != theirs.get(k))
         sys.exit(f"--from {src}: its params differ from this run's outside ppo: ({', '.join(differ)})")
-    if yaml.safe_load((src / "params.yaml").read_text())["ppo"]["ptx_coef"] == 0:
+    if their_ptx == 0:
         sys.exit(f"--from {src}: its ppo.ptx_coef is 0, so its PPO without ptx is not this run's control")
     for name in REUSED:
         if not (d / name).exists():
             (d / name).parent.mkdir(parents=True, exist_ok=True)
             (shutil.copytree if (src / name).is_dir() else shutil.copy2)(src / name, d / name)
-PAIRS = [["policy", "sft"], ["policy", "sft_ptx"], ["policy_noptx", "sft"], ["sft", "base"], ["policy", "base"]]
 
 
 def write_params(path: Path, *, world_seed: int, seed: int, sets: list[str], d: Path) -> None:

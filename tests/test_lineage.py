@@ -265,21 +265,12 @@ def path_values(value) -> list[str]:
     return []
 
 
-def params_inputs(stage: dict, params: dict, all_outputs: list[str], wdir: str = "") -> set[str]:
-    """Values of the stage's params keys that name a repository path or another stage's output."""
-    found = set()
-    for key in stage.get("params", []):
-        section, field = key.split(".", 1)
-        for v in path_values(params.get(section, {}).get(field)):
-            if (ROOT / wdir / v).exists() or any(overlaps(v, o) for o in all_outputs):
-                found.add(v)
-    return found
-
-
-def set_inputs(stage: dict, all_outputs: list[str], wdir: str = "") -> set[str]:
-    """Paths named in the command's `--set KEY=VALUE` overrides (YAML values: the compare stage's models)."""
+def value_inputs(stage: dict, params: dict, all_outputs: list[str], wdir: str = "") -> set[str]:
+    """Values that name a repository path or another stage's output: those of the stage's params keys, and
+    those its command overrides with `--set KEY=VALUE` (YAML values: the compare stage's models)."""
+    values = [params.get(section, {}).get(field) for section, field in (k.split(".", 1) for k in stage.get("params", []))]
     _, opts = cmd_options(stage["cmd"])
-    values = [yaml.safe_load(item.split("=", 1)[1]) for item in opts.get("set", [])]
+    values += [yaml.safe_load(item.split("=", 1)[1]) for item in opts.get("set", [])]
     return {v for v in path_values(values) if (ROOT / wdir / v).exists() or any(overlaps(v, o) for o in all_outputs)}
 
 
@@ -302,8 +293,7 @@ def missing_deps(stages: dict[str, dict], params: dict, wdir: str = "") -> list[
         module = f"stages/{command}.py"
         deps = entry_paths(stage.get("deps"))
         need = {posixpath.relpath(f, wdir or ".") for f in import_closure(module) if not f.startswith(NOT_DEPS)}
-        need |= cmd_inputs(stage, module) | params_inputs(stage, params, all_outputs, wdir)
-        need |= set_inputs(stage, all_outputs, wdir)
+        need |= cmd_inputs(stage, module) | value_inputs(stage, params, all_outputs, wdir)
         problems += [f"stage '{name}': {f} is not in its deps" for f in sorted(need) if not covered(f, deps)]
     return problems
 
