@@ -479,6 +479,17 @@ def win_rows(result: dict[str, Any]) -> tuple[list[str], list[list[Any]]]:
     return head, rows
 
 
+def win_family_rows(result: dict[str, Any]) -> tuple[list[str], list[list[Any]]]:
+    """Each pair's win rate per task family, with the family's prompts and ties: which tasks a verdict rests on."""
+    wins = {t: w["by_family"] for t, w in result["win_rates"].items() if "by_family" in w}
+    fams = sorted({f for by in wins.values() for f in by})
+    if not fams:
+        return [], []
+    cell = lambda x: None if x is None else f"{x['win_rate']:.2f} ({x['prompts']}, {x['ties']} tied)"  # noqa: E731
+    return (["A vs B"] + [f"{f} ↑ (prompts, tied)" for f in fams],
+            [[t.replace("_vs_", " vs ")] + [cell(by.get(f)) for f in fams] for t, by in wins.items()])
+
+
 def family_rows(result: dict[str, Any]) -> tuple[list[str], list[list[Any]]]:
     models = {n: m["gold"] for n, m in result["models"].items() if "gold" in m}
     if not models:
@@ -645,6 +656,13 @@ def section_helpfulness(doc: _Doc, result: dict[str, Any], settings: dict[str, s
     doc.figure("win_rates", fig_win_rates(result["win_rates"]), "win rates with 95% intervals")
     if not result["win_rates"]:
         doc.p("No win rates: evaluate.pairs is empty or no pair was judged.")
+    head, rows = win_family_rows(result)
+    if head:
+        doc.h("Win rates per task family")
+        doc.p("The same verdicts, family by family. Identical answers tie (0.5), and where both answers are wrong "
+              "the judges' choice is close to a coin flip, so families the models answer alike pull a pair's "
+              "win rate toward 0.5.", "note")
+        doc.table(head, rows)
     head, rows = family_rows(result)
     if not head:  # user data: no world, so no gold section (the judge above is the only verdict)
         doc.p("No gold judge: the data has no world (user data), so the judge above gives the only verdict; "

@@ -297,9 +297,20 @@ def evaluate_models(prompts: list[str], suites: list[tuple[Suite, Path, list]], 
 # 2. Win rates
 
 
+def family_win_rates(outcomes: Sequence[float], families: Sequence[str]) -> dict[str, dict[str, Any]]:
+    """The same verdicts, family by family: where a pair's win rate comes from. A family whose answers are
+    mostly identical (ties, 0.5) or mostly wrong on both sides (a coin flip) pulls the whole rate toward 0.5."""
+    by: dict[str, list[float]] = {}
+    for f, x in zip(families, outcomes, strict=True):
+        by.setdefault(f, []).append(x)
+    return {f: {"win_rate": round(sum(v) / len(v), 4), "prompts": len(v), "ties": v.count(0.5)}
+            for f, v in sorted(by.items())}
+
+
 def win_rates(judge, pairs: list[list[str]], prompts: list[str], runs: dict[str, ModelRun], params: Params,
-              skipped: dict[str, str]) -> dict[str, Any]:
-    """Per pair [A, B]: the judge's win rate of A with its interval, beside the gold judge's own verdict."""
+              skipped: dict[str, str], families: Sequence[str] = ()) -> dict[str, Any]:
+    """Per pair [A, B]: the judge's win rate of A with its interval, beside the gold judge's own verdict, and per
+    task family when the prompts have more than one (and the judge judged every prompt, so they line up)."""
     out: dict[str, Any] = {}
     for a, b in pairs:
         tag = f"{a}_vs_{b}"
@@ -315,6 +326,8 @@ def win_rates(judge, pairs: list[list[str]], prompts: list[str], runs: dict[str,
         if runs[a].gold_totals:
             # Noise-free reference: the gold judge's own verdict per prompt (not a labeler's).
             w["gold_win_rate"] = round(sum(judge_scores(runs[a].gold_totals, runs[b].gold_totals)) / len(prompts), 4)
+        if len(set(families)) > 1 and len(verdict.outcomes) == len(families):
+            w["by_family"] = family_win_rates(verdict.outcomes, families)
         out[tag] = w
     return out
 
@@ -482,7 +495,7 @@ def run(params: Params, *, test: Path, world: Path | None, plots: Sequence[Path]
 
     # 2. Win rates, judged once per pair by the one judge; 3. intervals come with every metric.
     result: dict[str, Any] = {"prompts": len(prompts), "max_new_tokens": params.max_new_tokens, "models": {n: r.metrics for n, r in runs.items()},
-                              "win_rates": win_rates(judge, params.pairs, prompts, runs, params, skipped)}
+                              "win_rates": win_rates(judge, params.pairs, prompts, runs, params, skipped, families)}
     result["lengths"] = lengths.report("evaluate")
     if skipped:
         result["skipped"] = skipped

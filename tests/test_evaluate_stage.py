@@ -58,6 +58,11 @@ def test_metrics_file(evaluated):
     assert w["ci_low"] <= w["win_rate"] <= w["ci_high"]
     assert w["wins"] + w["ties"] + w["losses"] == written["prompts"] == params.test_prompts
     assert "gold_win_rate" in w
+    # The same verdicts per task family: they partition the prompts and average back to the win rate.
+    fams = w["by_family"]
+    assert sum(f["prompts"] for f in fams.values()) == written["prompts"] and len(fams) > 1
+    assert sum(f["ties"] for f in fams.values()) == w["ties"]
+    assert abs(sum(f["win_rate"] * f["prompts"] for f in fams.values()) / written["prompts"] - w["win_rate"]) < 1e-3
     # Every metric carries a 95% interval over its items that contains it (issue: only win rates did).
     for m in written["models"].values():
         for suite, key in (("gold", "total"), ("truthfulqa", "mc1"), ("truthfulqa", "mc2"), ("crows_pairs", "pct_stereotype"),
@@ -142,6 +147,9 @@ def test_report_has_every_section(evaluated):
     assert "↑" in page and "↓" in page and "git commit" in page and "torch" in page
     # Curves of the stages that ran (pretrain, sft); the missing ones are noted.
     assert "pretrain training curves" in page and "sft training curves" in page
+    # Where each win rate comes from: one row per pair, one column per task family.
+    fams = page[page.index("Win rates per task family"):page.index("Gold judge scores per task family")]
+    assert all(f"<td>{' vs '.join(p)}</td>" in fams for p in params.pairs) and "tied)" in fams
     # Every model and best-of-n on one gold-vs-KL chart, with its caption; the training stages' costs.
     assert 'alt="gold against sqrt KL from sft"' in page and "temperature 1" in page and "rlhf/kl.py" in page
     assert (out / "reports" / "figures" / "gold_vs_kl.png").is_file() and "figures/gold_vs_kl.png" in md
@@ -201,6 +209,17 @@ def test_top_p_filter_keeps_smallest_nucleus():
     assert torch.equal(top_p_filter(logits, 1.0), logits)
     shuffled = logits[:, [2, 0, 3, 1]]  # order of the vocabulary does not matter
     assert torch.isfinite(top_p_filter(shuffled, 0.7)).tolist() == [[False, True, False, True]]
+
+
+def test_family_win_rates():
+    from stages.evaluate import family_win_rates
+
+    out = family_win_rates([1.0, 0.5, 0.0, 1.0, 0.5], ["sort", "fact", "fact", "arith", "fact"])
+    assert list(out) == ["arith", "fact", "sort"]
+    assert out["fact"] == {"win_rate": 0.3333, "prompts": 3, "ties": 2}
+    assert out["arith"] == {"win_rate": 1.0, "prompts": 1, "ties": 0} == out["sort"]
+    with pytest.raises(ValueError):
+        family_win_rates([1.0], ["sort", "fact"])
 
 
 def test_judge_heldout_ties_and_order():
