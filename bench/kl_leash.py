@@ -2,8 +2,9 @@
 
     python bench/kl_leash.py OUT [--write PATH]   # writes bench/results/kl_leash.json (or PATH), prints a table
 
-β = 0.2 (the default) comes from the 3-seed sweep (results/seeds.json: the pipeline's own ppo_noptx, ppo and
-rloo for the same seeds); the other rows from OUT/seed-N/{kl,ptx-kl}-<β>/{ppo.json,evaluate.json}.
+β = 0.2 (the default of the time) comes from the 3-seed sweep those runs were measured beside
+(results/seeds-2026-12-02-epyc.json: the pipeline's own ppo_noptx, ppo and rloo for the same seeds, on the
+world before 2026-12-03); the other rows from OUT/seed-N/{kl,ptx-kl}-<β>/{ppo.json,evaluate.json}.
 """
 
 from __future__ import annotations
@@ -28,9 +29,12 @@ def run_row(run: Path) -> dict:
             "wall_s": ppo["timing"]["wall_s"]}
 
 
+SWEEP = "results/seeds-2026-12-02-epyc.json"  # results/seeds.json moves on with every new sweep
+
+
 def sweep_rows(name: str) -> dict[str, dict]:
     """The sweep's numbers for one evaluated model (policy_noptx or rloo), by seed name."""
-    n = json.loads((ROOT / "results/seeds.json").read_text())["numbers"]
+    n = json.loads((ROOT / SWEEP).read_text())["numbers"]
     rows = {}
     for seed, gold in n[f"evaluate.models.{name}.gold.total"]["values"].items():
         rows[seed] = {"gold": gold, "sft_gold": n["evaluate.models.sft.gold.total"]["values"][seed],
