@@ -14,7 +14,7 @@ training seed) pairs, each in its own folder, and tabulates what evaluate measur
 
     python bench/world_habit.py run OUT/NAME --world-seed 1 --seed 0 [--set SECTION.KEY=VALUE ...] [--base DIR]
     python bench/world_habit.py run OUT/NAME2 --from OUT/NAME --set ppo.ptx_coef=0.3
-    python bench/world_habit.py table OUT [--json bench/results/world_habit.json]
+    python bench/world_habit.py table OUT [--json bench/results/world_habit.json]   # + win rates per task family
 
 `--base DIR` reuses a pretrained model instead of running pretrain. That is only valid when DIR was pretrained
 on the same corpus with the same pretrain params and seed: the run checks that the corpus it generates is
@@ -184,11 +184,58 @@ def offer_rate(d: Path) -> dict[str, float]:
     return {"all": round(sum(every) / len(every), 3), **{f: round(sum(v) / len(v), 3) for f, v in sorted(hits.items())}}
 
 
+def family_verdicts(d: Path) -> dict[str, dict[str, float]]:
+    """Each pair's held-out labelers' win rate per task family (docs/world.md, "What bounds the labelers' win
+    rates"). evaluate writes it (`win_rates.<pair>.by_family`) since 2026-12-03. For a run evaluated before,
+    the verdicts are recomputed from reports/responses.jsonl by evaluate's own judge call (the same seed and
+    tag give the same verdicts; checked against the pair's win rate)."""
+    e = json.loads((d / "metrics" / "evaluate.json").read_text())
+    if all("by_family" in w for w in e["win_rates"].values()):
+        return {t: {f: x["win_rate"] for f, x in w["by_family"].items()} for t, w in e["win_rates"].items()}
+    from rlhf.gold import load_judge
+    from rlhf.judge import heldout_pool
+    from rlhf.judges import judge_heldout
+    from stages.evaluate import family_win_rates
+
+    raw = d / "raw" if (d / "raw").exists() else d / "data" / "raw"
+    judge = load_judge(raw / "world.json")
+    seed = yaml.safe_load((d / "params.yaml").read_text())["evaluate"]["judge_seed"]
+    rows = [json.loads(line) for line in (d / "reports" / "responses.jsonl").read_text().splitlines()]
+    prompts = [r["prompt"] for r in rows]
+    families = [judge.family(p) for p in prompts]
+    answers = lambda m: [r["responses"][r["models"].index(m)] for r in rows]  # noqa: E731
+    out = {}
+    for tag, w in e["win_rates"].items():
+        a, b = tag.split("_vs_")
+        verdicts = judge_heldout(heldout_pool(judge), prompts, answers(a), answers(b), seed=seed, tag=tag)
+        if abs(sum(verdicts) / len(verdicts) - w["win_rate"]) > 1e-3:
+            sys.exit(f"{d}: the recomputed verdicts of {tag} are not evaluate's ({w['win_rate']})")
+        out[tag] = {f: x["win_rate"] for f, x in family_win_rates(verdicts, families).items()}
+    return out
+
+
+def family_table(rows: dict[str, dict]) -> str:
+    """Mean ± sd over the runs of each pair's win rate per task family (sample sd; one run: its value)."""
+    from rlhf.seeds import describe
+
+    pairs = ("policy_vs_sft", "policy_noptx_vs_sft", "sft_vs_base")
+    fams = sorted({f for r in rows.values() for p in pairs for f in r["win_rates_by_family"].get(p, {})})
+    lines = ["| pair | " + " | ".join(fams) + " |", "|---|" + "---|" * len(fams)]
+    for p in pairs:
+        cells = []
+        for f in fams:
+            d = describe([r["win_rates_by_family"][p][f] for r in rows.values()])
+            cells.append(f"{d['mean']:.2f} ± {d['sd']:.2f}" if len(rows) > 1 else f"{d['mean']:.2f}")
+        lines.append(f"| {p.replace('_vs_', ' vs ')} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def table(args: argparse.Namespace) -> None:
     runs = sorted(p.parent.parent for p in Path(args.out).glob("*/metrics/evaluate.json"))
     rows = {d.name: row(d) for d in runs}
     for d in runs:
         rows[d.name]["sft_greedy_offer_rate"] = offer_rate(d)
+        rows[d.name]["win_rates_by_family"] = family_verdicts(d)
     head = ("| run | SFT offers | SFT | PPO-ptx | SFT+ptx | PPO no ptx | noptx − SFT | noptx vs SFT | PPO-ptx vs SFT | SFT vs base "
             "| bo8 − greedy |")
     print(head)
@@ -201,6 +248,7 @@ def table(args: argparse.Namespace) -> None:
               f"{f('policy_vs_sft')} | {f('sft_vs_base')} | {r['best_of_8_minus_greedy']['mean']:+.3f} |")
     if len(rows) > 1:
         print(spread(rows))
+    print("\nHeld-out labelers' win rate per task family:\n" + family_table(rows))
     if args.json:
         from rlhf.seeds import machine
 

@@ -193,6 +193,27 @@ def test_world_habit_params_rows_and_spread(tmp_path, bench_path):
     assert line.startswith("mean ± sd over 2 runs:") and "noptx − SFT 0.140 ± 0.028" in line
 
 
+def test_world_habit_family_table(tmp_path, bench_path):
+    """bench/world_habit.py table: each pair's win rate per family, read from evaluate's by_family, as mean ± sd."""
+    from world_habit import family_table, family_verdicts
+
+    def run(name: str, sort: float) -> dict:
+        d = tmp_path / name
+        (d / "metrics").mkdir(parents=True)
+        by = lambda x: {"by_family": {"sort": {"win_rate": x, "prompts": 4, "ties": 2},  # noqa: E731
+                                      "unknown": {"win_rate": 0.9, "prompts": 2, "ties": 0}}}
+        (d / "metrics" / "evaluate.json").write_text(json.dumps({"win_rates": {
+            "policy_vs_sft": by(sort), "policy_noptx_vs_sft": by(0.5), "sft_vs_base": by(0.75)}}))
+        return {"win_rates_by_family": family_verdicts(d)}
+
+    rows = {"a": run("a", 0.4), "b": run("b", 0.6)}
+    assert rows["a"]["win_rates_by_family"]["policy_vs_sft"] == {"sort": 0.4, "unknown": 0.9}
+    lines = family_table(rows).splitlines()
+    assert lines[0] == "| pair | sort | unknown |"
+    assert lines[2] == "| policy vs sft | 0.50 ± 0.14 | 0.90 ± 0.00 |" and lines[4].startswith("| sft vs base | 0.75 ± 0.00")
+    assert family_table({"a": rows["a"]}).splitlines()[2] == "| policy vs sft | 0.40 | 0.90 |"
+
+
 def test_world_habit_from_reuses_only_what_ptx_leaves_alone(tmp_path, bench_path):
     """bench/world_habit.py run --from: a finished draw's upstream outputs are copied only when its params differ
     from the new run's in ppo: alone, and never from a draw whose PPO-ptx had no ptx."""

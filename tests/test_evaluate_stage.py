@@ -80,6 +80,31 @@ def test_metrics_file(evaluated):
     assert rows[0] == "pair,win_rate,ci_low,ci_high,gold_win_rate" and len(rows) == 1 + len(params.pairs)
 
 
+def test_bench_recomputes_the_family_verdicts_of_an_older_run(evaluated, tiny_run, tmp_path, monkeypatch):
+    """bench/world_habit.py reads a run evaluated before by_family existed: the verdicts it recomputes from
+    reports/responses.jsonl (evaluate's judge call, seed and tag) are evaluate's own, family by family."""
+    import yaml
+
+    monkeypatch.syspath_prepend(str(ROOT / "bench"))
+    from world_habit import family_verdicts
+
+    _, out, params = evaluated
+    d = tmp_path / "old"
+    (d / "metrics").mkdir(parents=True)
+    (d / "raw").mkdir()
+    shutil.copy(tiny_run.world, d / "raw" / "world.json")
+    shutil.copytree(out / "reports", d / "reports")
+    (d / "params.yaml").write_text(yaml.safe_dump({"evaluate": {"judge_seed": params.judge_seed}}))
+    written = json.loads((out / "metrics" / "evaluate.json").read_text())
+    expected = {t: {f: x["win_rate"] for f, x in w.pop("by_family").items()} for t, w in written["win_rates"].items()}
+    (d / "metrics" / "evaluate.json").write_text(json.dumps(written))
+    assert family_verdicts(d) == expected
+    written["win_rates"]["sft_vs_base"]["win_rate"] += 0.01  # not this run's verdicts: refused, not mixed in
+    (d / "metrics" / "evaluate.json").write_text(json.dumps(written))
+    with pytest.raises(SystemExit, match="sft_vs_base"):
+        family_verdicts(d)
+
+
 def test_kl_from_sft_of_every_model(evaluated):
     """Every model's KL from SFT is measured on the same footing (rlhf.kl), SFT's own is exactly 0, and the
     gold-vs-KL table holds every model and best-of-n at its analytic KL."""
