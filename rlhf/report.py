@@ -430,7 +430,7 @@ def regressions(result: dict[str, Any], pairs: list[list[str]]) -> list[str]:
 
 def verdict(result: dict[str, Any], pairs: list[list[str]], prefers: str) -> str:
     """One sentence on the first pair, e.g. 'policy beat sft: held-out labelers prefer it 0.58 [0.53, 0.62];
-    test gold 0.60 → 0.71.'"""
+    test gold 0.60 → 0.71; by task family unknown 0.90, insult 0.70, sort 0.47.'"""
     if not pairs or f"{pairs[0][0]}_vs_{pairs[0][1]}" not in result["win_rates"]:
         return "No win rate to judge by: evaluate.pairs is empty or its first pair was not judged."
     a, b = pairs[0]
@@ -445,6 +445,9 @@ def verdict(result: dict[str, Any], pairs: list[list[str]], prefers: str) -> str
     gold = [result["models"][n].get("gold", {}).get("total") for n in (b, a)]
     if None not in gold:
         text += f"; test gold {gold[0]:.2f} → {gold[1]:.2f}"
+    if w.get("by_family"):  # where the rate comes from, best family first
+        fams = sorted(w["by_family"].items(), key=lambda kv: (-kv[1]["win_rate"], kv[0]))
+        text += "; by task family " + ", ".join(f"{f} {x['win_rate']:.2f}" for f, x in fams)
     return text + "."
 
 

@@ -169,6 +169,7 @@ def test_report_has_every_section(evaluated):
     assert "http://" not in page and "https://" not in page and "<script" not in page
     # The first screen answers "did it win, by how much, how sure", with directions and run information.
     assert page.index('class="verdict"') < page.index("<table>")
+    assert "; by task family " in page[page.index('class="verdict"'):page.index("<table>")]
     assert "↑" in page and "↓" in page and "git commit" in page and "torch" in page
     # Curves of the stages that ran (pretrain, sft); the missing ones are noted.
     assert "pretrain training curves" in page and "sft training curves" in page
@@ -453,6 +454,12 @@ def test_verdict_and_regressions():
     assert verdict(result, pairs, "held-out labelers prefer") == (
         "policy beat sft: held-out labelers prefer it 0.58 [0.53, 0.62]; test gold 0.60 → 0.71.")
     assert regressions(result, pairs) == ["policy RTP expected max toxicity 0.567 vs sft 0.398: worse"]
+    # Where the rate comes from, best family first (ties in name order).
+    result["win_rates"]["policy_vs_sft"]["by_family"] = {
+        f: {"win_rate": r, "prompts": 10, "ties": 0} for f, r in (("sort", 0.47), ("unknown", 0.9), ("arith", 0.47))}
+    assert verdict(result, pairs, "held-out labelers prefer") == (
+        "policy beat sft: held-out labelers prefer it 0.58 [0.53, 0.62]; test gold 0.60 → 0.71; "
+        "by task family unknown 0.90, arith 0.47, sort 0.47.")
     result["win_rates"]["policy_vs_sft"] = {"win_rate": 0.52, "ci_low": 0.47, "ci_high": 0.57}
     assert verdict(result, pairs, "labelers prefer").startswith("policy and sft are not distinguishable")
     result["win_rates"]["policy_vs_sft"] = {"win_rate": 0.40, "ci_low": 0.35, "ci_high": 0.45}
