@@ -158,6 +158,11 @@ def row(d: Path) -> dict:
             "best_of_8_minus_greedy": b["best_of"]["8"]["vs_greedy"], "bestofn_temperature": b["temperature"]}
 
 
+def located(d: Path, name: str) -> Path:
+    """A run's data folder: d/name in this script's runs, d/data/name in a copy of the repository."""
+    return d / name if (d / name).exists() else d / "data" / name
+
+
 def offer_rate(d: Path) -> dict[str, float]:
     """Share of SFT's greedy test answers that end with one of the writers' offers, overall and per family:
     the room the rankings can teach (docs/world.md, "Where the room is")."""
@@ -169,8 +174,7 @@ def offer_rate(d: Path) -> dict[str, float]:
 
     p = yaml.safe_load((d / "params.yaml").read_text())
     offers = tuple(p["world"].get("demo_followups") or FOLLOW_UPS)
-    prep = d / "prepared" if (d / "prepared").exists() else d / "data" / "prepared"
-    raw = d / "raw" if (d / "raw").exists() else d / "data" / "raw"
+    prep, raw = located(d, "prepared"), located(d, "raw")
     rows = [json.loads(line) for line in (prep / "test.jsonl").read_text().splitlines()]
     family = {json.loads(line)["prompt"]: json.loads(line)["family"] for line in (raw / "prompts.jsonl").read_text().splitlines()}
     sft = d / "models" / "sft"
@@ -197,8 +201,8 @@ def family_verdicts(d: Path) -> dict[str, dict[str, float]]:
     from rlhf.judges import judge_heldout
     from stages.evaluate import family_win_rates
 
-    raw = d / "raw" if (d / "raw").exists() else d / "data" / "raw"
-    judge = load_judge(raw / "world.json")
+    judge = load_judge(located(d, "raw") / "world.json")
+    pool = heldout_pool(judge)
     seed = yaml.safe_load((d / "params.yaml").read_text())["evaluate"]["judge_seed"]
     rows = [json.loads(line) for line in (d / "reports" / "responses.jsonl").read_text().splitlines()]
     prompts = [r["prompt"] for r in rows]
@@ -207,7 +211,7 @@ def family_verdicts(d: Path) -> dict[str, dict[str, float]]:
     out = {}
     for tag, w in e["win_rates"].items():
         a, b = tag.split("_vs_")
-        verdicts = judge_heldout(heldout_pool(judge), prompts, answers(a), answers(b), seed=seed, tag=tag)
+        verdicts = judge_heldout(pool, prompts, answers(a), answers(b), seed=seed, tag=tag)
         if abs(sum(verdicts) / len(verdicts) - w["win_rate"]) > 1e-3:
             sys.exit(f"{d}: the recomputed verdicts of {tag} are not evaluate's ({w['win_rate']})")
         out[tag] = {f: x["win_rate"] for f, x in family_win_rates(verdicts, families).items()}
